@@ -1,0 +1,412 @@
+"""FLAV: the two-branch (video latents + mel) diffusion transformer of R-FLAV.
+
+Parameter names equal those of the released checkpoints, so `model.safetensors` files load
+as they are. Layouts:
+  v: (B, T, C, H, W) video latents         a: (B, T, 1, n_mels, 10) mel columns per frame
+  t: (B, T) model time in 1..1000          y: (B,) int64 class labels, or None
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class FLAVConfig:
+    """Constructor arguments, exactly the keys of a release `config.json`."""
+
+    latent_size: int = 32
+    patch_size: int = 1
+    in_channels: int = 4
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 0
+    predict_frames: int = 10
+    grad_ckpt: bool = False
+    n_mels: int = 256
+    audio_fr: int = 16000
+    causal_attn: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FLAVConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "FLAVConfig":
+        """A config from a size name such as ``"FLAV-B/1"`` plus any other field."""
+        if name not in FLAV_SIZES:
+            raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(FLAV_SIZES)}")
+        return cls(**{**FLAV_SIZES[name], **overrides})
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the model it is loaded into."""
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one message naming every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k} (file {tuple(found[k].shape)}, model {tuple(expected[k])})"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != tuple(expected[k])
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointMismatchError(f"{what} does not match its config; " + "; ".join(parts))
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of per-frame tokens x (B, T, L, D) by (B, T, D) shift and scale."""
+    return x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    # Affine-free LayerNorm, eps 1e-6, as every norm of the model.
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int, causal: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.causal = causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _silu_linear(dim: int, out: int) -> nn.Sequential:
+    # Index 1 holds the Linear, matching the checkpoint key names (`….1.weight`).
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, out))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the (fractional) model time followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        # Always float32: bf16 cannot resolve t ≈ 1000 finely enough.
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embeddings; the extra last row is the null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class FLAVBlock(nn.Module):
+    """Video: spatial then temporal attention; audio: one attention over all mel tokens;
+    then each branch's MLP is modulated by the other branch's per-frame token average."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, causal: bool) -> None:
+        super().__init__()
+        d = hidden_size
+        self.video_spatial_attn = Attention(d, num_heads)
+        self.video_temporal_attn = Attention(d, num_heads, causal=causal)
+        self.audio_spatial_attn = Attention(d, num_heads, causal=causal)
+        self.video_mlp = Mlp(d, int(d * mlp_ratio))
+        self.audio_mlp = Mlp(d, int(d * mlp_ratio))
+        self.video_adaLN_modulation = _silu_linear(d, 6 * d)
+        self.audio_adaLN_modulation = _silu_linear(d, 3 * d)
+        self.video_scale = _silu_linear(d, 3 * d)
+        self.audio_scale = _silu_linear(d, 3 * d)
+        self.v_avg_proj = nn.Sequential(nn.Linear(d, d))
+        self.a_avg_proj = nn.Sequential(nn.Linear(d, d))
+
+    def forward(
+        self, v: torch.Tensor, a: torch.Tensor, v_c: torch.Tensor, a_c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, length, d = v.shape
+        shift_s, scale_s, gate_s, shift_t, scale_t, gate_t = self.video_adaLN_modulation(v_c).chunk(6, dim=-1)
+        shift_a, scale_a, gate_a = self.audio_adaLN_modulation(a_c).chunk(3, dim=-1)
+
+        # Video: attention within each frame, then across frames at each spatial position.
+        x = modulate(layer_norm(v), shift_s, scale_s).reshape(b * t, length, d)
+        v = v + gate_s.unsqueeze(2) * self.video_spatial_attn(x).view(b, t, length, d)
+        x = modulate(layer_norm(v), shift_t, scale_t).transpose(1, 2).reshape(b * length, t, d)
+        x = self.video_temporal_attn(x).view(b, length, t, d).transpose(1, 2)
+        v = v + gate_t.unsqueeze(2) * x
+
+        # Audio: one sequence of T*10 mel tokens.
+        x = modulate(layer_norm(a), shift_a, scale_a).flatten(1, 2)
+        a = a + gate_a.unsqueeze(2) * self.audio_spatial_attn(x).view(a.shape)
+
+        # Cross-modal fusion: each branch's MLP is conditioned on the other's frame average.
+        a_avg = self.a_avg_proj(a.mean(dim=2)) + v_c
+        v_avg = self.v_avg_proj(v.mean(dim=2)) + a_c
+        scale_v, shift_v, gate_v = self.video_scale(a_avg).chunk(3, dim=-1)
+        scale_m, shift_m, gate_m = self.audio_scale(v_avg).chunk(3, dim=-1)
+        v = v + gate_v.unsqueeze(2) * self.video_mlp(modulate(layer_norm(v), shift_v, scale_v))
+        a = a + gate_m.unsqueeze(2) * self.audio_mlp(modulate(layer_norm(a), shift_m, scale_m))
+        return v, a
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = _silu_linear(hidden_size, 2 * hidden_size)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------
+# FLAV
+# --------------------------------------------------------------------------------------
+
+
+class FLAV(nn.Module):
+    """Joint audio-video velocity model over a window of `predict_frames` frames."""
+
+    def __init__(self, config: FLAVConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        config = config or FLAVConfig(**kwargs)
+        self.config = config
+        c, d = config, config.hidden_size
+        if d % c.num_heads:
+            raise ValueError(f"hidden_size {d} is not divisible by num_heads {c.num_heads}")
+        if c.latent_size % c.patch_size:
+            raise ValueError(f"latent_size {c.latent_size} is not divisible by patch_size {c.patch_size}")
+        num_patches = (c.latent_size // c.patch_size) ** 2
+
+        # Parameters registered before sub-modules, as in the release state dict.
+        self.video_spatial_pos_embed = nn.Parameter(torch.zeros(1, 1, num_patches, d))
+        self.video_temporal_pos_embed = nn.Parameter(torch.zeros(1, c.predict_frames, 1, d))
+        self.audio_spatial_pos_embed = nn.Parameter(torch.zeros(1, 1, MEL_FRAMES_PER_FRAME, d))
+        self.audio_temporal_pos_embed = nn.Parameter(torch.zeros(1, c.predict_frames, 1, d))
+
+        self.v_embedder = PatchEmbed(c.patch_size, c.in_channels, d)
+        self.a_embedder = nn.Linear(c.n_mels, d)
+        self.video_t_embedder = TimestepEmbedder(d)
+        self.audio_t_embedder = TimestepEmbedder(d)
+        if c.num_classes > 0:
+            self.video_y_embedder = LabelEmbedder(c.num_classes, d, c.class_dropout_prob)
+            self.audio_y_embedder = LabelEmbedder(c.num_classes, d, c.class_dropout_prob)
+        self.blocks = nn.ModuleList(
+            FLAVBlock(d, c.num_heads, c.mlp_ratio, c.causal_attn) for _ in range(c.depth)
+        )
+        self.video_final_layer = FinalLayer(d, c.patch_size**2 * c.in_channels)
+        self.audio_final_layer = FinalLayer(d, c.n_mels)
+        self.gradient_checkpointing = c.grad_ckpt
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        """Frames in the rolling window (`predict_frames`)."""
+        return self.config.predict_frames
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a_embedder.weight.device
+
+    # -- initialisation (training from scratch) ----------------------------------------------
+    def initialize_weights(self) -> None:
+        """DiT-style init: xavier linears, small embeddings, zeroed modulations and outputs."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.v_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.v_embedder.proj.bias)
+        for p in (self.video_spatial_pos_embed, self.video_temporal_pos_embed,
+                  self.audio_spatial_pos_embed, self.audio_temporal_pos_embed):
+            nn.init.zeros_(p)
+        if self.num_classes > 0:
+            nn.init.normal_(self.video_y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(self.audio_y_embedder.embedding_table.weight, std=0.02)
+        for emb in (self.video_t_embedder, self.audio_t_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        zeroed = [self.video_final_layer.linear, self.audio_final_layer.linear,
+                  self.video_final_layer.adaLN_modulation[1], self.audio_final_layer.adaLN_modulation[1]]
+        for block in self.blocks:
+            zeroed += [block.video_adaLN_modulation[1], block.audio_adaLN_modulation[1],
+                       block.video_scale[1], block.audio_scale[1]]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _conditioning(self, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, frames = t.shape
+        flat_t = t.reshape(-1)
+        v_c = self.video_t_embedder(flat_t).view(b, frames, -1)
+        a_c = self.audio_t_embedder(flat_t).view(b, frames, -1)
+        if self.num_classes > 0:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass labels y")
+            y = y.to(device=t.device, dtype=torch.long)
+            if self.training and self.config.class_dropout_prob > 0:
+                drop = torch.rand(y.shape, device=y.device) < self.config.class_dropout_prob
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            v_c = v_c + self.video_y_embedder(y).unsqueeze(1)
+            a_c = a_c + self.audio_y_embedder(y).unsqueeze(1)
+        return v_c, a_c
+
+    def forward(
+        self, v: torch.Tensor, a: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities (same layouts as v and a) for noisy inputs at per-frame model time t."""
+        b, frames, channels, height, width = v.shape
+        p = self.config.patch_size
+        v = self.v_embedder(v.reshape(b * frames, channels, height, width).to(self.dtype))
+        v = v.view(b, frames, -1, v.shape[-1]) + self.video_temporal_pos_embed + self.video_spatial_pos_embed
+        a = self.a_embedder(a.squeeze(2).transpose(-1, -2).to(self.dtype))
+        a = a + self.audio_temporal_pos_embed + self.audio_spatial_pos_embed
+
+        v_c, a_c = self._conditioning(t, y)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                v, a = checkpoint(block, v, a, v_c, a_c, use_reentrant=False)
+            else:
+                v, a = block(v, a, v_c, a_c)
+
+        v = self.video_final_layer(v, v_c)                       # (B, T, L, p*p*C)
+        h, w = height // p, width // p
+        v = v.view(b, frames, h, w, p, p, channels).permute(0, 1, 6, 2, 4, 3, 5)
+        v = v.reshape(b, frames, channels, height, width)
+        a = self.audio_final_layer(a, a_c).transpose(-1, -2).unsqueeze(2)   # (B, T, 1, n_mels, 10)
+        return v, a
+
+    def forward_with_cfg(
+        self, v: torch.Tensor, a: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance: conditional and null-class passes in one batch,
+        returning ``uncond + cfg_scale * (cond - uncond)`` for both modalities."""
+        if self.num_classes <= 0:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        null = torch.full_like(y, self.num_classes)
+        v_out, a_out = self.forward(torch.cat([v, v]), torch.cat([a, a]), torch.cat([t, t]), torch.cat([y, null]))
+        v_cond, v_uncond = v_out.chunk(2)
+        a_cond, a_uncond = a_out.chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond), a_uncond + cfg_scale * (a_cond - a_uncond)
+
+    # -- release layout -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> "FLAV":
+        """Load a release-layout checkpoint (`config.json` + `model.safetensors`) from a
+        local folder or a Hub repo id. Returns the model in eval mode."""
+        folder = Path(path_or_repo_id)
+        if not folder.is_dir():
+            from ..hub import local_folder
+
+            folder = local_folder(str(path_or_repo_id), [CONFIG_NAME, WEIGHTS_NAME], revision=revision)
+        config = FLAVConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_file(str(folder / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_state_dict(expected, state, f"{folder / WEIGHTS_NAME}")
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` (the release layout), each atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, path))
+        text = json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n"
+        _atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        return folder
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

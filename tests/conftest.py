@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Fixtures were produced with 2 CPU threads; match that so float32 sums round alike.
+torch.set_num_threads(2)
+
+
+def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and JSON description of fixture `name` (without extension)."""
+    tensors = load_file(str(FIXTURES / f"{name}.safetensors"))
+    meta_path = FIXTURES / f"{name}.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return tensors, meta
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
