@@ -1,0 +1,388 @@
+"""Model + VAE + vocoder → a stream of synchronized (video frame, audio chunk) pairs.
+
+Nothing here keeps more than the rolling window, a few frames of vocoder context and the
+frames waiting for their audio, so a stream can run for hours at constant memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import audio as audio_lib
+from .config import LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLES_PER_FRAME
+from .flow import Guide, rolling_sample
+from .hub import VAE_REPO_ID, ResolvedModel, resolve_model
+from .models.autoencoder import AutoencoderKL
+from .models.flav import FLAV
+from .models.vocoder import HiFiGAN, StreamingVocoder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PipelineError(ValueError):
+    """A request the pipeline cannot serve (bad class, missing audio scale, …)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` → CUDA, else Apple MPS, else CPU. An explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
+        raise PipelineError(f"unknown device {name!r}: use auto, cuda, mps or cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise PipelineError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise PipelineError("fp16 is not supported on CPU; use --dtype bf16 or fp32")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------
+# The stream
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AVFrame:
+    """One output frame of every sample in the batch."""
+
+    index: int
+    video: np.ndarray   # (B, H, W, 3) uint8
+    audio: np.ndarray   # (B, SAMPLES_PER_FRAME) float32 in [-1, 1]
+
+
+def latents_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded frames (B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding as the original."""
+    pixels = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _per_sample_noise(
+    generators: Sequence[torch.Generator], v_shape: tuple[int, ...], a_shape: tuple[int, ...], device: torch.device
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    # One CPU generator per sample: sample i is the same whatever the batch size or device.
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.stack([torch.randn(v_shape, generator=g) for g in generators])
+        a = torch.stack([torch.randn(a_shape, generator=g) for g in generators])
+        return v.to(device), a.to(device)
+
+    return draw
+
+
+class Generation:
+    """Iterator of :class:`AVFrame`. Audio lags video by the vocoder's look-ahead, so frames
+    are held until their audio is final; :meth:`finish` releases them when stopping early."""
+
+    def __init__(
+        self,
+        frames: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        decode: Callable[[torch.Tensor], np.ndarray],
+        vocoder: StreamingVocoder,
+        audio_scale: float,
+        num_frames: int | None,
+        given_video: Iterator[np.ndarray] | None = None,
+        given_audio: np.ndarray | None = None,
+    ) -> None:
+        self._frames = frames
+        self._decode = decode
+        self._vocoder = vocoder
+        self._audio_scale = audio_scale
+        self._num_frames = num_frames
+        self._given_video = given_video
+        self._given_audio = given_audio
+        self._pending: deque[tuple[int, np.ndarray]] = deque()   # frames waiting for audio
+        self._ready: deque[AVFrame] = deque()
+        self._audio: np.ndarray | None = None                    # (B, samples) not yet assigned
+        self._produced = 0
+        self._finished = False
+
+    @property
+    def frames_generated(self) -> int:
+        return self._produced
+
+    def __iter__(self) -> Iterator[AVFrame]:
+        return self
+
+    def __next__(self) -> AVFrame:
+        while not self._ready:
+            if self._finished:
+                raise StopIteration
+            if self._num_frames is not None and self._produced >= self._num_frames:
+                self._stop()
+            else:
+                self._produce_one()
+        return self._ready.popleft()
+
+    def finish(self) -> list[AVFrame]:
+        """Stop generating: vocode the remaining mel and return every frame not yet taken."""
+        self._stop()
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def _stop(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._add_audio(self._vocoder.flush())
+            self._collect()
+
+    def _produce_one(self) -> None:
+        v, a = next(self._frames)
+        video = None
+        if self._given_video is not None:
+            given = next(self._given_video, None)
+            if given is not None:
+                video = np.broadcast_to(given, (v.shape[0], *given.shape)).copy()
+        if video is None:
+            video = self._decode(v)
+        mel = audio_lib.denormalize_log_mel(a[:, 0].float(), self._audio_scale)   # (B, n_mels, 10)
+        self._pending.append((self._produced, video))
+        self._produced += 1
+        self._add_audio(self._vocoder.push(mel))
+        self._collect()
+
+    def _add_audio(self, samples: torch.Tensor) -> None:
+        if samples.numel():
+            samples = samples.float().cpu().numpy()
+            self._audio = samples if self._audio is None else np.concatenate([self._audio, samples], axis=1)
+
+    def _collect(self) -> None:
+        while self._pending and self._audio is not None and self._audio.shape[1] >= SAMPLES_PER_FRAME:
+            index, video = self._pending.popleft()
+            chunk, self._audio = self._audio[:, :SAMPLES_PER_FRAME], self._audio[:, SAMPLES_PER_FRAME:]
+            if self._given_audio is not None:
+                start = index * SAMPLES_PER_FRAME
+                given = self._given_audio[start:start + SAMPLES_PER_FRAME]
+                if given.size:  # the given waveform as it came in; past its end, the generated audio
+                    chunk = chunk.copy()
+                    chunk[:, :given.size] = given
+            self._ready.append(AVFrame(index, video, np.ascontiguousarray(chunk, dtype=np.float32)))
+
+
+# ----------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """A loaded FLAV checkpoint with its autoencoder and vocoder, ready to stream."""
+
+    model: FLAV
+    vae: AutoencoderKL
+    vocoder: HiFiGAN
+    audio_scale: float
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    class_names: list[str] | None = None
+    source: ResolvedModel | None = None
+    vae_source: str = VAE_REPO_ID
+    decode_batch: int = 8
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "dance",
+        *,
+        vae: str | None = None,
+        revision: str | None = None,
+        offline: bool | None = None,
+        audio_scale: float | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> "Pipeline":
+        """Resolve `model` (preset, Hub repo id or local folder) and load everything."""
+        resolved = resolve_model(model, revision=revision, offline=offline)
+        scale = audio_scale if audio_scale is not None else resolved.audio_scale
+        if scale is None:
+            raise PipelineError(
+                f"{model} does not say its audio scale: pass --audio-scale "
+                "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json"
+            )
+        if resolved.vocoder_folder is None:
+            raise PipelineError(f"{resolved.folder} has no vocoder/ folder (config.json + vocoder.pt)")
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+        vae_id = vae or resolved.autoencoder or VAE_REPO_ID
+        flav = FLAV.from_pretrained(resolved.folder, dtype=torch_dtype).to(torch_device)
+        # The VAE and vocoder stay in fp32 on CPU; on GPUs the VAE follows the model's dtype.
+        vae_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
+        autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
+        vocoder = HiFiGAN.from_pretrained(resolved.vocoder_folder).to(torch_device)
+        return cls(model=flav, vae=autoencoder, vocoder=vocoder, audio_scale=float(scale), device=torch_device,
+                   dtype=torch_dtype, class_names=resolved.class_names, source=resolved, vae_source=str(vae_id))
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        return self.model.window
+
+    def class_index(self, name: str | int | None) -> int | None:
+        """Label for a class-conditional model (name or index); None for unconditional ones."""
+        if self.model.num_classes <= 0:
+            return None
+        if name is None:
+            raise PipelineError(
+                "this checkpoint is class-conditional: pass --class with one of "
+                + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)])
+            )
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            index = int(name)
+            if 0 <= index < self.model.num_classes:
+                return index
+        names = self.class_names or []
+        if name in names:
+            return names.index(name)
+        valid = ", ".join(names or [str(i) for i in range(self.model.num_classes)])
+        raise PipelineError(f"unknown class {name!r}: valid classes are {valid}")
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Video latents (B, C, h, w) → uint8 frames (B, H, W, 3)."""
+        out = []
+        vae_dtype = next(self.vae.parameters()).dtype
+        for chunk in latents.split(self.decode_batch):
+            out.append(latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE)))
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (N, H, W, 3) → scaled latents (N, C, h, w) (posterior mean)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
+        x = x.to(vae_dtype) / 127.5 - 1.0
+        return self.vae.encode(x).mean.float() * LATENT_SCALE
+
+    def audio_to_model_frames(self, wav: np.ndarray) -> torch.Tensor:
+        """Waveform (N,) at 16 kHz → model-space mel frames (T, 1, n_mels, 10), T = ceil(N/1600)."""
+        frames = max(1, -(-len(wav) // SAMPLES_PER_FRAME))
+        padded = np.zeros(frames * SAMPLES_PER_FRAME, dtype=np.float32)
+        padded[: len(wav)] = wav
+        mel = audio_lib.log_mel(torch.from_numpy(padded))
+        return audio_lib.mel_to_frames(audio_lib.normalize_log_mel(mel, self.audio_scale))
+
+    def _velocity(self, label: int | None, batch: int, cfg_scale: float):
+        model = self.model
+        if label is None:
+            return lambda v, a, t: model(v, a, t)
+        y = torch.full((batch,), label, dtype=torch.long, device=self.device)
+        if cfg_scale == 1.0:
+            return lambda v, a, t: model(v, a, t, y)
+        return lambda v, a, t: model.forward_with_cfg(v, a, t, y, cfg_scale)
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        *,
+        num_frames: int | None,
+        seeds: Sequence[int] = (0,),
+        steps: int = 2,
+        label: str | int | None = None,
+        cfg_scale: float = 1.0,
+        audio: np.ndarray | None = None,
+        video: Iterator[np.ndarray] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Generation:
+        """Start a stream of ``num_frames`` frames (None = unbounded) for each seed.
+
+        `audio` (waveform at 16 kHz) makes it audio-to-video and `video` (an iterator of uint8
+        frames at 10 fps, IMAGE_SIZE²) video-to-audio; the given modality is passed through
+        unchanged to the output.
+        """
+        if steps < 1:
+            raise PipelineError("steps must be at least 1")
+        if audio is not None and video is not None:
+            raise PipelineError("give either an audio or a video input, not both")
+        index = self.class_index(label)
+        batch = len(seeds)
+        cfg = self.model.config
+        latent = cfg.latent_size
+        v_shape = (cfg.in_channels, latent, latent)
+        a_shape = (1, cfg.n_mels, MEL_FRAMES_PER_FRAME)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        v0 = torch.stack([torch.randn((self.window, *v_shape), generator=g) for g in generators]).to(self.device)
+        a0 = torch.stack([torch.randn((self.window, *a_shape), generator=g) for g in generators]).to(self.device)
+
+        guide = None
+        given_video = None
+        if audio is not None:
+            given = self.audio_to_model_frames(audio).to(self.device)
+            guide = Guide("audio", (f.unsqueeze(0).expand(batch, *f.shape) for f in given),
+                          scale=1.0 if guidance_scale is None else guidance_scale, generator=generators[0])
+        elif video is not None:
+            video_frames, given_video = _tee(video)
+            latents = (self.encode_frames(f[None])[0] for f in video_frames)
+            guide = Guide("video", (z.unsqueeze(0).expand(batch, *z.shape).to(self.device) for z in latents),
+                          scale=2.0 if guidance_scale is None else guidance_scale, generator=generators[0])
+        if guide is not None and guide.generator is not None and self.device.type != "cpu":
+            guide.generator = None  # CPU generators cannot draw on other devices
+
+        frames = rolling_sample(
+            self._velocity(index, batch, cfg_scale), v0, a0, steps=steps,
+            noise=_per_sample_noise(generators, v_shape, a_shape, self.device), guide=guide,
+        )
+        return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
+                          num_frames, given_video=given_video, given_audio=audio)
+
+
+def _tee(frames: Iterator[np.ndarray]) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:
+    """Split a frame iterator in two; the second yields what the first has already read."""
+    buffer: deque[np.ndarray] = deque()
+
+    def leader() -> Iterator[np.ndarray]:
+        for frame in frames:
+            buffer.append(frame)
+            yield frame
+
+    return leader(), _Follower(buffer)
+
+
+class _Follower:
+    def __init__(self, buffer: deque[np.ndarray]) -> None:
+        self._buffer = buffer
+
+    def __iter__(self) -> "_Follower":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if not self._buffer:
+            raise StopIteration
+        return self._buffer.popleft()

@@ -1,0 +1,421 @@
+"""Tests of rflav_cli.media against ffmpeg/ffprobe on synthetic clips made in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rflav_cli import media
+from rflav_cli.media import (
+    MediaError,
+    VideoWriter,
+    count_frames,
+    find_ffmpeg,
+    probe,
+    read_audio,
+    read_video_frames,
+    write_wav,
+)
+
+FFMPEG = shutil.which("ffmpeg")
+FFPROBE = shutil.which("ffprobe")
+pytestmark = pytest.mark.skipif(not (FFMPEG and FFPROBE), reason="needs ffmpeg and ffprobe on PATH")
+
+SR, FPS, SPF = 16000, 10, 1600
+AAC_FRAME_S = 1024 / SR
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ffmpeg_lookup_and_deadline():
+    """Re-resolve ffmpeg in every test; fail (rather than hang) if a pipe ever deadlocks.
+
+    Product code honours $RFLAV_FFMPEG, so the suite can be run against another ffmpeg.
+    """
+    media.find_ffmpeg.cache_clear()
+
+    def _timeout(signum, frame):
+        raise TimeoutError("media test took more than 60 s (deadlock?)")
+
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+    media.find_ffmpeg.cache_clear()
+
+
+# ---------------------------------------------------------------------------- helpers
+def synth(path: Path, *args: str) -> Path:
+    """Make a clip with the system ffmpeg (lavfi sources)."""
+    subprocess.run([FFMPEG, "-v", "error", "-y", *args, str(path)], check=True,
+                   stdin=subprocess.DEVNULL)
+    return path
+
+
+def ffprobe_streams(path: Path) -> dict[str, dict]:
+    res = subprocess.run(
+        [FFPROBE, "-v", "error", "-count_packets", "-show_streams", "-of", "json", str(path)],
+        capture_output=True, check=True,
+    )
+    streams = json.loads(res.stdout)["streams"]
+    return {s["codec_type"]: s for s in streams}
+
+
+def stream_end(s: dict) -> float:
+    return float(s.get("start_time", 0)) + float(s["duration"])
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (10 * i) % 256, 250 - 9 * i, (37 * i) % 256
+
+
+def pattern_frames(start: int, n: int) -> np.ndarray:
+    return np.stack([np.broadcast_to(np.array(colour(i), np.uint8), (256, 256, 3))
+                     for i in range(start, start + n)])
+
+
+def burst_audio(start: int, n: int) -> np.ndarray:
+    """Silence except a 440 Hz tone during frames 10..14 (samples 16000..24000)."""
+    t = np.arange(start * SPF, (start + n) * SPF)
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t / SR)
+    return np.where((t >= 10 * SPF) & (t < 15 * SPF), tone, 0.0).astype(np.float32)
+
+
+def partial_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*partial*"))
+
+
+def assert_av_agree(path: Path, n_frames: int) -> None:
+    s = ffprobe_streams(path)
+    assert int(s["video"]["nb_read_packets"]) == n_frames
+    assert abs(stream_end(s["video"]) - n_frames / FPS) < 1e-3
+    assert abs(stream_end(s["audio"]) - stream_end(s["video"])) <= AAC_FRAME_S + 1e-3
+
+
+# ---------------------------------------------------------------------------- writing
+def test_writer_roundtrip_format_pattern_and_sync(tmp_path):
+    out = tmp_path / "clip.mp4"
+    with VideoWriter(out) as w:
+        w.write(pattern_frames(0, 10), burst_audio(0, 10))
+        w.write(pattern_frames(10, 1)[0], burst_audio(10, 1))  # a single (H, W, 3) frame
+        frames, audio = pattern_frames(11, 14), burst_audio(11, 14)
+        try:
+            import torch
+
+            frames, audio = torch.from_numpy(frames.copy()), torch.from_numpy(audio)
+        except ImportError:
+            pass
+        w.write(frames, audio)
+    assert out.exists() and not partial_files(tmp_path)
+
+    s = ffprobe_streams(out)
+    v, a = s["video"], s["audio"]
+    assert (v["codec_name"], v["pix_fmt"], v["width"], v["height"]) == ("h264", "yuv420p", 256, 256)
+    assert v["r_frame_rate"] == "10/1" and v["avg_frame_rate"] == "10/1"
+    assert int(v["nb_read_packets"]) == 25
+    assert (a["codec_name"], a["sample_rate"], a["channels"]) == ("aac", "16000", 1)
+    assert abs(stream_end(v) - 2.5) < 1e-3
+    assert abs(stream_end(a) - stream_end(v)) <= AAC_FRAME_S + 1e-3
+    info = probe(out)
+    assert (info.has_video, info.has_audio, info.fps, info.audio_channels) == (True, True, 10.0, 1)
+
+    decoded = list(read_video_frames(out))
+    assert len(decoded) == 25 == count_frames(out)
+    means = np.array([f.reshape(-1, 3).mean(0) for f in decoded])
+    np.testing.assert_allclose(means, np.array([colour(i) for i in range(25)]), atol=6)
+
+    # The tone must come back at 1.0 s..1.5 s: A/V in sync, encoder delay removed.
+    back = read_audio(out)
+    assert abs(len(back) - 25 * SPF) <= 1024
+    loud = np.flatnonzero(np.abs(back) > 0.1)
+    assert abs(loud[0] - 10 * SPF) <= 160 and abs(loud[-1] - 15 * SPF) <= 160
+    seg = back[10 * SPF + 800: 15 * SPF - 800]
+    spectrum = np.abs(np.fft.rfft(seg * np.hanning(len(seg))))
+    assert abs(np.argmax(spectrum) * SR / len(seg) - 440) < 5
+    assert abs(np.sqrt(np.mean(seg ** 2)) - 0.5 / np.sqrt(2)) < 0.03
+
+
+def test_writer_video_only(tmp_path):
+    out = tmp_path / "silent.mp4"
+    with VideoWriter(out, audio=False) as w:
+        w.write(pattern_frames(0, 12))
+    s = ffprobe_streams(out)
+    assert set(s) == {"video"} and int(s["video"]["nb_read_packets"]) == 12
+
+
+def test_writer_never_overwrites(tmp_path):
+    out = tmp_path / "taken.mp4"
+    out.write_bytes(b"precious")
+    with pytest.raises(MediaError, match=r"taken\.mp4.*--overwrite"):
+        VideoWriter(out)
+    assert out.read_bytes() == b"precious" and not partial_files(tmp_path)
+
+    with VideoWriter(out, overwrite=True) as w:
+        w.write(pattern_frames(0, 3), burst_audio(0, 3))
+    assert int(ffprobe_streams(out)["video"]["nb_read_packets"]) == 3
+
+    # A file that appears at the destination while writing is not clobbered either.
+    late = tmp_path / "late.mp4"
+    w = VideoWriter(late)
+    w.write(pattern_frames(0, 3), burst_audio(0, 3))
+    late.write_bytes(b"someone else's")
+    with pytest.raises(MediaError, match="late.mp4"):
+        w.close()
+    assert late.read_bytes() == b"someone else's"
+    assert w.partial_path.exists()  # the finished output is kept under its temporary name
+
+
+def test_writer_abort_and_errors_remove_partial(tmp_path):
+    w = VideoWriter(tmp_path / "a.mp4")
+    w.write(pattern_frames(0, 4), burst_audio(0, 4))
+    assert w.partial_path.exists()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+    with pytest.raises(RuntimeError):
+        with VideoWriter(tmp_path / "b.mp4") as w:
+            w.write(pattern_frames(0, 2), burst_audio(0, 2))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_validates_inputs(tmp_path):
+    with VideoWriter(tmp_path / "v.mp4") as w:
+        with pytest.raises(ValueError, match="3200"):
+            w.write(pattern_frames(0, 2), np.zeros(3000, np.float32))
+        with pytest.raises(ValueError, match="audio"):
+            w.write(pattern_frames(0, 2))
+        with pytest.raises(ValueError, match="uint8"):
+            w.write(pattern_frames(0, 2).astype(np.float32), np.zeros(3200, np.float32))
+        with pytest.raises(ValueError, match="256, 256, 3"):
+            w.write(np.zeros((2, 128, 128, 3), np.uint8), np.zeros(3200, np.float32))
+        w.write(pattern_frames(0, 2), np.zeros(3200, np.float32))
+    assert int(ffprobe_streams(tmp_path / "v.mp4")["video"]["nb_read_packets"]) == 2
+
+
+def test_writer_unwritable_destination(tmp_path):
+    with pytest.raises(MediaError, match="does not exist"):
+        VideoWriter(tmp_path / "missing" / "x.mp4")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MediaError, match="file"):
+        VideoWriter(tmp_path / "file" / "x.mp4")
+    with pytest.raises(MediaError, match="folder"):
+        VideoWriter(tmp_path)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(MediaError, match="cannot write to folder"):
+            VideoWriter(ro / "x.mp4")
+
+
+def test_ctrl_c_in_loop_then_close_gives_playable_file(tmp_path):
+    out = tmp_path / "stopped.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(out) as w:
+            for i in range(1000):
+                if i == 17:
+                    raise KeyboardInterrupt
+                w.write(pattern_frames(i, 1), burst_audio(i, 1))
+    assert not partial_files(tmp_path)
+    assert_av_agree(out, 17)
+
+
+def test_interrupt_between_video_and_audio_is_padded(tmp_path):
+    out = tmp_path / "torn.mp4"
+    w = VideoWriter(out)
+    w.write(pattern_frames(0, 5), burst_audio(0, 5))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    w._audio.queue.put = interrupted  # Ctrl-C lands after frame 5's video was queued
+    with pytest.raises(KeyboardInterrupt):
+        w.write(pattern_frames(5, 3), burst_audio(5, 3))
+    del w._audio.queue.put
+    w.close()
+    assert_av_agree(out, 6)
+    assert abs(len(read_audio(out)) - 6 * SPF) <= 1024
+
+
+def test_partial_file_plays_after_ffmpeg_is_killed(tmp_path):
+    w = VideoWriter(tmp_path / "k.mp4")
+    try:
+        w.write(pattern_frames(0, 25), burst_audio(0, 25))
+        w.write(pattern_frames(0, 25), burst_audio(0, 25))
+        w.write(pattern_frames(0, 20), burst_audio(0, 20))
+        deadline = time.monotonic() + 20
+        while w.partial_path.read_bytes().count(b"moof") < 2:  # two fragments on disk
+            assert time.monotonic() < deadline, "no fragment was flushed"
+            time.sleep(0.05)
+        w._proc.send_signal(signal.SIGKILL)
+        w._proc.wait()
+        res = subprocess.run(
+            [FFPROBE, "-v", "quiet", "-select_streams", "v:0", "-count_frames",
+             "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(w.partial_path)],
+            capture_output=True, text=True,
+        )
+        assert int(res.stdout.strip().split(",")[0]) >= 10
+        with pytest.raises(MediaError, match="ffmpeg"):
+            w.write(pattern_frames(0, 1), burst_audio(0, 1))
+    finally:
+        w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_wav(tmp_path):
+    import wave
+
+    x = (0.5 * np.sin(2 * np.pi * 440 * np.arange(1600) / SR)).astype(np.float32)
+    x[0], x[1] = 1.5, -1.5  # clipped
+    out = write_wav(tmp_path / "a.wav", x, SR)
+    with wave.open(str(out)) as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()) == (1, 2, SR, 1600)
+        pcm = np.frombuffer(f.readframes(1600), "<i2")
+    expect = np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+    np.testing.assert_array_equal(pcm, expect)
+    with pytest.raises(MediaError, match="--overwrite"):
+        write_wav(out, x, SR)
+    write_wav(out, x[:100], SR, overwrite=True)
+    with wave.open(str(out)) as f:
+        assert f.getnframes() == 100
+    assert not partial_files(tmp_path)
+
+
+# ---------------------------------------------------------------------------- reading
+def test_read_video_letterbox_wide_and_fps(tmp_path):
+    # 320x180 at 25 fps, 2 s; brightness rises with the source frame number.
+    clip = synth(tmp_path / "wide.mp4", "-f", "lavfi", "-i",
+                 "color=c=black:s=320x180:r=25:d=2,format=yuv420p,geq=lum='60+3*N':cb=128:cr=128",
+                 "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    frames = list(read_video_frames(clip))
+    assert len(frames) == 20 == count_frames(clip)
+    assert all(f.shape == (256, 256, 3) and f.dtype == np.uint8 for f in frames)
+    for f in frames:
+        rows = np.flatnonzero(f.mean(axis=(1, 2)) > 25)
+        assert (rows[0], len(rows)) == (56, 144)  # 56 black rows, 144 content, 56 black
+        assert f[:56].max() <= 3 and f[200:].max() <= 3
+    brightness = [f[56:200].mean() for f in frames]
+    assert np.all(np.diff(brightness) > 0)  # later source frames, in order
+    # output frame k shows source frame ~2.5k: luma 60 + 7.5k, i.e. RGB (luma-16)*255/219
+    np.testing.assert_allclose(brightness, [(60 + 7.5 * k - 16) * 255 / 219 for k in range(20)],
+                               atol=6)
+
+
+@pytest.mark.parametrize("w,h", [(320, 179), (179, 320), (322, 100)])
+def test_read_video_letterbox_odd_padding_goes_bottom_right(tmp_path, w, h):
+    # lavfi's colour source rounds sizes to even numbers: crop to the odd size afterwards.
+    clip = synth(tmp_path / "odd.mkv", "-f", "lavfi", "-i",
+                 f"color=c=white:s={w + 1}x{h + 1}:r=10:d=0.3,format=rgb24,crop={w}:{h}:0:0",
+                 "-c:v", "ffv1", "-pix_fmt", "bgr0")
+    assert (probe(clip).width, probe(clip).height) == (w, h)
+    # The original R-FLAV rule: ratio = min(256/h, 256/w), new side = int(side * ratio).
+    ratio = min(256 / h, 256 / w)
+    new_w, new_h = int(w * ratio), int(h * ratio)
+    top, left = (256 - new_h) // 2, (256 - new_w) // 2
+    frames = list(read_video_frames(clip))
+    assert len(frames) == 3
+    content = frames[0].mean(axis=2) > 128
+    rows, cols = np.flatnonzero(content.any(1)), np.flatnonzero(content.any(0))
+    assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (top, top + new_h, left, left + new_w)
+    assert 256 - (top + new_h) - top in (0, 1) and 256 - (left + new_w) - left in (0, 1)
+
+
+def test_read_audio_takes_first_channel(tmp_path):
+    clip = synth(tmp_path / "st.wav", "-f", "lavfi", "-i",
+                 "aevalsrc=0.5*sin(2*PI*440*t)|0.5*sin(2*PI*1000*t):s=44100:d=1",
+                 "-c:a", "pcm_s16le")
+    a = read_audio(clip)
+    assert a.dtype == np.float32 and a.shape == (SR,)
+    spectrum = np.abs(np.fft.rfft(a * np.hanning(len(a))))
+    assert spectrum[440] > 100 * spectrum[1000]
+    assert abs(np.sqrt(np.mean(a[1000:-1000] ** 2)) - 0.5 / np.sqrt(2)) < 0.01  # not a downmix
+
+    silent_right = synth(tmp_path / "l.wav", "-f", "lavfi", "-i",
+                         "aevalsrc=0.5*sin(2*PI*440*t)|0:s=22050:d=1", "-c:a", "pcm_s16le")
+    b = read_audio(silent_right, sample_rate=8000)
+    assert b.shape == (8000,) and abs(np.sqrt(np.mean(b[500:-500] ** 2)) - 0.3536) < 0.01
+
+
+def test_missing_streams_and_bad_files(tmp_path):
+    video_only = synth(tmp_path / "v.mp4", "-f", "lavfi", "-i", "testsrc=s=64x64:r=10:d=0.5",
+                       "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    audio_only = synth(tmp_path / "a.wav", "-f", "lavfi", "-i", "sine=f=440:d=0.5")
+    with pytest.raises(MediaError, match="v.mp4 has no audio stream"):
+        read_audio(video_only)
+    with pytest.raises(MediaError, match="a.wav has no video stream"):
+        read_video_frames(audio_only)
+    with pytest.raises(MediaError, match="has no video stream"):
+        count_frames(audio_only)
+    with pytest.raises(MediaError, match="no such file"):
+        read_audio(tmp_path / "nope.mp4")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(5000))
+    with pytest.raises(MediaError, match="cannot read"):
+        read_video_frames(junk)
+
+
+@pytest.mark.parametrize("use_ffprobe", [True, False])
+def test_probe_with_and_without_ffprobe(tmp_path, monkeypatch, use_ffprobe):
+    clip = synth(tmp_path / "p.mp4", "-f", "lavfi", "-i", "testsrc=s=320x180:r=25:d=2",
+                 "-f", "lavfi", "-i", "aevalsrc=0.1*sin(2*PI*440*t)|0:s=44100:d=2",
+                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac")
+    wav = synth(tmp_path / "m.wav", "-f", "lavfi", "-i", "sine=f=440:d=0.5:sample_rate=22050")
+    if not use_ffprobe:
+        monkeypatch.setattr(media, "_ffprobe_exe", lambda: None)
+    info = probe(clip)
+    assert (info.has_video, info.has_audio) == (True, True)
+    assert (info.width, info.height, info.fps) == (320, 180, 25.0)
+    assert (info.audio_sample_rate, info.audio_channels) == (44100, 2)
+    assert abs(info.duration - 2.0) < 0.1
+    assert (info.video_start is not None) == use_ffprobe
+    w = probe(wav)
+    assert (w.has_video, w.has_audio, w.audio_sample_rate, w.audio_channels) == (False, True, 22050, 1)
+    with pytest.raises(MediaError, match="no such file"):
+        probe(tmp_path / "nope.mp4")
+
+
+# ---------------------------------------------------------------------------- ffmpeg lookup
+def test_find_ffmpeg_prefers_path_and_env_override(monkeypatch, tmp_path):
+    monkeypatch.delenv(media.FFMPEG_ENV, raising=False)
+    assert os.path.samefile(find_ffmpeg(), FFMPEG)
+    link = tmp_path / "my-ffmpeg"
+    link.symlink_to(FFMPEG)
+    monkeypatch.setenv(media.FFMPEG_ENV, str(link))
+    media.find_ffmpeg.cache_clear()
+    assert find_ffmpeg() == str(link)
+    monkeypatch.setenv(media.FFMPEG_ENV, str(tmp_path / "nothing"))
+    media.find_ffmpeg.cache_clear()
+    with pytest.raises(MediaError, match=media.FFMPEG_ENV):
+        find_ffmpeg()
+
+
+def test_find_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch, tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:
+        pytest.skip("imageio-ffmpeg has no binary here")
+    clip = synth(tmp_path / "c.mp4", "-f", "lavfi", "-i", "testsrc=s=64x48:r=10:d=0.5",
+                 "-f", "lavfi", "-i", "sine=f=440:d=0.5", "-c:v", "libx264",
+                 "-pix_fmt", "yuv420p", "-c:a", "aac")
+    monkeypatch.delenv(media.FFMPEG_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no ffmpeg, no ffprobe
+    assert find_ffmpeg() == exe
+    # Everything still works through that binary, probing included (no ffprobe).
+    info = probe(clip)
+    assert (info.width, info.height, info.has_audio) == (64, 48, True)
+    assert len(list(read_video_frames(clip))) == 5
+    assert abs(len(read_audio(clip)) - 8000) <= 1024
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: (_ for _ in ()).throw(RuntimeError))
+    media.find_ffmpeg.cache_clear()
+    with pytest.raises(MediaError, match="ffmpeg not found"):
+        find_ffmpeg()
