@@ -89,10 +89,33 @@ class AVFrame:
     audio: np.ndarray   # (B, SAMPLES_PER_FRAME) float32 in [-1, 1]
 
 
-def latents_to_uint8(images: torch.Tensor) -> np.ndarray:
+def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Decoded frames (B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding as the original."""
-    pixels = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class HostCopy:
+    """A tensor on its way to host memory. On CUDA the copy is asynchronous, so sampling of
+    the next frames is queued before anyone waits for this one (`numpy()` waits)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.detach().to("cpu")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.host.shape
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
 
 
 def _per_sample_noise(
@@ -114,7 +137,7 @@ class Generation:
     def __init__(
         self,
         frames: Iterator[tuple[torch.Tensor, torch.Tensor]],
-        decode: Callable[[torch.Tensor], np.ndarray],
+        decode: Callable[[torch.Tensor], HostCopy],
         vocoder: StreamingVocoder,
         audio_scale: float,
         num_frames: int | None,
@@ -128,9 +151,10 @@ class Generation:
         self._num_frames = num_frames
         self._given_video = given_video
         self._given_audio = given_audio
-        self._pending: deque[tuple[int, np.ndarray]] = deque()   # frames waiting for audio
+        self._pending: deque[tuple[int, HostCopy | np.ndarray]] = deque()   # frames waiting for audio
         self._ready: deque[AVFrame] = deque()
-        self._audio: np.ndarray | None = None                    # (B, samples) not yet assigned
+        self._audio: deque[HostCopy | np.ndarray] = deque()      # (B, n) chunks not yet assigned
+        self._audio_samples = 0
         self._produced = 0
         self._finished = False
 
@@ -181,19 +205,33 @@ class Generation:
 
     def _add_audio(self, samples: torch.Tensor) -> None:
         if samples.numel():
-            samples = samples.float().cpu().numpy()
-            self._audio = samples if self._audio is None else np.concatenate([self._audio, samples], axis=1)
+            self._audio.append(HostCopy(samples.float()))
+            self._audio_samples += samples.shape[-1]
+
+    def _take_audio(self, n: int) -> np.ndarray:
+        parts, need = [], n
+        while need:
+            chunk = self._audio.popleft()
+            chunk = chunk.numpy() if isinstance(chunk, HostCopy) else chunk
+            if chunk.shape[-1] > need:
+                self._audio.appendleft(chunk[:, need:])
+                chunk = chunk[:, :need]
+            parts.append(chunk)
+            need -= chunk.shape[-1]
+        self._audio_samples -= n
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def _collect(self) -> None:
-        while self._pending and self._audio is not None and self._audio.shape[1] >= SAMPLES_PER_FRAME:
+        while self._pending and self._audio_samples >= SAMPLES_PER_FRAME:
             index, video = self._pending.popleft()
-            chunk, self._audio = self._audio[:, :SAMPLES_PER_FRAME], self._audio[:, SAMPLES_PER_FRAME:]
+            chunk = self._take_audio(SAMPLES_PER_FRAME)
             if self._given_audio is not None:
                 start = index * SAMPLES_PER_FRAME
                 given = self._given_audio[start:start + SAMPLES_PER_FRAME]
                 if given.size:  # the given waveform as it came in; past its end, the generated audio
                     chunk = chunk.copy()
                     chunk[:, :given.size] = given
+            video = video.numpy() if isinstance(video, HostCopy) else video
             self._ready.append(AVFrame(index, video, np.ascontiguousarray(chunk, dtype=np.float32)))
 
 
@@ -275,13 +313,12 @@ class Pipeline:
         raise PipelineError(f"unknown class {name!r}: valid classes are {valid}")
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Video latents (B, C, h, w) → uint8 frames (B, H, W, 3)."""
-        out = []
+    def decode_latents(self, latents: torch.Tensor) -> HostCopy:
+        """Video latents (B, C, h, w) → uint8 frames (B, H, W, 3), on their way to the host."""
         vae_dtype = next(self.vae.parameters()).dtype
-        for chunk in latents.split(self.decode_batch):
-            out.append(latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE)))
-        return np.concatenate(out)
+        out = [latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
+               for chunk in latents.split(self.decode_batch)]
+        return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Where one FLAV forward spends its time: a torch profiler table (top ops by device time),
+plus timings of torch.compile variants.
+
+    python benchmarks/profile_forward.py --size FLAV-B/1 --batch 1 --compile default
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import build  # noqa: E402
+
+
+def median_time(fn, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="FLAV-B/1")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--compile", default="", help="comma list of torch.compile modes to time (e.g. default,reduce-overhead)")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    model = build(args.size, args.window, "cuda").to(torch.bfloat16)
+    cfg = model.config
+    v = torch.randn(args.batch, cfg.predict_frames, cfg.in_channels, cfg.latent_size, cfg.latent_size, device="cuda")
+    a = torch.randn(args.batch, cfg.predict_frames, 1, cfg.n_mels, 10, device="cuda")
+    t = torch.rand(args.batch, cfg.predict_frames, device="cuda") * 999 + 1
+    with torch.no_grad():
+        for _ in range(3):
+            model(v, a, t)
+        print(f"eager bf16 batch {args.batch}: {median_time(lambda: model(v, a, t)) * 1e3:.2f} ms")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model(v, a, t)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        for mode in [m for m in args.compile.split(",") if m]:
+            start = time.perf_counter()
+            compiled = torch.compile(model, mode=mode, dynamic=False)
+            for _ in range(3):
+                compiled(v, a, t)
+            torch.cuda.synchronize()
+            took = time.perf_counter() - start
+            print(f"compiled ({mode}) bf16 batch {args.batch}: {median_time(lambda: compiled(v, a, t)) * 1e3:.2f} ms"
+                  f" (compile + warm-up {took:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
