@@ -1,0 +1,1 @@
+"""Evaluation metrics (FVD, KVD, FAD) and the feature-network weights they need."""
