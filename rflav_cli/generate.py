@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.text import Text
 
 from . import __version__
-from .config import FPS, IMAGE_SIZE, SAMPLE_RATE
+from .config import FPS, SAMPLE_RATE
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
 from .pipeline import AVFrame, Pipeline, PipelineError, pick_device, pick_dtype
@@ -255,14 +255,14 @@ def _write_json(path: Path, data: dict) -> None:
 class _Outputs:
     """The MP4 (and optional WAV) writers of one batch."""
 
-    def __init__(self, paths: list[Path], wav: bool, overwrite: bool) -> None:
+    def __init__(self, paths: list[Path], wav: bool, overwrite: bool, size: int) -> None:
         self.paths = paths
         self.videos: list[VideoWriter] = []
         self.wavs: list[WavWriter] = []
         try:
             for path in paths:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.videos.append(VideoWriter(path, width=IMAGE_SIZE, height=IMAGE_SIZE, overwrite=overwrite))
+                self.videos.append(VideoWriter(path, width=size, height=size, overwrite=overwrite))
                 if wav:
                     self.wavs.append(WavWriter(path.with_suffix(".wav"), SAMPLE_RATE, overwrite=overwrite))
         except BaseException:
@@ -322,14 +322,15 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
         for start in range(0, len(seeds), req.batch_size):
             batch_seeds = seeds[start : start + req.batch_size]
             batch_paths = paths[start : start + req.batch_size]
-            video_iter = read_video_frames(req.video_input) if req.video_input is not None else None
+            video_iter = (read_video_frames(req.video_input, size=pipe.image_size)
+                          if req.video_input is not None else None)
             generation = pipe.generate(num_frames=num_frames, seeds=batch_seeds, steps=req.steps, label=label,
                                        cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
                                        audio=given_audio, video=video_iter, guidance_scale=req.guidance_scale)
             description = batch_paths[0].name if len(batch_paths) == 1 else f"{len(batch_paths)} samples"
             task = progress.add_task(description, total=num_frames,
                                      total_text="∞" if num_frames is None else str(num_frames))
-            outputs = _Outputs(batch_paths, req.wav, req.overwrite)
+            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
             began = time.perf_counter()
             written = 0
             interrupted = False

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
-from .config import LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLES_PER_FRAME
+from .config import LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLES_PER_FRAME, VAE_DOWNSCALE
 from .flow import Guide, rolling_sample
-from .hub import VAE_REPO_ID, ResolvedModel, resolve_model
+from .hub import VAE_REPO_ID, ResolvedModel, read_side_file, resolve_model
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
-from .models.vocoder import HiFiGAN, StreamingVocoder
+from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,8 +245,8 @@ class Pipeline:
     """A loaded FLAV checkpoint with its autoencoder and vocoder, ready to stream."""
 
     model: FLAV
-    vae: AutoencoderKL
-    vocoder: HiFiGAN
+    vae: AutoencoderKL | None          # None: the model works in pixel space
+    vocoder: HiFiGAN | GriffinLim
     audio_scale: float
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -268,30 +268,40 @@ class Pipeline:
         dtype: str = "auto",
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything."""
-        resolved = resolve_model(model, revision=revision, offline=offline)
+        resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
+        side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
         if scale is None:
             raise PipelineError(
                 f"{model} does not say its audio scale: pass --audio-scale "
                 "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json"
             )
-        if resolved.vocoder_folder is None:
-            raise PipelineError(f"{resolved.folder} has no vocoder/ folder (config.json + vocoder.pt)")
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
-        vae_id = vae or resolved.autoencoder or VAE_REPO_ID
         flav = FLAV.from_pretrained(resolved.folder, dtype=torch_dtype).to(torch_device)
-        # The VAE and vocoder stay in fp32 on CPU; on GPUs the VAE follows the model's dtype.
-        vae_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
-        autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
-        vocoder = HiFiGAN.from_pretrained(resolved.vocoder_folder).to(torch_device)
-        return cls(model=flav, vae=autoencoder, vocoder=vocoder, audio_scale=float(scale), device=torch_device,
-                   dtype=torch_dtype, class_names=resolved.class_names, source=resolved, vae_source=str(vae_id))
+        autoencoder, vae_id = None, "none"
+        if not side.get("pixel_space"):
+            vae_id = vae or resolved.autoencoder or VAE_REPO_ID
+            # The VAE stays in fp32 on CPU; on GPUs it follows the model's dtype.
+            vae_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
+            autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
+        if resolved.vocoder_folder is not None:
+            vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(resolved.vocoder_folder)
+        else:  # checkpoints trained without a vocoder
+            vocoder = GriffinLim(flav.config.n_mels)
+        return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
+                   device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
+                   vae_source=str(vae_id))
 
     # -- helpers ------------------------------------------------------------------------------
     @property
     def window(self) -> int:
         return self.model.window
+
+    @property
+    def image_size(self) -> int:
+        """Side of the output frames: latent size × 8 with the VAE, the model's size without."""
+        return self.model.config.latent_size * (VAE_DOWNSCALE if self.vae is not None else 1)
 
     def class_index(self, name: str | int | None) -> int | None:
         """Label for a class-conditional model (name or index); None for unconditional ones."""
@@ -315,6 +325,8 @@ class Pipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> HostCopy:
         """Video latents (B, C, h, w) → uint8 frames (B, H, W, 3), on their way to the host."""
+        if self.vae is None:
+            return HostCopy(latents_to_uint8(latents))
         vae_dtype = next(self.vae.parameters()).dtype
         out = [latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
                for chunk in latents.split(self.decode_batch)]
@@ -323,8 +335,10 @@ class Pipeline:
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames (N, H, W, 3) → scaled latents (N, C, h, w) (posterior mean)."""
-        vae_dtype = next(self.vae.parameters()).dtype
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2)
+        if self.vae is None:
+            return x.float() / 127.5 - 1.0
+        vae_dtype = next(self.vae.parameters()).dtype
         x = x.to(vae_dtype) / 127.5 - 1.0
         return self.vae.encode(x).mean.float() * LATENT_SCALE
 

@@ -9,6 +9,7 @@ original R-FLAV code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch import Tensor, nn
+
+from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
 
 __all__ = [
     "CONFIG_NAME",
@@ -399,7 +403,7 @@ class StreamingVocoder:
             raise ValueError(
                 f"expected a mel chunk of shape (B, {self.vocoder.num_mels}, frames), got {tuple(mel_chunk.shape)}"
             )
-        param = self.vocoder.conv_pre.weight
+        param = next(itertools.chain(self.vocoder.parameters(), self.vocoder.buffers()))
         mel_chunk = mel_chunk.to(param.device, param.dtype)
         if self._buffer is None:
             self._buffer = mel_chunk
@@ -433,3 +437,43 @@ class StreamingVocoder:
         self._buffer = self._buffer[..., keep_from - self._start:]
         self._start = keep_from
         return out
+
+
+class GriffinLim(nn.Module):
+    """Phase reconstruction for checkpoints without a neural vocoder (e.g. toy runs).
+
+    The log-mel is mapped back to a linear magnitude by least squares through the slaney
+    filterbank, then Griffin-Lim iterates STFT/ISTFT. Quality is far below HiFi-GAN, and it is
+    not exactly local, so streaming it with a finite context gives a close, not identical, result.
+    """
+
+    def __init__(self, num_mels: int = 256, iterations: int = 32, context_frames: int = 24) -> None:
+        super().__init__()
+        from ..audio import mel_filterbank
+
+        self.num_mels = num_mels
+        self.iterations = iterations
+        fb = mel_filterbank("cpu", torch.float32)
+        self.register_buffer("inverse_fb", torch.linalg.pinv(fb), persistent=False)
+        self.register_buffer("window", torch.hann_window(WIN_LENGTH), persistent=False)
+        self._context = context_frames
+
+    @property
+    def hop_length(self) -> int:
+        return HOP_LENGTH
+
+    @property
+    def receptive_field(self) -> tuple[int, int]:
+        return self._context, self._context
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """log-mel (B, n_mels, F) → waveform (B, 1, F·hop)."""
+        frames = mel.shape[-1]
+        magnitude = torch.clamp(self.inverse_fb @ torch.exp(mel.float()), min=0.0)
+        wav = torchaudio.functional.griffinlim(
+            magnitude, window=self.window, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH,
+            power=1.0, n_iter=self.iterations, momentum=0.99, length=(frames - 1) * HOP_LENGTH, rand_init=False,
+        )
+        # Frame k of the front end is centred half a hop after k·hop: shift by that, pad the end.
+        wav = F.pad(wav, (HOP_LENGTH // 2, HOP_LENGTH - HOP_LENGTH // 2))
+        return wav.clamp(-1.0, 1.0).unsqueeze(1)
