@@ -8,8 +8,9 @@ stride). The clips are not ours to commit, so this is a check script rather than
     python benchmarks/eval_e2e.py --media DIR_WITH_THE_TWO_MP4S
 
 It checks the clip windows and audio times, the decoded 64×64 clips and the audio windows
-bit for bit, then features and FVD / KVD / FAD for both letterbox antialias settings, and
-prints our numbers next to the evaluator's.
+bit for bit, then features and FVD / KVD / FAD for both letterbox antialias settings, in process
+and through `rflav eval --clip-stride 16 --num 15` with weight files in the original layouts,
+and prints our numbers next to the evaluator's.
 """
 
 from __future__ import annotations
@@ -47,10 +48,43 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
     return ok
 
 
+def via_cli(real_file: Path, fake_file: Path, meta: dict) -> bool:
+    """`rflav eval --clip-stride 16 --num 15` on the same files, with the formula weights written
+    in the original checkpoint layouts."""
+    import subprocess
+    import tempfile
+
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, src in (("real", real_file), ("fake", fake_file)):
+            (tmp / name).mkdir()
+            (tmp / name / src.name).symlink_to(src.resolve())
+        torch.save(formula_weights.formula_state_dict(FIXTURES / "i3d_keys.tsv"), tmp / "i3d_pretrained_400.pt")
+        torch.save(formula_weights.formula_state_dict(FIXTURES / "audioclip_audio_keys.tsv"),
+                   tmp / "AudioCLIP-Full-Training.pt")
+        for antialias, key in (("on", "metric"), ("off", "metric_noaa")):
+            cmd = [sys.executable, "-m", "rflav_cli", "eval", "--real", str(tmp / "real"), "--fake", str(tmp / "fake"),
+                   "--clip-stride", "16", "--num", "15", "--letterbox-antialias", antialias, "--device", "cpu",
+                   "--i3d-weights", str(tmp / "i3d_pretrained_400.pt"),
+                   "--audioclip-weights", str(tmp / "AudioCLIP-Full-Training.pt"), "--json"]
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if run.returncode != 0:
+                ok &= check(f"rflav eval (antialias {antialias})", False, run.stderr.strip().splitlines()[-1])
+                continue
+            ours = json.loads(run.stdout)
+            for metric in ("fvd", "kvd", "fad"):
+                rel = abs(ours[metric] / meta[key][metric] - 1)
+                ok &= check(f"rflav eval {metric.upper()} antialias={antialias}", rel <= TOLERANCE[metric],
+                            f"ours {ours[metric]:.9g}, evaluator {meta[key][metric]:.9g}, relative {rel:.2e}")
+    return ok
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--media", type=Path, required=True, help="folder holding aist_video0_long.mp4 and aist_video1_long.mp4")
-    p.add_argument("--skip-features", action="store_true", help="only the media checks")
+    p.add_argument("--skip-features", action="store_true", help="skip the in-process feature check")
+    p.add_argument("--skip-cli", action="store_true", help="skip the `rflav eval` run")
     args = p.parse_args()
     torch.set_num_threads(2)
     tensors = load_file(str(FIXTURES / "e2e_protocol.safetensors"))
@@ -105,6 +139,8 @@ def main() -> None:
                 rel = abs(ours[metric] / theirs[metric] - 1)
                 ok &= check(f"{metric.upper()} antialias={'on' if antialias else 'off'}", rel <= TOLERANCE[metric],
                             f"ours {ours[metric]:.9g}, evaluator {theirs[metric]:.9g}, relative {rel:.2e}")
+    if not args.skip_cli:
+        ok &= via_cli(real_file, fake_file, meta)
     print("all checks passed" if ok else "some checks FAILED")
     sys.exit(0 if ok else 1)
 

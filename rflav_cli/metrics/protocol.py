@@ -522,7 +522,7 @@ def compute_features(
     batches: Sequence[Sequence[int]],
     num: int,
     video_features: Callable[[torch.Tensor], torch.Tensor],
-    audio_features: Callable[[torch.Tensor], torch.Tensor],
+    audio_features: Callable[[torch.Tensor], torch.Tensor] | None,
     *,
     antialias: bool = True,
     scale_audio_input: bool = False,
@@ -537,7 +537,8 @@ def compute_features(
     loader batch as the evaluator hands it to AudioCLIP: float64 (B, 70560) waveforms in
     [-1, 1], which the network rescales itself (:func:`scale_audio`); with
     ``scale_audio_input`` it gets float32 (B, 70560) already rescaled instead.
-    ``progress(done, total)`` is called after each audio batch.
+    ``progress(done, total)`` is called after each audio batch. Without ``audio_features``
+    no audio is read and the audio features come back empty, (num, 0).
     """
     needed = sorted({i for b in batches for i in b})
     video_out: dict[int, torch.Tensor] = {}
@@ -549,6 +550,10 @@ def compute_features(
                 feats = video_features(i3d_input(torch.stack(videos[s:s + video_batch])))
             for j, f in zip(chunk[s:s + video_batch], feats):
                 video_out[j] = f.detach().float().cpu()
+    order = [i for b in batches for i in b][:num]
+    video = torch.stack([video_out[i] for i in order])
+    if audio_features is None:
+        return video, torch.zeros(len(order), 0)
     audio_rows: list[torch.Tensor] = []
     for done, batch in enumerate(batches, 1):
         waves = torch.from_numpy(np.stack([clip_audio(clips[i]) for i in batch]))
@@ -557,8 +562,7 @@ def compute_features(
         audio_rows.extend(f.detach().float().cpu() for f in feats)
         if progress is not None:
             progress(done, len(batches))
-    order = [i for b in batches for i in b][:num]
-    return torch.stack([video_out[i] for i in order]), torch.stack(audio_rows[:num])
+    return video, torch.stack(audio_rows[:num])
 
 
 def mmdiffusion_scores(
