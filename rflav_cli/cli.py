@@ -47,6 +47,11 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+def _fail(message: str) -> None:
+    typer.echo(f"rflav: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"rflav {__version__}")
@@ -119,6 +124,162 @@ def download(
     folders = _run(lambda: fetch(which, to=to, revision=revision))
     for folder in folders:
         typer.echo(str(folder))
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos, or a cache made by `rflav prepare`."),
+    output: Path = typer.Option(Path("runs/rflav"), "--output", "-o", help="Run folder (re-running resumes it)."),
+    model: str = typer.Option("FLAV-B/1", "--model", help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys."),
+    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: dance, landscape, a repo id or a folder."),
+    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder, or none (pixel space)."),
+    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder copied into checkpoints [default: dance's]."),
+    image_size: int = typer.Option(256, "--image-size"),
+    window: int = typer.Option(10, "--window", help="Frames per training clip (the rolling window)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Clips per step and device."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    max_steps: int = typer.Option(100_000, "--max-steps"),
+    save_every: int = typer.Option(1000, "--save-every"),
+    keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
+    sample_every: int = typer.Option(0, "--sample-every", help="Write a sample MP4 every N steps (0: never)."),
+    weighting: str = typer.Option("logit_normal", "--weighting", help="logit_normal or uniform."),
+    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="[default: unit std of the training mel]"),
+    missing_audio: str = typer.Option("skip", "--missing-audio", help="skip or silence."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing (less memory)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+) -> None:
+    """Train (or fine-tune) a rolling audio-video model; run under torchrun for several GPUs."""
+    from .generate import _stop_on_signals
+    from .train import TrainConfig, train as run_train
+
+    if weighting not in ("logit_normal", "uniform"):
+        _fail("--weighting must be logit_normal or uniform")
+    if missing_audio not in ("skip", "silence"):
+        _fail("--missing-audio must be skip or silence")
+    cfg = TrainConfig(
+        data=str(data), output=str(output), model=model, model_config=str(model_config) if model_config else None,
+        init=init, autoencoder=autoencoder, vocoder=vocoder, image_size=image_size, window=window,
+        batch_size=batch_size, lr=lr, max_steps=max_steps, save_every=save_every, keep=keep,
+        sample_every=sample_every, weighting=weighting, audio_scale=audio_scale, missing_audio=missing_audio,
+        seed=seed, device=device, grad_ckpt=grad_ckpt, compile=compile_model,
+    )
+
+    def go():
+        with _stop_on_signals() as stop:
+            return run_train(cfg, stop=stop)
+
+    last = _run(go)
+    if last is not None:
+        typer.echo(f"checkpoint: {last}", err=True)
+
+
+@app.command()
+def prepare(
+    data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos."),
+    out: Path = typer.Option(..., "--out", help="Cache folder to write (re-running resumes)."),
+    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder."),
+    split: str = typer.Option("train", "--split"),
+    image_size: int = typer.Option(256, "--image-size"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    missing_audio: str = typer.Option("skip", "--missing-audio", help="skip or silence."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Encode every frame once (VAE posterior) and every soundtrack's mel, for fast training."""
+    from .data import prepare_cache, scan_dataset
+    from .models.autoencoder import AutoencoderKL
+    from .pipeline import pick_device
+
+    def go():
+        index = scan_dataset(data, split, missing_audio=missing_audio)
+        typer.echo(index.summary(), err=True)
+        dev = pick_device(device)
+        vae = AutoencoderKL.from_pretrained(autoencoder).to(dev)
+        return prepare_cache(index, out / split, vae, batch_size=batch_size, device=str(dev),
+                             image_size=image_size)
+
+    typer.echo(str(_run(go)))
+
+
+@app.command("eval")
+def evaluate(
+    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz from --save-real-stats."),
+    fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated videos."),
+    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad."),
+    num: int = typer.Option(2048, "--num", help="Clips per set."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the real-clip selection."),
+    clip_stride: int = typer.Option(1, "--clip-stride", help="Frames between consecutive 16-frame windows."),
+    protocol: str = typer.Option("mmdiffusion", "--protocol", help="Evaluation protocol (mmdiffusion)."),
+    letterbox_antialias: str = typer.Option("on", "--letterbox-antialias", help="on or off (torchvision <= 0.16 behaviour)."),
+    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Use all clips when a set has fewer than --num."),
+    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="Path to i3d_pretrained_400.pt."),
+    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="Path to AudioCLIP-Full-Training.pt."),
+    save_real_stats: Optional[Path] = typer.Option(None, "--save-real-stats", help="Save the real features to this .npz."),
+    model: Optional[str] = typer.Option(None, "--model", help="Generate the fake set now from this checkpoint."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Clips to generate with --model [default: --num]."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Generation batch size with --model."),
+    fake_out: Optional[Path] = typer.Option(None, "--fake-out", help="Keep the generated clips in this folder."),
+    device: str = typer.Option("auto", "--device"),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """FVD, KVD and FAD of generated videos against real ones (MM-Diffusion protocol)."""
+    from .evaluate import EvalRequest, parse_metrics, run_eval
+
+    if protocol != "mmdiffusion":
+        _fail(f"unknown protocol {protocol!r}: only mmdiffusion is implemented")
+    if letterbox_antialias not in ("on", "off"):
+        _fail("--letterbox-antialias must be on or off")
+    result = _run(lambda: run_eval(EvalRequest(
+        real=real, fake=fake, metrics=parse_metrics(metrics), num=num, seed=seed, clip_stride=clip_stride,
+        letterbox_antialias=letterbox_antialias == "on", allow_fewer=allow_fewer, i3d_weights=i3d_weights,
+        audioclip_weights=audioclip_weights, save_real_stats=save_real_stats, device=device, offline=offline,
+        model=model, num_samples=num_samples, batch_size=batch_size, fake_out=fake_out, quiet=quiet or as_json,
+    ), Console(stderr=True)))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        aa = "on" if result["letterbox_antialias"] else "off"
+        typer.echo(f"protocol {result['protocol']} (letterbox antialias {aa}), "
+                   f"{result['fake']['clips']} fake vs {result['real']['clips']} real clips")
+        for name in ("fvd", "kvd", "fad"):
+            if name in result:
+                typer.echo(f"{name.upper()}: {result[name]:.6g}")
+
+
+@app.command()
+def drift(
+    fake: Path = typer.Option(..., "--fake", help="Folder of long generated videos."),
+    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz."),
+    window: int = typer.Option(16, "--window", help="Frames per window (16 for the protocol)."),
+    stride: int = typer.Option(8, "--stride", help="Frames between window positions."),
+    metrics: str = typer.Option("fvd,kvd,fad", "--metrics"),
+    num: int = typer.Option(2048, "--num", help="Real clips (all if fewer)."),
+    seed: int = typer.Option(0, "--seed"),
+    letterbox_antialias: str = typer.Option("on", "--letterbox-antialias"),
+    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights"),
+    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights"),
+    output: Path = typer.Option(Path("drift"), "--output", "-o", help="Writes OUTPUT.csv and OUTPUT.png."),
+    device: str = typer.Option("auto", "--device"),
+    offline: bool = typer.Option(False, "--offline"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Metrics over a sliding window along long generated videos, with a plot."""
+    from .evaluate import DriftRequest, parse_metrics, run_drift
+
+    if letterbox_antialias not in ("on", "off"):
+        _fail("--letterbox-antialias must be on or off")
+    out = _run(lambda: run_drift(DriftRequest(
+        fake=fake, real=real, window=window, stride=stride, num=num, seed=seed, metrics=parse_metrics(metrics),
+        letterbox_antialias=letterbox_antialias == "on", i3d_weights=i3d_weights,
+        audioclip_weights=audioclip_weights, device=device, offline=offline, output=output, quiet=quiet,
+    ), Console(stderr=True)))
+    typer.echo(f"protocol {out['protocol']}: {out['positions']} window positions over {out['videos']} videos")
+    typer.echo(out["csv"])
+    typer.echo(out["png"])
 
 
 def main() -> None:

@@ -1,0 +1,167 @@
+"""`rflav train` on a tiny dataset made here: checkpoints, resume, DDP, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import tiny
+from rflav_cli import flow
+from rflav_cli import train as train_mod
+from rflav_cli.cli import app
+from rflav_cli.data import open_training_data
+from rflav_cli.media import find_ffmpeg
+from rflav_cli.models.flav import FLAV
+from rflav_cli.models.vocoder import HiFiGAN
+
+MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 4, "n_mels": 256}
+
+
+def _video(path: Path, pattern: str, tone: int, seconds: float, audio: bool = True) -> None:
+    cmd = [find_ffmpeg(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{pattern}=size=32x24:rate=10:duration={seconds}"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency={tone}:duration={seconds}", "-c:a", "aac", "-shortest"]
+    subprocess.run(cmd + ["-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for cls, pattern, tone in (("a", "testsrc", 300), ("b", "smptebars", 900)):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True)
+        _video(folder / "one.mp4", pattern, tone, 1.5)
+        _video(folder / "two.mp4", pattern, tone + 100, 1.2)
+    _video(root / "train" / "a" / "silent.mp4", "testsrc", 0, 1.0, audio=False)
+    (root / "train" / "b" / "broken.mp4").write_bytes(os.urandom(3000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    HiFiGAN(tiny.TINY_VOCODER).save_pretrained(root / "vocoder")
+    (root / "model.json").write_text(json.dumps(MODEL))
+    return {"vocoder": root / "vocoder", "model_config": root / "model.json"}
+
+
+def config(data: Path, assets: dict, out: Path, **overrides) -> train_mod.TrainConfig:
+    base = dict(data=str(data), output=str(out), model_config=str(assets["model_config"]), autoencoder="none",
+                vocoder=str(assets["vocoder"]), image_size=16, window=3, batch_size=2, lr=1e-3, max_steps=4,
+                save_every=2, keep=2, log_every=1, device="cpu", num_workers=2, seed=3)
+    return train_mod.TrainConfig(**{**base, **overrides})
+
+
+def test_cli_trains_counts_bad_files_and_checkpoint_generates(data, assets, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", str(data), "-o", str(run), "--model-config", str(assets["model_config"]), "--autoencoder", "none",
+        "--vocoder", str(assets["vocoder"]), "--image-size", "16", "--window", "3", "--batch-size", "2",
+        "--max-steps", "4", "--save-every", "2", "--keep", "1", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    latest = run / "latest"
+    assert latest.is_symlink() and latest.resolve().name == "checkpoint-00000004"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000004"]   # --keep 1
+    assert {p.name for p in latest.iterdir()} >= {"config.json", "model.safetensors", "vocoder", "rflav.json",
+                                                  "training_state"}
+    side = json.loads((latest / "rflav.json").read_text())
+    assert side["class_names"] == ["a", "b"] and side["pixel_space"] is True and side["audio_scale"] > 0
+    state = json.loads((latest / "training_state" / "state.json").read_text())
+    assert state["data"]["skipped"] == {"no audio": 1, "unreadable": 1} and state["data"]["videos"] == 4
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines][-1] == 4
+    # config.json stays loadable by the original code: only the 14 constructor keys.
+    assert len(json.loads((latest / "config.json").read_text())) == 14
+
+    out = tmp_path / "sample.mp4"
+    gen = CliRunner().invoke(app, ["generate", "--model", str(latest), "--class", "b", "--frames", "4",
+                                   "-o", str(out), "--device", "cpu", "--quiet"], catch_exceptions=False)
+    assert gen.exit_code == 0, gen.output
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                            "stream=codec_type,width,nb_read_frames", "-of", "json", str(out)],
+                           capture_output=True, text=True, check=True)
+    streams = {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
+    assert streams["video"]["width"] == 16 and int(streams["video"]["nb_read_frames"]) == 4 and "audio" in streams
+
+
+def _fixed_batch_loss(model: FLAV, dataset) -> float:
+    g = torch.Generator().manual_seed(123)
+    items = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 6))][:6]
+    v = torch.stack([it["video"] for it in items])
+    a = torch.stack([it["audio"] for it in items])
+    y = torch.stack([it["label"] for it in items])
+    t = flow.sample_training_levels(len(items), 3, generator=g)
+    model.eval()
+    with torch.no_grad():
+        return float(flow.flow_matching_loss(lambda vv, aa, tt: model(vv, aa, tt, y), v, a, t, generator=g)["loss"])
+
+
+def test_loss_on_a_fixed_batch_goes_down(data, assets, tmp_path):
+    cfg = config(data, assets, tmp_path / "run", max_steps=40, save_every=40, lr=3e-3)
+    ckpt = train_mod.train(cfg)
+    state = json.loads((ckpt / "training_state" / "state.json").read_text())
+    dataset = open_training_data(data, "train", 3, image_size=16, audio_scale=state["audio_scale"], progress=False)
+    torch.manual_seed(3)
+    start = FLAV(train_mod.build_model_config(cfg, 2))
+    start.initialize_weights()
+    trained = FLAV(start.config)
+    trained.load_state_dict(load_file(str(ckpt / "training_state" / "model.safetensors")))
+    before, after = _fixed_batch_loss(start, dataset), _fixed_batch_loss(trained, dataset)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_is_bit_identical(data, assets, tmp_path):
+    whole = train_mod.train(config(data, assets, tmp_path / "whole", max_steps=6, save_every=3))
+    train_mod.train(config(data, assets, tmp_path / "split", max_steps=3, save_every=3))
+    resumed = train_mod.train(config(data, assets, tmp_path / "split", max_steps=6, save_every=3))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(whole / "training_state" / name))
+        b = load_file(str(resumed / "training_state" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert load_file(str(whole / "model.safetensors")).keys() == load_file(str(resumed / "model.safetensors")).keys()
+
+
+def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_replace = os.replace
+
+    def crash(src, dst, *args, **kwargs):
+        if Path(dst).name == "checkpoint-00000004":
+            raise OSError("simulated crash")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_mod.train(config(data, assets, run))
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    assert (run / "latest").resolve().name == "checkpoint-00000002"
+    FLAV.from_pretrained(run / "latest")
+    # Running again resumes from step 2 and finishes.
+    last = train_mod.train(config(data, assets, run))
+    assert last.name == "checkpoint-00000004" and (run / "latest").resolve() == last
+    assert not list(run.glob(".checkpoint-*"))
+
+
+def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "rflav_cli", "train", str(data), "-o", str(run), "--model-config", str(assets["model_config"]),
+           "--autoencoder", "none", "--vocoder", str(assets["vocoder"]), "--image-size", "16", "--window", "3",
+           "--batch-size", "1", "--max-steps", "3", "--save-every", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((run / "latest" / "training_state" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    a, b = state["rank_weight_checksums"]
+    assert a == b
