@@ -134,7 +134,7 @@ def train(
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys."),
     init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: dance, landscape, a repo id or a folder."),
     autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder, or none (pixel space)."),
-    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder copied into checkpoints [default: dance's]."),
+    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder copied into checkpoints, or none (Griffin-Lim) [default: dance's]."),
     image_size: int = typer.Option(256, "--image-size"),
     window: int = typer.Option(10, "--window", help="Frames per training clip (the rolling window)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Clips per step and device."),

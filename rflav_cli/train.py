@@ -238,6 +238,8 @@ def _device(name: str) -> torch.device:
 
 
 def _default_vocoder(cfg: TrainConfig) -> Path | None:
+    if cfg.vocoder and cfg.vocoder.lower() == "none":   # checkpoints then use Griffin-Lim
+        return None
     if cfg.vocoder:
         folder = Path(cfg.vocoder)
         if (folder / "vocoder").is_dir():
