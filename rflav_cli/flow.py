@@ -265,13 +265,16 @@ def rolling_sample(
     state = _GuideState(guide, window) if guide is not None else None
     v, a = v_init, a_init
 
+    # Grad mode is switched off around each piece of work, never across a `yield`: a suspended
+    # generator must not leave the caller's autograd state changed.
     with torch.no_grad():
         for i in range(window * steps):
             t, dt = preroll_levels(window, steps, i, device)
             v, a = _euler_step(velocity, v, a, t, dt, state)
 
-        dt = rolling_step_size(window, steps)
-        while True:
+    dt = rolling_step_size(window, steps)
+    while True:
+        with torch.no_grad():
             v_out, a_out = v[:, 0], a[:, 0]
             if state is not None:
                 given = state.shift()
@@ -283,6 +286,7 @@ def rolling_sample(
             v_new, a_new = noise()
             v = torch.cat([v[:, 1:], v_new.unsqueeze(1)], dim=1)
             a = torch.cat([a[:, 1:], a_new.unsqueeze(1)], dim=1)
-            yield v_out, a_out
+        yield v_out, a_out
+        with torch.no_grad():
             for i in range(steps):
                 v, a = _euler_step(velocity, v, a, rolling_levels(window, steps, i, device), dt, state)

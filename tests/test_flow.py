@@ -141,3 +141,13 @@ def test_model_evaluations_per_frame(recorded):
     for _ in range(5):
         next(frames)
     assert count == 4 * 3 + 4 * 3  # W·S for the first frame, S for each of the next four
+
+
+def test_sampler_leaves_the_callers_grad_mode_alone():
+    frames = flow.rolling_sample(
+        lambda v, a, t: (torch.zeros_like(v), torch.zeros_like(a)),
+        torch.randn(1, 2, 4, 2, 2), torch.randn(1, 2, 1, 4, 10), steps=1)
+    next(frames)
+    assert torch.is_grad_enabled()
+    next(frames)
+    assert torch.is_grad_enabled()
