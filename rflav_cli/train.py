@@ -483,11 +483,13 @@ def _progress(console, enabled: bool):
 
 
 def _sample(checkpoint: Path, cfg: TrainConfig, console) -> None:
-    """Write a short sample MP4 next to the checkpoint from its EMA weights."""
+    """Write a short sample MP4 into the checkpoint from its EMA weights (first class, if any)."""
     from .generate import GenerateRequest, run_generate
 
+    classes = read_side_file(checkpoint).get("class_names") or []
     try:
-        run_generate(GenerateRequest(model=str(checkpoint), frames=cfg.sample_frames, seed=cfg.seed,
+        run_generate(GenerateRequest(model=str(checkpoint), label=classes[0] if classes else None,
+                                     frames=cfg.sample_frames, seed=cfg.seed,
                                      output=checkpoint / "sample.mp4", quiet=True, device=cfg.device,
                                      dtype="fp32", overwrite=True), console)
     except Exception as err:  # a sample is a courtesy: never stop training for it

@@ -165,3 +165,20 @@ def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 3
     a, b = state["rank_weight_checksums"]
     assert a == b
+
+
+def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp_path):
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    cache = tmp_path / "cache"
+    prepared = CliRunner().invoke(app, ["prepare", str(data), "--out", str(cache), "--autoencoder", str(vae),
+                                        "--image-size", "32", "--device", "cpu"], catch_exceptions=False)
+    assert prepared.exit_code == 0, prepared.output
+    (tmp_path / "latent.json").write_text(json.dumps({**MODEL, "patch_size": 2}))
+    cfg = config(cache, assets, tmp_path / "run", autoencoder=str(vae), image_size=32,
+                 model_config=str(tmp_path / "latent.json"), max_steps=2, save_every=2, sample_every=2,
+                 sample_frames=3)
+    last = train_mod.train(cfg)
+    assert FLAV.from_pretrained(last).config.in_channels == 4 and FLAV.from_pretrained(last).config.latent_size == 4
+    side = json.loads((last / "rflav.json").read_text())
+    assert side["autoencoder"] == str(vae) and side["class_names"] == ["a", "b"]
+    assert (last / "sample.mp4").stat().st_size > 0      # the periodic sample, from the EMA weights
