@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -208,7 +209,7 @@ def evaluate(
     real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz from --save-real-stats."),
     fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated videos."),
     metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad."),
-    num: int = typer.Option(2048, "--num", help="Clips per set."),
+    num: int = typer.Option(2048, "--num", "--num-clips", help="Clips per set (--num-clips under torchrun, whose own options claim the prefix --num)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the real-clip selection."),
     clip_stride: int = typer.Option(1, "--clip-stride", help="Frames between consecutive 16-frame windows."),
     protocol: str = typer.Option("mmdiffusion", "--protocol", help="Evaluation protocol (mmdiffusion)."),
@@ -239,6 +240,8 @@ def evaluate(
         audioclip_weights=audioclip_weights, save_real_stats=save_real_stats, device=device, offline=offline,
         model=model, num_samples=num_samples, batch_size=batch_size, fake_out=fake_out, quiet=quiet or as_json,
     ), Console(stderr=True)))
+    if int(os.environ.get("RANK", "0")) != 0:   # under torchrun only rank 0 reports
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -50,6 +50,8 @@ def load_feature_nets(
     from .pipeline import pick_device
 
     dev = pick_device(device)
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type == "cuda":  # TF32 moves I3D logits by ~1e-3; the protocol is float32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -213,6 +215,7 @@ def run_eval(req: EvalRequest, console=None) -> dict:
     if not real_is_stats and not req.real.is_dir():
         raise EvalError(f"--real {req.real}: neither a folder of videos nor a statistics .npz file")
 
+    _init_distributed(req.device)
     fake_dir = req.fake
     generated = None
     if req.model is not None:
@@ -269,24 +272,76 @@ def run_eval(req: EvalRequest, console=None) -> dict:
 
 
 def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialias):
+    """Features of a set; under torchrun each rank takes every world-th loader batch and rank 0
+    puts them back in loader order (grouping into batches of 8 is unchanged, so is FAD)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    world, rank = _world()
+    mine = list(range(rank, len(batches), world))
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=quiet) as progress:
-        task = progress.add_task(label, total=len(batches))
-        return features_of(clip_set, batches, num, nets, antialias,
-                           progress=lambda done, total: progress.update(task, completed=done))
+                  console=console, disable=quiet or rank != 0) as progress:
+        task = progress.add_task(label, total=len(mine))
+        parts = []
+        for done, b in enumerate(mine, 1):
+            v, a = features_of(clip_set, [batches[b]], len(batches[b]), nets, antialias)
+            parts.append((b, v, a))
+            progress.update(task, completed=done)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, parts)
+        parts = [p for rank_parts in gathered for p in rank_parts]
+    parts.sort(key=lambda p: p[0])
+    video = torch.cat([p[1] for p in parts])[:num]
+    audio = torch.cat([p[2] for p in parts])[:num]
+    return video, audio
+
+
+def _init_distributed(device: str) -> None:
+    """Join the torchrun group when launched by torchrun (feature extraction is sharded)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    from .pipeline import pick_device
+
+    if not dist.is_initialized():
+        cuda = pick_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
     from .generate import GenerateRequest, run_generate
 
     count = req.num_samples or req.num
+    world, rank = _world()
+    if req.fake_out is None and world > 1:
+        raise EvalError("with several processes, give --fake-out (a folder all of them can write)")
     folder = req.fake_out or Path(tempfile.mkdtemp(prefix="rflav-eval-fake-"))
-    summaries = run_generate(GenerateRequest(model=req.model, frames=P.CLIP_FRAMES, num_samples=count,
-                                             batch_size=req.batch_size, seed=req.gen_seed, output=folder,
-                                             device=req.device, quiet=req.quiet, offline=req.offline), console)
-    return folder, {"model": req.model, "samples": len(summaries), "seeds": [req.gen_seed, req.gen_seed + count - 1]}
+    # Rank r generates a contiguous block of seeds; file names carry the seed, so blocks never clash.
+    per = -(-count // world)
+    first, last = rank * per, min(count, (rank + 1) * per)
+    if last > first:
+        run_generate(GenerateRequest(model=req.model, frames=P.CLIP_FRAMES, num_samples=last - first,
+                                     batch_size=req.batch_size, seed=req.gen_seed + first,
+                                     output=folder / f"rank{rank}", device=req.device,
+                                     quiet=req.quiet or rank != 0, offline=req.offline), console)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return folder, {"model": req.model, "samples": count, "seeds": [req.gen_seed, req.gen_seed + count - 1]}
 
 
 # ----------------------------------------------------------------------------------------

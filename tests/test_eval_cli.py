@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,3 +114,23 @@ def test_drift_writes_csv_and_png(sets, weights, tmp_path):
     assert float(rows[0]["video_feature_drift"]) == 0.0
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_two_process_eval_gives_the_single_process_numbers(weights, tmp_path):
+    # 2.5 s = 25 frames = 10 windows per set: two loader batches (8 + 2), one per rank.
+    for name, pattern, tone in (("real", "testsrc", 440), ("fake", "smptebars", 220)):
+        (tmp_path / name).mkdir()
+        make_video(tmp_path / name / "one.mp4", pattern, tone, 2.5)
+    args = ["eval", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--num-clips", "10",
+            "--device", "cpu", "--json", *weights]
+    single = json.loads(run(*args).stdout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "rflav_cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    sharded = json.loads(out[out.index("\n{") + 1:] if not out.startswith("{") else out)  # gloo logs to stdout
+    assert sharded["fvd"] == pytest.approx(single["fvd"], rel=1e-5)
+    assert sharded["kvd"] == pytest.approx(single["kvd"], rel=1e-5)
+    # One thread per process here, two in process: AudioCLIP rounds a little differently.
+    assert sharded["fad"] == pytest.approx(single["fad"], rel=1e-4)
