@@ -43,6 +43,7 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -474,7 +475,7 @@ class VideoClipDataset(Dataset):
     """
 
     def __init__(self, index: DatasetIndex, window: int, *, image_size: int = IMAGE_SIZE,
-                 audio_scale: float = 1.0, stride: int = 1) -> None:
+                 audio_scale: float = 1.0, stride: int = 1, keep_frames_mb: float = 2048) -> None:
         self.index = index
         self.window = window
         self.image_size = image_size
@@ -485,10 +486,28 @@ class VideoClipDataset(Dataset):
         if not self.clips:
             raise DataError(f"no video in {index.folder} has at least {window} frames at {FPS} fps "
                             f"(a {window}-frame window needs {window / FPS:g} s)")
+        # A small dataset is decoded once and kept in memory (every clip reuses its video's
+        # frames); a large one decodes each clip with a seek.
+        total_mb = sum(v.frames for v in index.videos) * image_size * image_size * 3 / 2**20
+        self._keep = total_mb <= keep_frames_mb
+        self._frames: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def _clip_frames(self, vi: int, start: int) -> np.ndarray:
+        v = self.index.videos[vi]
+        path = self.index.video_path(vi)
+        if not self._keep:
+            return read_clip(path, start, self.window, image_size=self.image_size, start_pts=v.start_pts)
+        frames = self._frames.get(vi)
+        if frames is None:
+            frames = read_clip(path, 0, v.frames, image_size=self.image_size, start_pts=v.start_pts)
+            with self._lock:
+                frames = self._frames.setdefault(vi, frames)
+        return frames[start:start + self.window]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -497,7 +516,7 @@ class VideoClipDataset(Dataset):
         vi, start = self.clips[i]
         v = self.index.videos[vi]
         path = self.index.video_path(vi)
-        frames = read_clip(path, start, self.window, image_size=self.image_size, start_pts=v.start_pts)
+        frames = self._clip_frames(vi, start)
         mel = _cached_video_mel(str(path), v.size, v.mtime_ns, v.frames, v.has_audio)
         return {
             "video": frames_to_tensor(frames),

@@ -419,3 +419,13 @@ def test_estimate_audio_scale_closed_form(tmp_path):
     flat = write_synthetic_cache(tmp_path / "flat", [torch.full((256, 10), -0.5)] * 2)
     with pytest.raises(data.DataError, match="no variation"):
         data.estimate_audio_scale(flat)
+
+
+def test_in_memory_frames_equal_seeked_clips(data_root):
+    """Small datasets keep whole decoded videos; their clips must equal per-clip seek decoding."""
+    index = data.scan_dataset(data_root, "train", progress=False)
+    kept = data.VideoClipDataset(index, 4, image_size=16)
+    seeked = data.VideoClipDataset(index, 4, image_size=16, keep_frames_mb=0)
+    assert kept._keep and not seeked._keep
+    for i in (0, 7, len(kept) - 1):
+        assert torch.equal(kept[i]["video"], seeked[i]["video"])
