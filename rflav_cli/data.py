@@ -488,9 +488,11 @@ class VideoClipDataset(Dataset):
                             f"(a {window}-frame window needs {window / FPS:g} s)")
         # A small dataset is decoded once and kept in memory (every clip reuses its video's
         # frames); a large one decodes each clip with a seek.
-        total_mb = sum(v.frames for v in index.videos) * image_size * image_size * 3 / 2**20
+        per_frame = image_size * image_size * 3 + N_MELS * MEL_FRAMES_PER_FRAME * 4   # pixels + mel bytes
+        total_mb = sum(v.frames for v in index.videos) * per_frame / 2**20
         self._keep = total_mb <= keep_frames_mb
         self._frames: dict[int, np.ndarray] = {}
+        self._mels: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     @property
@@ -517,7 +519,12 @@ class VideoClipDataset(Dataset):
         v = self.index.videos[vi]
         path = self.index.video_path(vi)
         frames = self._clip_frames(vi, start)
-        mel = _cached_video_mel(str(path), v.size, v.mtime_ns, v.frames, v.has_audio)
+        mel = self._mels.get(vi) if self._keep else None
+        if mel is None:
+            mel = _cached_video_mel(str(path), v.size, v.mtime_ns, v.frames, v.has_audio)
+            if self._keep:
+                with self._lock:
+                    mel = self._mels.setdefault(vi, mel)
         return {
             "video": frames_to_tensor(frames),
             "audio": _mel_clip(mel, start, self.window, self.audio_scale),

@@ -422,10 +422,11 @@ def test_estimate_audio_scale_closed_form(tmp_path):
 
 
 def test_in_memory_frames_equal_seeked_clips(data_root):
-    """Small datasets keep whole decoded videos; their clips must equal per-clip seek decoding."""
+    """Small datasets keep whole decoded videos and mels; clips must equal per-clip seek decoding."""
     index = data.scan_dataset(data_root, "train", progress=False)
     kept = data.VideoClipDataset(index, 4, image_size=16)
     seeked = data.VideoClipDataset(index, 4, image_size=16, keep_frames_mb=0)
     assert kept._keep and not seeked._keep
     for i in (0, 7, len(kept) - 1):
         assert torch.equal(kept[i]["video"], seeked[i]["video"])
+        assert torch.equal(kept[i]["audio"], seeked[i]["audio"])
