@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -25,7 +25,7 @@ from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import AVFrame, Pipeline, PipelineError, pick_device, pick_dtype
+from .pipeline import AVFrame, Pipeline, pick_device, pick_dtype
 
 
 class UsageError(ValueError):
@@ -59,7 +59,6 @@ class GenerateRequest:
     overwrite: bool = False
     wav: bool = False
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 DEFAULT_SECONDS = 10.0

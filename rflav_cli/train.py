@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,6 @@ class TrainConfig:
     grad_ckpt: bool = False
     compile: bool = False
     num_workers: int = 2
-    extra: dict = field(default_factory=dict)
 
     @property
     def pixel_space(self) -> bool:
@@ -247,7 +246,7 @@ def _default_vocoder(cfg: TrainConfig) -> Path | None:
         if not (folder / "config.json").exists() or not (folder / "vocoder.pt").exists():
             raise TrainError(f"--vocoder {cfg.vocoder}: expected a folder with config.json and vocoder.pt")
         return folder
-    if cfg.vocoder is None and cfg.extra.get("default_vocoder", True):
+    if cfg.vocoder is None:
         try:
             return resolve_model("dance").vocoder_folder
         except Exception:  # offline without the cache: checkpoints then fall back to Griffin-Lim
@@ -426,7 +425,7 @@ def _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d: D
         dist.all_gather(checksums, checksum)
     if d.main:
         state = {"step": step, "data_position": position, "audio_scale": audio_scale, "world_size": d.world,
-                 "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+                 "seed": cfg.seed, "config": asdict(cfg),
                  "data": data_info, "rank_weight_checksums": [float(c.item()) for c in checksums],
                  "rflav_version": __version__}
         path = _write_checkpoint(run_dir, step, model, ema, optimizer, state, side, vocoder_folder, cfg.keep)
@@ -494,13 +493,3 @@ def _sample(checkpoint: Path, cfg: TrainConfig, console) -> None:
                                      dtype="fp32", overwrite=True), console)
     except Exception as err:  # a sample is a courtesy: never stop training for it
         console.print(f"[yellow]sample at {checkpoint.name} failed: {err}")
-
-
-def read_run_summary(run_dir: Path) -> dict:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return {}
-    return {"checkpoint": str(ckpt), **json.loads((ckpt / STATE_DIR / "state.json").read_text()),
-            "side": read_side_file(ckpt)}
-
-

@@ -78,6 +78,7 @@ def test_cfg_velocity_plugs_in(recorded):
     for _ in range(3):
         (v1, a1), (v2, a2) = next(plain), next(guided)
         torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a1, a2, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [4, 10])

@@ -8,9 +8,9 @@ mkdir -p "$work" && cd "$work"
 python "$here/make_dataset.py" data --train 64 --test 8 --seconds 4 --size 32
 echo '{"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": 4}' > model.json
 
-# About 25 minutes on 2 CPU cores; Ctrl-C at any time saves a checkpoint you can sample from.
+# About 26 minutes on 2 CPU cores; Ctrl-C at any time saves a checkpoint you can sample from.
 rflav train data -o run --model-config model.json --autoencoder none --vocoder none \
-    --image-size 32 --window 5 --batch-size 8 --lr 5e-4 --max-steps 1350 --save-every 250 --device cpu
+    --image-size 32 --window 5 --batch-size 8 --lr 5e-4 --max-steps 5500 --save-every 500 --device cpu
 
 rflav generate --model run/latest --frames 40 --num-samples 16 --batch-size 16 -o samples --device cpu
 python "$here/score.py" samples      # generated clips: pitch follows the ball?
