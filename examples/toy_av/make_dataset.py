@@ -32,7 +32,7 @@ def render_clip(rng: np.random.Generator, seconds: float, size: int) -> tuple[np
     phase = rng.uniform(0, 1)
     x = rng.uniform(0.25, 0.75)
     background = rng.uniform(0, 60, size=3)
-    radius = max(1.5, size / 12)
+    radius = max(2.0, size / 6)
 
     # Video: one frame per 0.1 s.
     t_video = np.arange(frames) / FPS
