@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import re
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import Tensor
+
+from ..models.checkpoint import load_tensor_file
 
 __all__ = [
     "CACHE_ENV",
@@ -164,22 +165,17 @@ def _download(entry: WeightsFile, dest: Path, progress: bool) -> None:
 
 def read_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
     """The ``{name: tensor}`` dict saved in a torch file, read without unpickling any code."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingWeightsError(f"{what} not found: {path}")
+    return load_tensor_file(path, what, error=EvalWeightsError, missing_error=MissingWeightsError)
 
-    def refusal(detail: str) -> EvalWeightsError:
-        return EvalWeightsError(f"{path} is not a plain {{name: tensor}} file of {what} ({detail})")
 
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        # torch's message suggests unsafe loading; only name what was refused.
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise refusal(f"it references {culprit.group(1)}" if culprit else type(e).__name__) from None
-    if not isinstance(obj, dict) or not obj:
-        raise refusal(f"it holds {type(obj).__name__ if obj else 'nothing'}")
-    odd = next((k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
-    if odd is not None:
-        raise refusal(f"entry {odd!r} is a {type(obj[odd]).__name__}, not a tensor")
-    return obj
+def check_weights(model: torch.nn.Module, state: dict[str, Tensor], path: Path, description: str, *,
+                  optional: Callable[[str], bool] = lambda key: False, shown_prefix: str = "") -> None:
+    """Refuse ``state`` in one line unless it fits ``model`` (``optional`` keys may be absent)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(keys)} {label} (e.g. {shown_prefix}{keys[0]})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise EvalWeightsError(f"{path} does not hold {description}: {'; '.join(parts)}")

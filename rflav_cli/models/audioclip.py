@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rflav_cli.metrics.weights import EvalWeightsError, read_tensor_file
+from rflav_cli.metrics.weights import check_weights, read_tensor_file
 
 __all__ = [
     "AUDIOCLIP_PREFIX",
@@ -260,20 +260,8 @@ def load_audioclip_audio(path: str | Path) -> AudioCLIPAudio:
     full = read_tensor_file(path, "AudioCLIP weights")
     state = {k[len(AUDIOCLIP_PREFIX):]: v for k, v in full.items() if k.startswith(AUDIOCLIP_PREFIX)}
     model = AudioCLIPAudio()
-    expected = model.state_dict()
-    missing = [
-        k for k in expected
-        if k not in state and k not in _OPTIONAL_KEYS and not k.endswith(_OPTIONAL_SUFFIXES)
-    ]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {AUDIOCLIP_PREFIX}{keys[0]})")
-        raise EvalWeightsError(
-            f"{path} does not hold the AudioCLIP audio head under '{AUDIOCLIP_PREFIX}*': {'; '.join(parts)}"
-        )
+    check_weights(model, state, path, f"the AudioCLIP audio head under '{AUDIOCLIP_PREFIX}*'",
+                  optional=lambda key: key in _OPTIONAL_KEYS or key.endswith(_OPTIONAL_SUFFIXES),
+                  shown_prefix=AUDIOCLIP_PREFIX)
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)

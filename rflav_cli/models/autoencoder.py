@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .checkpoint import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -293,18 +293,6 @@ class _Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` for a temp file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _short_list(items: list[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
@@ -442,8 +430,8 @@ class AutoencoderKL(nn.Module):
             **_PASSIVE_CONFIG,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-        _write_atomically(
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+        atomic_write(
             folder / CONFIG_NAME,
             lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
+from .checkpoint import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -395,18 +395,8 @@ class FLAV(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, path))
+        atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, path))
         text = json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n"
-        _atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
         return folder
 
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rflav_cli.metrics.weights import EvalWeightsError, read_tensor_file
+from rflav_cli.metrics.weights import check_weights, read_tensor_file
 
 __all__ = ["I3D_INPUT_SIZE", "InceptionI3d", "load_i3d", "preprocess_for_i3d"]
 
@@ -191,17 +191,7 @@ def load_i3d(path: str | Path) -> InceptionI3d:
     path = Path(path)
     state = read_tensor_file(path, "I3D weights")
     model = InceptionI3d()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise EvalWeightsError(
-            f"{path} does not hold Kinetics-400 I3D weights in the i3d_pretrained_400.pt layout: {'; '.join(parts)}"
-        )
+    check_weights(model, state, path, "Kinetics-400 I3D weights in the i3d_pretrained_400.pt layout",
+                  optional=lambda key: key.endswith(".num_batches_tracked"))
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)

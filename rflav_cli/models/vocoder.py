@@ -12,11 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
+from .checkpoint import atomic_write, load_tensor_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -245,7 +243,8 @@ class HiFiGAN(nn.Module):
         if not isinstance(config, dict):
             raise CheckpointFormatError(f"{config_path} must hold a JSON object")
         model = cls(config)
-        model.load_state_dict(_load_tensor_dict(folder / WEIGHTS_NAME))
+        model.load_state_dict(load_tensor_file(folder / WEIGHTS_NAME, "vocoder weights", error=CheckpointFormatError,
+                                               unwrap="generator"))
         model.eval()
         if dtype is not None:
             model.to(dtype)
@@ -281,8 +280,8 @@ class HiFiGAN(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.to("cpu", torch.float32).contiguous() for k, v in self.weight_norm_state_dict().items()}
-        _atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(self.config, indent=2).encode()))
-        _atomic_write(folder / WEIGHTS_NAME, lambda f: torch.save({"generator": state}, f))
+        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(self.config, indent=2)))
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: torch.save({"generator": state}, tmp))
 
 
 def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -312,34 +311,6 @@ def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _load_tensor_dict(path: Path) -> dict[str, Tensor]:
-    """Read a ``{"generator": {name: tensor}}`` (or bare ``{name: tensor}``) torch file without
-    unpickling arbitrary objects."""
-    if not path.is_file():
-        raise FileNotFoundError(f"vocoder weights not found: {path}")
-
-    def refusal(detail: str) -> CheckpointFormatError:
-        return CheckpointFormatError(
-            f"{path} is not a plain tensor checkpoint ({detail}); expected {{'generator': {{name: tensor}}}}"
-        )
-
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        # torch's own message advises unsafe loading; only name the offending object.
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        detail = f"it references the Python object {culprit.group(1)}" if culprit else type(e).__name__
-        raise refusal(detail) from None
-    if isinstance(obj, dict) and "generator" in obj:
-        obj = obj["generator"]
-    if not isinstance(obj, dict) or not obj:
-        raise refusal(f"it holds {type(obj).__name__ if obj else 'nothing'}")
-    odd = next((k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
-    if odd is not None:
-        raise refusal(f"entry {odd!r} is a {type(obj[odd]).__name__}, not a tensor")
-    return obj
-
-
 def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
     path = Path(folder)
     if path.is_dir():
@@ -354,17 +325,6 @@ def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
 
     files = [f"{HUB_SUBFOLDER}/{CONFIG_NAME}", f"{HUB_SUBFOLDER}/{WEIGHTS_NAME}"]
     return Path(local_folder(str(folder), files, revision=revision)) / HUB_SUBFOLDER
-
-
-def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StreamingVocoder:
