@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,20 +117,15 @@ def select_batches(n_clips: int, num: int, *, seed: int, allow_fewer: bool, what
         num = n_clips
     if num < 2:
         raise EvalError(f"{what} set has {n_clips} clip(s): at least 2 are needed")
-    batches = P.loader_batches(n_clips, num, seed=None if n_clips == num else seed) if not _singleton(num) \
-        else _merged_batches(n_clips, num, None if n_clips == num else seed)
-    return batches, num
+    return _batches(n_clips, num, None if n_clips == num else seed), num
 
 
-def _singleton(num: int) -> bool:
-    return num % P.BATCH_SIZE == 1
-
-
-def _merged_batches(n_clips: int, num: int, seed: int | None) -> list[list[int]]:
-    # A last batch of one clip cannot go through AudioCLIP (batch statistics); the original
-    # evaluator crashes there. We fold that clip into the previous batch instead.
-    import random
-
+def _batches(n_clips: int, num: int, seed: int | None) -> list[list[int]]:
+    """The evaluator's loader batches, except that a last batch of one clip, which AudioCLIP
+    cannot process (batch statistics) and the original evaluator crashes on, is folded into the
+    previous batch."""
+    if num % P.BATCH_SIZE != 1:
+        return P.loader_batches(n_clips, num, seed=seed)
     order = list(range(n_clips))
     if seed is not None:
         random.Random(seed).shuffle(order)
@@ -262,13 +258,20 @@ def run_eval(req: EvalRequest, console=None) -> dict:
     if generated is not None:
         result["fake"]["generated"] = generated
 
-    if "fvd" in metrics:
-        result["fvd"] = frechet_distance(fake_v, real_v).item()
-    if "kvd" in metrics:
-        result["kvd"] = polynomial_mmd(fake_v, real_v)
-    if "fad" in metrics:
-        result["fad"] = frechet_distance(fake_a, real_a).item() * P.FAD_SCALE
+    result.update(_scores(metrics, fake_v, fake_a, real_v, real_a))
     return result
+
+
+def _scores(metrics: set[str], fake_v, fake_a, real_v, real_a) -> dict[str, float]:
+    """FVD, KVD and FAD (×1e4) as the protocol computes them, for the metrics asked."""
+    out = {}
+    if "fvd" in metrics:
+        out["fvd"] = frechet_distance(fake_v, real_v).item()
+    if "kvd" in metrics:
+        out["kvd"] = polynomial_mmd(fake_v, real_v)
+    if "fad" in metrics:
+        out["fad"] = frechet_distance(fake_a, real_a).item() * P.FAD_SCALE
+    return out
 
 
 def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialias):
@@ -401,18 +404,13 @@ def run_drift(req: DriftRequest, console=None) -> dict:
     for p in range(positions):
         clip_set = ClipSet([c[p] for c in per_file], files, {})
         n = len(clip_set.clips)
-        batches = _merged_batches(n, n, None) if _singleton(n) else P.loader_batches(n, n)
+        batches = _batches(n, n, None)
         v, a = _with_progress(console, req.quiet, f"window {p + 1}/{positions}", clip_set, batches, n, nets,
                               req.letterbox_antialias)
         if first_v is None:
             first_v, first_a = v.mean(0), (a.mean(0) if a.numel() else None)
-        row = {"position": p, "start_frame": p * req.stride, "start_s": p * req.stride / P.EVAL_FPS, "videos": n}
-        if "fvd" in metrics:
-            row["fvd"] = frechet_distance(v, real_v).item()
-        if "kvd" in metrics:
-            row["kvd"] = polynomial_mmd(v, real_v)
-        if "fad" in metrics:
-            row["fad"] = frechet_distance(a, real_a).item() * P.FAD_SCALE
+        row = {"position": p, "start_frame": p * req.stride, "start_s": p * req.stride / P.EVAL_FPS, "videos": n,
+               **_scores(metrics, v, a, real_v, real_a)}
         row["video_feature_drift"] = float(torch.linalg.vector_norm(v.mean(0) - first_v))
         if first_a is not None:
             row["audio_feature_drift"] = float(torch.linalg.vector_norm(a.mean(0) - first_a))
