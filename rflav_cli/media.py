@@ -462,7 +462,21 @@ class _FifoFeeder(threading.Thread):
                 os.close(fd)
 
 
-class VideoWriter:
+class _Output:
+    """`with` support for the writers: finish the file on success and on Ctrl-C, drop it on any
+    other error. Subclasses provide close() and abort()."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(_Output):
     """Stream RGB frames and their audio into a fragmented H.264/AAC MP4.
 
     Frames and audio go through two named pipes into one ffmpeg process, each fed by a
@@ -547,16 +561,6 @@ class VideoWriter:
         return self._video.written // self._frame_bytes * self.samples_per_frame * 4
 
     # -- producer side ------------------------------------------------------------------
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # Finish the file on success and on Ctrl-C; drop it on any other error.
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
-
     def _ffmpeg_error(self, what: str) -> MediaError:
         self._stderr.flush()
         text = (self._workdir / "stderr.txt").read_bytes()
@@ -667,7 +671,7 @@ class VideoWriter:
 # --------------------------------------------------------------------------------------
 # WAV
 # --------------------------------------------------------------------------------------
-class WavWriter:
+class WavWriter(_Output):
     """Stream float audio in [-1, 1] into a 16-bit PCM WAV (temporary name, renamed on close)."""
 
     def __init__(self, path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE, *,
@@ -704,14 +708,6 @@ class WavWriter:
             self._closed = True
             self.partial_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> WavWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
 
 
 def write_wav(path: str | os.PathLike[str], audio: Any, sample_rate: int = SAMPLE_RATE, *,

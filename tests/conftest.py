@@ -28,3 +28,14 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> di
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Run a module on one thread: with two, 1024-d SVDs slow down tenfold on a busy 2-core
+    machine. The metric fixtures were made with two threads; the thread count moves these
+    metrics by at most 2e-5 relative, which the tolerances cover."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,16 +25,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run on one thread: with two, the 1024-d SVDs slow down tenfold on a busy 2-core machine.
-
-    The fixtures were made with two threads; README §4 measured the thread count's effect on
-    these metrics (≤ 2e-5 relative) and the tolerances below cover it.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread_module):
+    """Metrics on one thread (see conftest.one_thread_module)."""
 
 
 @pytest.fixture(scope="module")
