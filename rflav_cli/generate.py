@@ -294,7 +294,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     if given_audio is not None:
         given_frames = max(1, round(len(given_audio) / SAMPLE_RATE * FPS))
     elif req.video_input is not None:
-        given_frames = max(1, round(probe(req.video_input).duration * FPS)) if probe(req.video_input).duration else None
+        duration = probe(req.video_input).duration
+        given_frames = max(1, round(duration * FPS)) if duration else None
     num_frames = _frame_count(req, given_frames)
     seeds = [req.seed + i for i in range(req.num_samples)]
     paths = _output_paths(req, model_name, seeds)
