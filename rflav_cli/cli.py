@@ -87,6 +87,7 @@ def generate(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Strength of --audio/--video guidance [default: 1 for audio, 2 for video]."),
     device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    compile_model: bool = typer.Option(False, "--compile", help="Compile the rolling step (CUDA graphs on GPUs): slower start, faster stream."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output MP4, or a folder for several samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     wav: bool = typer.Option(False, "--wav", help="Also write the audio as WAV."),
@@ -101,7 +102,8 @@ def generate(
         model=model, label=label, vae=vae, revision=revision, offline=offline, audio_scale=audio_scale,
         seconds=seconds, frames=frames, forever=forever, num_samples=num_samples, batch_size=batch_size, seed=seed,
         steps=steps, cfg_scale=cfg_scale, guidance_scale=guidance_scale, audio_input=audio, video_input=video,
-        device=device, dtype=dtype, output=output, overwrite=overwrite, wav=wav, quiet=quiet or as_json,
+        device=device, dtype=dtype, compile=compile_model, output=output, overwrite=overwrite, wav=wav,
+        quiet=quiet or as_json,
     )
     summaries = _run(lambda: run_generate(request, Console(stderr=True)))
     if as_json:

@@ -55,6 +55,7 @@ class GenerateRequest:
     video_input: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False
     output: Path | None = None
     overwrite: bool = False
     wav: bool = False
@@ -302,7 +303,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
 
     with console.status(f"loading {model_name}", spinner="dots") if not req.quiet else _null():
         pipe = Pipeline.from_pretrained(model_name, vae=req.vae, revision=req.revision, offline=req.offline or None,
-                                        audio_scale=req.audio_scale, device=req.device, dtype=req.dtype)
+                                        audio_scale=req.audio_scale, device=req.device, dtype=req.dtype,
+                                        compile=req.compile)
     if pipe.model.num_classes <= 0 and req.cfg_scale is not None:
         raise UsageError("--cfg-scale only applies to class-conditional checkpoints; this one is unconditional")
     if pipe.model.num_classes > 0 and label is None:
@@ -370,6 +372,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     "steps": req.steps,
                     "dtype": str(pipe.dtype).removeprefix("torch."),
                     "device": str(pipe.device),
+                    "compiled": pipe.compile,
                     "frames": written,
                     "seconds": written / FPS,
                     "wall_seconds": round(wall, 3),

@@ -94,6 +94,30 @@ def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def model_velocity(
+    model: FLAV, v: torch.Tensor, a: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cfg_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's velocity: a plain, class-conditional or guided (batched CFG) forward."""
+    if y is None:
+        return model(v, a, t)
+    if cfg_scale == 1.0:
+        return model(v, a, t, y)
+    return model.forward_with_cfg(v, a, t, y, cfg_scale)
+
+
+def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled SD-VAE latents (B, C, h, w) → uint8 frames (B, H, W, 3)."""
+    return latents_to_uint8(vae.decode(latents / LATENT_SCALE))
+
+
+def _new_graph_step(compiled: bool, device: torch.device) -> None:
+    # CUDA graphs reuse their output memory on the next replay. Every output of a compiled call
+    # is consumed (copied into new tensors) before the next call, so each call may start a new
+    # step.
+    if compiled and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 class HostCopy:
     """A tensor on its way to host memory. On CUDA the copy is asynchronous, so sampling of
     the next frames is queued before anyone waits for this one (`numpy()` waits)."""
@@ -254,6 +278,17 @@ class Pipeline:
     source: ResolvedModel | None = None
     vae_source: str = VAE_REPO_ID
     decode_batch: int = 8
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self._velocity_fn: Callable = model_velocity
+        self._decode_fn: Callable = decode_to_uint8
+        if self.compile:
+            # Every rolling step has the same shapes, so one static graph serves the whole
+            # stream; on CUDA it is also captured as a CUDA graph (no per-kernel launch cost).
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._velocity_fn = torch.compile(model_velocity, mode=mode, dynamic=False)
+            self._decode_fn = torch.compile(decode_to_uint8, mode=mode, dynamic=False)
 
     @classmethod
     def from_pretrained(
@@ -266,8 +301,12 @@ class Pipeline:
         audio_scale: float | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        compile: bool = False,
     ) -> "Pipeline":
-        """Resolve `model` (preset, Hub repo id or local folder) and load everything."""
+        """Resolve `model` (preset, Hub repo id or local folder) and load everything.
+
+        `compile` runs the rolling step and the VAE decoder through torch.compile (CUDA graphs
+        on GPUs): the first frame then waits for compilation, every later one is faster."""
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -291,7 +330,7 @@ class Pipeline:
             vocoder = GriffinLim(flav.config.n_mels)
         return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
                    device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
-                   vae_source=str(vae_id))
+                   vae_source=str(vae_id), compile=compile)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -328,8 +367,11 @@ class Pipeline:
         if self.vae is None:
             return HostCopy(latents_to_uint8(latents))
         vae_dtype = next(self.vae.parameters()).dtype
-        out = [latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
-               for chunk in latents.split(self.decode_batch)]
+        out = []
+        for chunk in latents.split(self.decode_batch):
+            _new_graph_step(self.compile, self.device)
+            frames = self._decode_fn(self.vae, chunk.to(self.device, vae_dtype))
+            out.append(frames.clone() if self.compile and len(latents) > self.decode_batch else frames)
         return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
 
     @torch.no_grad()
@@ -351,13 +393,16 @@ class Pipeline:
         return audio_lib.mel_to_frames(audio_lib.normalize_log_mel(mel, self.audio_scale))
 
     def _velocity(self, label: int | None, batch: int, cfg_scale: float):
-        model = self.model
-        if label is None:
-            return lambda v, a, t: model(v, a, t)
-        y = torch.full((batch,), label, dtype=torch.long, device=self.device)
-        if cfg_scale == 1.0:
-            return lambda v, a, t: model(v, a, t, y)
-        return lambda v, a, t: model.forward_with_cfg(v, a, t, y, cfg_scale)
+        model, fast = self.model, self._velocity_fn
+        y = None if label is None else torch.full((batch,), label, dtype=torch.long, device=self.device)
+
+        def velocity(v: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if torch.is_grad_enabled():  # guided steps differentiate through the model: eager
+                return model_velocity(model, v, a, t, y, cfg_scale)
+            _new_graph_step(self.compile, self.device)
+            return fast(model, v, a, t, y, cfg_scale)
+
+        return velocity
 
     # -- generation ---------------------------------------------------------------------------
     def generate(

@@ -86,9 +86,17 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
 # --------------------------------------------------------------------------------------
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of per-frame tokens x (B, T, L, D) by (B, T, D) shift and scale."""
-    return x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+def modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """adaLN modulation x·(1 + scale) + shift of per-frame tokens x (B, T, L, D) by (B, T, D)
+    shift and scale, in one pass over x (written into `out` when given, whatever its strides)."""
+    return torch.addcmul(shift.unsqueeze(2), x, 1 + scale.unsqueeze(2), out=out)
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Gated residual x + gate·update with a per-frame (B, T, D) gate, in one pass."""
+    return torch.addcmul(x, gate.unsqueeze(2), update)
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -193,22 +201,29 @@ class FLAVBlock(nn.Module):
 
         # Video: attention within each frame, then across frames at each spatial position.
         x = modulate(layer_norm(v), shift_s, scale_s).reshape(b * t, length, d)
-        v = v + gate_s.unsqueeze(2) * self.video_spatial_attn(x).view(b, t, length, d)
-        x = modulate(layer_norm(v), shift_t, scale_t).transpose(1, 2).reshape(b * length, t, d)
-        x = self.video_temporal_attn(x).view(b, length, t, d).transpose(1, 2)
-        v = v + gate_t.unsqueeze(2) * x
+        v = gated_add(v, gate_s, self.video_spatial_attn(x).view(b, t, length, d))
+        # The temporal branch works position-major (B, L, T, D). In inference the modulation
+        # writes straight into that layout (out= has no autograd; a compiler fuses it anyway),
+        # and the gated residual reads the result back strided: no separate transpose copies.
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            x = modulate(layer_norm(v), shift_t, scale_t).transpose(1, 2).contiguous()
+        else:
+            x = v.new_empty(b, length, t, d)
+            modulate(layer_norm(v), shift_t, scale_t, out=x.transpose(1, 2))
+        x = self.video_temporal_attn(x.view(b * length, t, d)).view(b, length, t, d)
+        v = gated_add(v, gate_t, x.transpose(1, 2))
 
         # Audio: one sequence of T*10 mel tokens.
         x = modulate(layer_norm(a), shift_a, scale_a).flatten(1, 2)
-        a = a + gate_a.unsqueeze(2) * self.audio_spatial_attn(x).view(a.shape)
+        a = gated_add(a, gate_a, self.audio_spatial_attn(x).view(a.shape))
 
         # Cross-modal fusion: each branch's MLP is conditioned on the other's frame average.
         a_avg = self.a_avg_proj(a.mean(dim=2)) + v_c
         v_avg = self.v_avg_proj(v.mean(dim=2)) + a_c
         scale_v, shift_v, gate_v = self.video_scale(a_avg).chunk(3, dim=-1)
         scale_m, shift_m, gate_m = self.audio_scale(v_avg).chunk(3, dim=-1)
-        v = v + gate_v.unsqueeze(2) * self.video_mlp(modulate(layer_norm(v), shift_v, scale_v))
-        a = a + gate_m.unsqueeze(2) * self.audio_mlp(modulate(layer_norm(a), shift_m, scale_m))
+        v = gated_add(v, gate_v, self.video_mlp(modulate(layer_norm(v), shift_v, scale_v)))
+        a = gated_add(a, gate_m, self.audio_mlp(modulate(layer_norm(a), shift_m, scale_m)))
         return v, a
 
 
