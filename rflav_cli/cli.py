@@ -286,6 +286,35 @@ def drift(
     typer.echo(out["png"])
 
 
+@app.command()
+def bench(
+    size: str = typer.Option("FLAV-B/1", "--size", help="Random-weight model: tiny, FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Time a real checkpoint (preset, repo id or folder) instead."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together."),
+    steps: int = typer.Option(2, "--steps", help="Model evaluations per frame."),
+    frames: int = typer.Option(50, "--frames", "-n", help="Frames to generate (the first quarter is warm-up)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    forward_only: bool = typer.Option(False, "--forward-only", help="Only time one model forward."),
+    no_mux: bool = typer.Option(False, "--no-mux", help="Leave MP4 writing out of the generation timing."),
+    profile: Optional[Path] = typer.Option(None, "--profile", metavar="TRACE.json", help="Write a torch profiler trace of the generation."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
+) -> None:
+    """Measure generation speed and memory on this machine (random weights unless --model)."""
+    from .bench import bench_table, run_bench
+
+    report = _run(lambda: run_bench(
+        size=size, model=model, device=device, dtype=dtype, batch_size=batch_size, steps=steps, frames=frames,
+        compile=compile_model, forward_only=forward_only, mux=not no_mux, profile=profile,
+        console=Console(stderr=True),
+    ))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        Console().print(bench_table(report))
+
+
 def main() -> None:
     app(prog_name="rflav")
 

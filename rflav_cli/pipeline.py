@@ -110,6 +110,11 @@ def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return latents_to_uint8(vae.decode(latents / LATENT_SCALE))
 
 
+def compile_static(fn: Callable, device: torch.device) -> Callable:
+    """torch.compile for fixed shapes; on CUDA the result is replayed as a CUDA graph."""
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
 def _new_graph_step(compiled: bool, device: torch.device) -> None:
     # CUDA graphs reuse their output memory on the next replay. Every output of a compiled call
     # is consumed (copied into new tensors) before the next call, so each call may start a new
@@ -286,9 +291,8 @@ class Pipeline:
         if self.compile:
             # Every rolling step has the same shapes, so one static graph serves the whole
             # stream; on CUDA it is also captured as a CUDA graph (no per-kernel launch cost).
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._velocity_fn = torch.compile(model_velocity, mode=mode, dynamic=False)
-            self._decode_fn = torch.compile(decode_to_uint8, mode=mode, dynamic=False)
+            self._velocity_fn = compile_static(model_velocity, self.device)
+            self._decode_fn = compile_static(decode_to_uint8, self.device)
 
     @classmethod
     def from_pretrained(
