@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import build  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rflav_cli.bench import random_flav  # noqa: E402
 
 
 def median_time(fn, repeats: int = 10) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--compile", default="", help="comma list of torch.compile modes to time (e.g. default,reduce-overhead)")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    model = build(args.size, args.window, "cuda").to(torch.bfloat16)
+    model = random_flav(args.size, args.window).to("cuda", torch.bfloat16)
     cfg = model.config
     v = torch.randn(args.batch, cfg.predict_frames, cfg.in_channels, cfg.latent_size, cfg.latent_size, device="cuda")
     a = torch.randn(args.batch, cfg.predict_frames, 1, cfg.n_mels, 10, device="cuda")
@@ -61,6 +61,14 @@ def main() -> None:
             took = time.perf_counter() - start
             print(f"compiled ({mode}) bf16 batch {args.batch}: {median_time(lambda: compiled(v, a, t)) * 1e3:.2f} ms"
                   f" (compile + warm-up {took:.1f} s)")
+            if mode == "default":  # CUDA-graph modes hide their kernels from the profiler
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        compiled(v, a, t)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                                max_name_column_width=60))
 
 
 if __name__ == "__main__":

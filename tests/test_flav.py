@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from conftest import FIXTURES, load_fixture, strip_prefix
 from rflav_cli.config import RELEASED_FLAV_CONFIG
+from rflav_cli.models import flav as flav_module
 from rflav_cli.models.flav import FLAV, CheckpointMismatchError, FLAVConfig
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -142,3 +143,21 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
     assert "unexpected: extra.weight" in message
     assert "a_embedder.weight (file (64, 8), model (64, 16))" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["flav_tiny_causal", "flav_tiny_uncond"])
+def test_matmul_attention_backend_matches_reference(name):
+    """The batched-matmul attention (bf16 CPU inference default) is the same maths as SDPA,
+    causal mask included: in float32 it reproduces the reference outputs."""
+    model, f = _model(name)
+    y = f["in.y"] if model.num_classes > 0 else None
+    flav_module.set_attention_backend("matmul")
+    try:
+        with torch.no_grad():
+            v, a = model(f["in.v"], f["in.a"], f["in.t"], y)
+    finally:
+        flav_module.set_attention_backend("auto")
+    torch.testing.assert_close(v, f["out.v"], **TOL)
+    torch.testing.assert_close(a, f["out.a"], **TOL)
+    with pytest.raises(ValueError, match="sdpa"):
+        flav_module.set_attention_backend("flash")
