@@ -147,6 +147,15 @@ class HostCopy:
         return self.host.numpy()
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor → `device` without waiting for the GPU. A plain copy from pageable memory
+    waits until the GPU has finished all queued work, which would drain the queue at every
+    frame; from pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _per_sample_noise(
     generators: Sequence[torch.Generator], v_shape: tuple[int, ...], a_shape: tuple[int, ...], device: torch.device
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
@@ -154,7 +163,7 @@ def _per_sample_noise(
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         v = torch.stack([torch.randn(v_shape, generator=g) for g in generators])
         a = torch.stack([torch.randn(a_shape, generator=g) for g in generators])
-        return v.to(device), a.to(device)
+        return to_device_async(v, device), to_device_async(a, device)
 
     return draw
 
@@ -325,8 +334,11 @@ class Pipeline:
         autoencoder, vae_id = None, "none"
         if not side.get("pixel_space"):
             vae_id = vae or resolved.autoencoder or VAE_REPO_ID
-            # The VAE stays in fp32 on CPU; on GPUs it follows the model's dtype.
-            vae_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
+            # The VAE follows the model's dtype on GPUs and on CPUs with native bf16 (twice as
+            # fast there as fp32); elsewhere it stays in fp32.
+            native = torch_device.type == "cuda" or (
+                torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_native_bf16())
+            vae_dtype = torch_dtype if native else torch.float32
             autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
         if resolved.vocoder_folder is not None:
             vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(resolved.vocoder_folder)

@@ -145,16 +145,19 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name", ["flav_tiny_causal", "flav_tiny_uncond"])
-def test_matmul_attention_backend_matches_reference(name):
+@pytest.mark.parametrize("name,compiled", [("flav_tiny_causal", False), ("flav_tiny_uncond", False),
+                                           ("flav_tiny_causal", True)])
+def test_matmul_attention_backend_matches_reference(name, compiled):
     """The batched-matmul attention (bf16 CPU inference default) is the same maths as SDPA,
-    causal mask included: in float32 it reproduces the reference outputs."""
+    causal mask included: in float32 it reproduces the reference outputs, eagerly and in its
+    compiled form (the one `--compile` runs on CPU)."""
     model, f = _model(name)
     y = f["in.y"] if model.num_classes > 0 else None
+    forward = torch.compile(model, dynamic=False, fullgraph=True) if compiled else model
     flav_module.set_attention_backend("matmul")
     try:
         with torch.no_grad():
-            v, a = model(f["in.v"], f["in.a"], f["in.t"], y)
+            v, a = forward(f["in.v"], f["in.a"], f["in.t"], y)
     finally:
         flav_module.set_attention_backend("auto")
     torch.testing.assert_close(v, f["out.v"], **TOL)

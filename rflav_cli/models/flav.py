@@ -147,20 +147,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Attention as batched matmuls over chunks of heads (the softmax accumulates in float32).
 
-    For bf16 on CPUs with a head size of 64, oneDNN's matmuls run about 1.5× faster than the
-    fused CPU kernel of scaled_dot_product_attention; chunking keeps the score matrices small."""
+    For bf16 on CPUs with a head size of 64, oneDNN's matmuls run about 1.7× faster than the
+    fused CPU kernel of scaled_dot_product_attention. Eagerly, chunks of ≤ 2 M scores stay in
+    cache and two reused buffers avoid a fresh (page-faulting) allocation per chunk; a
+    compiled graph plans its own memory, so there the chunks are larger and functional."""
     n, heads, length, head_dim = q.shape
-    q = (q * head_dim**-0.5).reshape(n * heads, length, head_dim)
-    k_t = k.reshape(n * heads, length, head_dim).transpose(1, 2)
-    v = v.reshape(n * heads, length, head_dim)
-    out = torch.empty_like(q)
+    total = n * heads
+    q = (q * head_dim**-0.5).reshape(total, length, head_dim)
+    k_t = k.reshape(total, length, head_dim).transpose(1, 2)
+    v = v.reshape(total, length, head_dim)
     mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1) if causal else None
-    chunk = max(1, (1 << 24) // (length * length))   # ≤ 16 M scores (32 MB) at a time
-    for start in range(0, n * heads, chunk):
-        scores = torch.bmm(q[start:start + chunk], k_t[start:start + chunk])
+    compiling = torch.compiler.is_compiling()
+    chunk = min(total, max(1, (1 << (24 if compiling else 21)) // (length * length)))
+    if compiling:
+        outs = []
+        for start in range(0, total, chunk):
+            scores = torch.bmm(q[start:start + chunk], k_t[start:start + chunk])
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf"))
+            outs.append(torch.bmm(scores.softmax(dim=-1), v[start:start + chunk]))
+        return torch.cat(outs).view(n, heads, length, head_dim)
+
+    out = torch.empty_like(q)
+    scores_buffer = q.new_empty(chunk, length, length)
+    probs_buffer = torch.empty_like(scores_buffer)
+    for start in range(0, total, chunk):
+        size = min(chunk, total - start)
+        scores = torch.bmm(q[start:start + size], k_t[start:start + size], out=scores_buffer[:size])
         if mask is not None:
             scores.masked_fill_(mask, float("-inf"))
-        torch.bmm(scores.softmax(dim=-1), v[start:start + chunk], out=out[start:start + chunk])
+        probs = torch.softmax(scores, dim=-1, out=probs_buffer[:size])
+        torch.bmm(probs, v[start:start + size], out=out[start:start + size])
     return out.view(n, heads, length, head_dim)
 
 
