@@ -2,7 +2,7 @@
 the released shapes:
 
 1. compiled (`Pipeline(compile=True)`, CUDA graphs) vs eager output of the same seeds;
-2. bf16 vs fp32 output of the same seeds;
+2. bf16 vs fp32 output, and decoding on a second stream (overlap) vs not, same seeds;
 3. the per-frame cost of each stage: one model step over the window, VAE decode, vocoder.
 
     python benchmarks/gpu_checks.py --size FLAV-B/1 --device cuda
@@ -94,6 +94,11 @@ def main() -> None:
         print(json.dumps({"device": device_name(eager.device), "torch": torch.__version__, "size": args.size}))
         seeds = [0, 1]
         reference = frames_of(eager, args.frames, seeds)
+
+        serial = Pipeline.from_pretrained(str(model), dtype="bf16", overlap=False, **load)
+        print(json.dumps(compare("overlap off vs on (bf16, eager; expect 0)", frames_of(serial, args.frames, seeds),
+                                 reference)), flush=True)
+        del serial
 
         fp32 = Pipeline.from_pretrained(str(model), dtype="fp32", **load)
         print(json.dumps(compare("bf16 vs fp32 (eager)", reference, frames_of(fp32, args.frames, seeds))), flush=True)

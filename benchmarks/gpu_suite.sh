@@ -27,6 +27,8 @@ gen generate_b1_eager 90 --frames 200
 gen generate_b16_compiled 180 --frames 64 --batch-size 16 --compile
 gen generate_b16_eager 120 --frames 48 --batch-size 16
 
+gen generate_b1_compiled_serial 120 --frames 300 --compile --no-overlap
+
 # Correctness of the fast paths and the cost of each stage per frame.
 timeout 200 python3 benchmarks/gpu_checks.py --size FLAV-B/1 --device cuda 2>&1 | tee "$OUT/gpu_checks.txt"
 

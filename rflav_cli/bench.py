@@ -307,6 +307,7 @@ def time_generation(
     frames: int = 50,
     mux: bool = True,
     compile: bool = False,
+    overlap: bool = True,
     profile: str | Path | None = None,
     video_dir: str | Path | None = None,
     on_status: StatusCallback | None = None,
@@ -336,7 +337,8 @@ def time_generation(
             vae_dir = vae or str(built_vae)
         status(f"loading {model or 'random ' + size}")
         start = time.perf_counter()
-        pipe = Pipeline.from_pretrained(str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile)
+        pipe = Pipeline.from_pretrained(str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile,
+                                        overlap=overlap)
         synchronize(pipe.device)
         load_s = time.perf_counter() - start
         if pipe.device.type == "cuda":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,9 +111,10 @@ def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return latents_to_uint8(vae.decode(latents / LATENT_SCALE))
 
 
-def compile_static(fn: Callable, device: torch.device) -> Callable:
+def compile_static(fn: Callable, device: torch.device, cuda_graphs: bool = True) -> Callable:
     """torch.compile for fixed shapes; on CUDA the result is replayed as a CUDA graph."""
-    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    mode = "reduce-overhead" if device.type == "cuda" and cuda_graphs else None
+    return torch.compile(fn, mode=mode, dynamic=False)
 
 
 def _new_graph_step(compiled: bool, device: torch.device) -> None:
@@ -181,8 +183,10 @@ class Generation:
         num_frames: int | None,
         given_video: Iterator[np.ndarray] | None = None,
         given_audio: np.ndarray | None = None,
+        output_stream: "torch.cuda.Stream | None" = None,
     ) -> None:
         self._frames = frames
+        self._output_stream = output_stream
         self._decode = decode
         self._vocoder = vocoder
         self._audio_scale = audio_scale
@@ -223,22 +227,37 @@ class Generation:
     def _stop(self) -> None:
         if not self._finished:
             self._finished = True
-            self._add_audio(self._vocoder.flush())
+            with self._on_output_stream():
+                self._add_audio(self._vocoder.flush())
             self._collect()
+
+    @contextmanager
+    def _on_output_stream(self, *inputs: torch.Tensor) -> Iterator[None]:
+        """Run VAE decoding and vocoding on their own CUDA stream, so that they overlap with
+        the sampling of the next frames on the main stream."""
+        if self._output_stream is None:
+            yield
+            return
+        self._output_stream.wait_stream(torch.cuda.current_stream(self._output_stream.device))
+        for tensor in inputs:  # the sampler may free these while this stream still reads them
+            tensor.record_stream(self._output_stream)
+        with torch.cuda.stream(self._output_stream):
+            yield
 
     def _produce_one(self) -> None:
         v, a = next(self._frames)
-        video = None
-        if self._given_video is not None:
-            given = next(self._given_video, None)
-            if given is not None:
-                video = np.broadcast_to(given, (v.shape[0], *given.shape)).copy()
-        if video is None:
-            video = self._decode(v)
-        mel = audio_lib.denormalize_log_mel(a[:, 0].float(), self._audio_scale)   # (B, n_mels, 10)
-        self._pending.append((self._produced, video))
-        self._produced += 1
-        self._add_audio(self._vocoder.push(mel))
+        with self._on_output_stream(v, a):
+            video = None
+            if self._given_video is not None:
+                given = next(self._given_video, None)
+                if given is not None:
+                    video = np.broadcast_to(given, (v.shape[0], *given.shape)).copy()
+            if video is None:
+                video = self._decode(v)
+            mel = audio_lib.denormalize_log_mel(a[:, 0].float(), self._audio_scale)   # (B, n_mels, 10)
+            self._pending.append((self._produced, video))
+            self._produced += 1
+            self._add_audio(self._vocoder.push(mel))
         self._collect()
 
     def _add_audio(self, samples: torch.Tensor) -> None:
@@ -293,6 +312,7 @@ class Pipeline:
     vae_source: str = VAE_REPO_ID
     decode_batch: int = 8
     compile: bool = False
+    overlap: bool = True   # CUDA: decode and vocode on a second stream, alongside sampling
 
     def __post_init__(self) -> None:
         self._velocity_fn: Callable = model_velocity
@@ -300,8 +320,14 @@ class Pipeline:
         if self.compile:
             # Every rolling step has the same shapes, so one static graph serves the whole
             # stream; on CUDA it is also captured as a CUDA graph (no per-kernel launch cost).
+            # CUDA graphs share one memory pool and assume they run one after another, so the
+            # decoder, which runs beside them on its own stream when overlapping, is not captured.
             self._velocity_fn = compile_static(model_velocity, self.device)
-            self._decode_fn = compile_static(decode_to_uint8, self.device)
+            self._decode_fn = compile_static(decode_to_uint8, self.device, cuda_graphs=not self._overlaps)
+
+    @property
+    def _overlaps(self) -> bool:
+        return self.overlap and self.device.type == "cuda"
 
     @classmethod
     def from_pretrained(
@@ -315,11 +341,13 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "auto",
         compile: bool = False,
+        overlap: bool = True,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
         `compile` runs the rolling step and the VAE decoder through torch.compile (CUDA graphs
-        on GPUs): the first frame then waits for compilation, every later one is faster."""
+        on GPUs): the first frame then waits for compilation, every later one is faster.
+        `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample."""
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -346,7 +374,7 @@ class Pipeline:
             vocoder = GriffinLim(flav.config.n_mels)
         return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
                    device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
-                   vae_source=str(vae_id), compile=compile)
+                   vae_source=str(vae_id), compile=compile, overlap=overlap)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -385,9 +413,10 @@ class Pipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         out = []
         for chunk in latents.split(self.decode_batch):
-            _new_graph_step(self.compile, self.device)
+            graphs = self.compile and not self._overlaps
+            _new_graph_step(graphs, self.device)
             frames = self._decode_fn(self.vae, chunk.to(self.device, vae_dtype))
-            out.append(frames.clone() if self.compile and len(latents) > self.decode_batch else frames)
+            out.append(frames.clone() if graphs and len(latents) > self.decode_batch else frames)
         return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
 
     @torch.no_grad()
@@ -472,7 +501,8 @@ class Pipeline:
             noise=_per_sample_noise(generators, v_shape, a_shape, self.device), guide=guide,
         )
         return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
-                          num_frames, given_video=given_video, given_audio=audio)
+                          num_frames, given_video=given_video, given_audio=audio,
+                          output_stream=torch.cuda.Stream(self.device) if self._overlaps else None)
 
 
 def _tee(frames: Iterator[np.ndarray]) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:

@@ -290,3 +290,57 @@ def test_compiled_stream_matches_eager(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["compiled"] is True
     assert int(ffprobe(out)["video"]["nb_read_frames"]) == 3
+
+
+def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
+    """On CUDA, decode and vocoder work is queued on a second stream (overlapping the next
+    frames' sampling). Checked here with a stand-in stream: every decode, vocoder push and
+    the final flush happen inside it, after it waited for the sampling stream, with the
+    sampler's tensors marked as used by it; the frames are those of the plain path."""
+    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
+    plain = list(pipe.generate(num_frames=4, seeds=[3]))
+
+    log: list[str] = []
+    inside = [False]
+
+    class StandInStream:
+        device = torch.device("cpu")
+
+        def wait_stream(self, other):
+            log.append(f"wait:{other}")
+
+    class OnStream:
+        def __init__(self, stream):
+            pass
+
+        def __enter__(self):
+            inside[0] = True
+
+        def __exit__(self, *exc):
+            inside[0] = False
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "sampling")
+    monkeypatch.setattr(torch.cuda, "stream", OnStream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append("record"), raising=False)
+
+    generation = pipe.generate(num_frames=4, seeds=[3])
+    generation._output_stream = StandInStream()
+
+    def traced(name, fn):
+        def call(*args):
+            log.append(name if inside[0] else f"{name} OUTSIDE")
+            return fn(*args)
+        return call
+
+    generation._decode = traced("decode", generation._decode)
+    generation._vocoder.push = traced("push", generation._vocoder.push)
+    generation._vocoder.flush = traced("flush", generation._vocoder.flush)
+    streamed = list(generation)
+
+    assert not [entry for entry in log if "OUTSIDE" in entry]
+    assert log.count("decode") == 4 and log.count("push") == 4 and log.count("flush") == 1
+    assert log.count("record") == 8                      # video and audio of each frame
+    first_decode = log.index("decode")
+    assert log[first_decode - 3:first_decode] == ["wait:sampling", "record", "record"]
+    for a, b in zip(plain, streamed):
+        assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
