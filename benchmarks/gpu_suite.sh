@@ -10,6 +10,9 @@ export TORCHINDUCTOR_MAX_AUTOTUNE=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
+# The GPU-only paths' tests (skipped on machines without CUDA).
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/test_cuda.txt"
+
 # What the card allows: bf16/fp32 matrix throughput and the FLOP floor of one forward.
 timeout 60 python3 benchmarks/matmul_peak.py --device cuda --batch 1,16 --repeats 20 2>&1 | tee "$OUT/matmul_peak.txt"
 
