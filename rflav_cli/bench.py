@@ -27,7 +27,7 @@ from .hub import resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
-from .pipeline import Pipeline, compile_static, pick_device, pick_dtype
+from .pipeline import Pipeline, compile_mode, new_graph_step, pick_device, pick_dtype
 
 TINY = "tiny"
 SIZES: tuple[str, ...] = (TINY, *FLAV_SIZES)
@@ -218,16 +218,13 @@ def time_forward(
     if window is not None and window != reference.window:
         raise ValueError(f"window {window} differs from the model's {reference.window}")
     name = f"random {size}" if model is None else model
-    net = reference if torch_dtype == torch.float32 else copy.deepcopy(reference).to(torch_dtype)
-    # Compiled as the pipeline compiles its rolling step (CUDA graphs on GPUs).
-    compiled_net = compile_static(net, torch_device) if compile else None
+    net = reference if torch_dtype == torch.float32 and not compile else copy.deepcopy(reference).to(torch_dtype)
+    if compile:  # compiled as the pipeline compiles it (CUDA graphs on GPUs)
+        net.compile_blocks(compile_mode(torch_device))
 
     def fn(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if compiled_net is None:
-            return net(*args)
-        if torch_device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled_net(*args)
+        new_graph_step(net)
+        return net(*args)
 
     inputs = forward_inputs(reference.config, batch, torch_device)
 

@@ -106,22 +106,17 @@ def model_velocity(
     return model.forward_with_cfg(v, a, t, y, cfg_scale)
 
 
-def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled SD-VAE latents (B, C, h, w) → uint8 frames (B, H, W, 3)."""
-    return latents_to_uint8(vae.decode(latents / LATENT_SCALE))
+def compile_mode(device: torch.device) -> str | None:
+    """torch.compile mode for the rolling step: CUDA graphs on GPUs (every step has the same
+    shapes, so one capture serves the whole stream), the default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else None
 
 
-def compile_static(fn: Callable, device: torch.device, cuda_graphs: bool = True) -> Callable:
-    """torch.compile for fixed shapes; on CUDA the result is replayed as a CUDA graph."""
-    mode = "reduce-overhead" if device.type == "cuda" and cuda_graphs else None
-    return torch.compile(fn, mode=mode, dynamic=False)
-
-
-def _new_graph_step(compiled: bool, device: torch.device) -> None:
-    # CUDA graphs reuse their output memory on the next replay. Every output of a compiled call
-    # is consumed (copied into new tensors) before the next call, so each call may start a new
-    # step.
-    if compiled and device.type == "cuda":
+def new_graph_step(model: FLAV) -> None:
+    """Call before each forward of a model whose blocks replay as CUDA graphs: graphs reuse
+    their output memory on the next replay, and every forward's outputs are consumed (turned
+    into new tensors) before the next forward starts."""
+    if model.blocks_compiled and model.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -315,15 +310,8 @@ class Pipeline:
     overlap: bool = True   # CUDA: decode and vocode on a second stream, alongside sampling
 
     def __post_init__(self) -> None:
-        self._velocity_fn: Callable = model_velocity
-        self._decode_fn: Callable = decode_to_uint8
-        if self.compile:
-            # Every rolling step has the same shapes, so one static graph serves the whole
-            # stream; on CUDA it is also captured as a CUDA graph (no per-kernel launch cost).
-            # CUDA graphs share one memory pool and assume they run one after another, so the
-            # decoder, which runs beside them on its own stream when overlapping, is not captured.
-            self._velocity_fn = compile_static(model_velocity, self.device)
-            self._decode_fn = compile_static(decode_to_uint8, self.device, cuda_graphs=not self._overlaps)
+        if self.compile and not self.model.blocks_compiled:
+            self.model.compile_blocks(compile_mode(self.device))
 
     @property
     def _overlaps(self) -> bool:
@@ -345,8 +333,8 @@ class Pipeline:
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
-        `compile` runs the rolling step and the VAE decoder through torch.compile (CUDA graphs
-        on GPUs): the first frame then waits for compilation, every later one is faster.
+        `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
+        waits a few seconds for compilation, every later one is faster.
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample."""
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
@@ -411,12 +399,8 @@ class Pipeline:
         if self.vae is None:
             return HostCopy(latents_to_uint8(latents))
         vae_dtype = next(self.vae.parameters()).dtype
-        out = []
-        for chunk in latents.split(self.decode_batch):
-            graphs = self.compile and not self._overlaps
-            _new_graph_step(graphs, self.device)
-            frames = self._decode_fn(self.vae, chunk.to(self.device, vae_dtype))
-            out.append(frames.clone() if graphs and len(latents) > self.decode_batch else frames)
+        out = [latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
+               for chunk in latents.split(self.decode_batch)]
         return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
 
     @torch.no_grad()
@@ -438,14 +422,13 @@ class Pipeline:
         return audio_lib.mel_to_frames(audio_lib.normalize_log_mel(mel, self.audio_scale))
 
     def _velocity(self, label: int | None, batch: int, cfg_scale: float):
-        model, fast = self.model, self._velocity_fn
+        model = self.model
         y = None if label is None else torch.full((batch,), label, dtype=torch.long, device=self.device)
 
         def velocity(v: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if torch.is_grad_enabled():  # guided steps differentiate through the model: eager
-                return model_velocity(model, v, a, t, y, cfg_scale)
-            _new_graph_step(self.compile, self.device)
-            return fast(model, v, a, t, y, cfg_scale)
+            if not torch.is_grad_enabled():  # guided steps differentiate through eager blocks
+                new_graph_step(model)
+            return model_velocity(model, v, a, t, y, cfg_scale)
 
         return velocity
 

@@ -164,3 +164,21 @@ def test_matmul_attention_backend_matches_reference(name, compiled):
     torch.testing.assert_close(a, f["out.a"], **TOL)
     with pytest.raises(ValueError, match="sdpa"):
         flav_module.set_attention_backend("flash")
+
+
+def test_compiled_blocks_serve_only_calls_without_gradients():
+    model, f = _model("flav_tiny_causal")
+    model.compile_blocks()
+    assert model.blocks_compiled and set(model.state_dict()) == set(_model("flav_tiny_causal")[0].state_dict())
+
+    def unusable(*args):
+        raise RuntimeError("compiled block called")
+
+    model._compiled_blocks = [unusable] * len(model.blocks)
+    v = f["in.v"].clone().requires_grad_(True)
+    out_v, _ = model(v, f["in.a"], f["in.t"], f["in.y"])   # gradients tracked: eager blocks
+    out_v.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    torch.testing.assert_close(out_v.detach(), f["out.v"], **TOL)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="compiled block called"):
+        model(f["in.v"], f["in.a"], f["in.t"], f["in.y"])

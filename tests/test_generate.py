@@ -20,6 +20,7 @@ import tiny
 from rflav_cli import audio as audio_lib
 from rflav_cli.cli import app
 from rflav_cli.flow import rolling_sample
+from rflav_cli.models.flav import FLAV
 from rflav_cli.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe to inspect outputs")
@@ -270,14 +271,16 @@ def test_no_ffmpeg_anywhere(monkeypatch, tmp_path):
 
 
 def test_compiled_stream_matches_eager(tmp_path):
-    """--compile (torch.compile of the rolling step and the VAE decoder) changes speed, not output."""
+    """--compile (torch.compile of the transformer blocks) changes speed, not output."""
     model = tiny.build_tiny_model(tmp_path / "cls", num_classes=3, class_names=["a", "b", "c"])
     vae = tiny.build_tiny_vae(tmp_path / "vae")
     runs = {}
     for compiled in (False, True):
         pipe = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32", compile=compiled)
         runs[compiled] = list(pipe.generate(num_frames=5, seeds=[0, 1], label="b", cfg_scale=2.0))
-    assert len(runs[True]) == 5
+    assert len(runs[True]) == 5 and pipe.model.blocks_compiled
+    # The compiled blocks are not sub-modules: the state dict keeps the release keys.
+    assert set(pipe.model.state_dict()) == set(FLAV.from_pretrained(model).state_dict())
     for eager, fast in zip(runs[False], runs[True]):
         assert np.abs(eager.video.astype(int) - fast.video.astype(int)).max() <= 1   # float rounding only
         assert np.abs(eager.audio - fast.audio).max() <= 1e-4
