@@ -200,6 +200,14 @@ class _GuideState:
         return [k for k, f in enumerate(self.clean) if f is not None]
 
 
+def _moving_frames(window: int, steps: int, i: int) -> int:
+    """How many leading frames pre-roll step i moves (dt > 0); every later frame has dt = 0."""
+    moving = preroll_levels(window, steps, i)[1] > 0      # on the CPU: no wait for a GPU
+    count = int(moving.sum())
+    assert bool(moving[:count].all()), "the moving frames of a pre-roll step are a prefix"
+    return count
+
+
 def _euler_step(
     velocity: Velocity,
     v: torch.Tensor,
@@ -248,12 +256,18 @@ def rolling_sample(
     steps: int = 2,
     noise: FrameNoise | None = None,
     guide: Guide | None = None,
+    causal: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield clean (video latent (B,C,H,W), audio (B,1,n_mels,10)) frames forever.
 
     `v_init` (B,W,C,H,W) and `a_init` (B,W,1,n_mels,10) are the initial window noise. The first
     frame costs W·steps model calls (pre-roll), every later one `steps`. `noise` supplies the
     fresh frame appended after each emitted one (default: N(0, I) from the global RNG).
+
+    `causal` says that the velocity's frame k depends only on frames ≤ k (a FLAV with causal
+    attention, as released). Pre-roll step i only moves the frames k < (i+1)/steps, the others
+    have dt = 0; the velocity is then evaluated on those leading frames alone, which gives the
+    same result with about half the pre-roll's work.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -270,7 +284,13 @@ def rolling_sample(
     with torch.no_grad():
         for i in range(window * steps):
             t, dt = preroll_levels(window, steps, i, device)
-            v, a = _euler_step(velocity, v, a, t, dt, state)
+            if causal and state is None:
+                moving = _moving_frames(window, steps, i)
+                v_head, a_head = _euler_step(velocity, v[:, :moving], a[:, :moving], t[:moving], dt[:moving], None)
+                v = torch.cat([v_head, v[:, moving:]], dim=1)
+                a = torch.cat([a_head, a[:, moving:]], dim=1)
+            else:
+                v, a = _euler_step(velocity, v, a, t, dt, state)
 
     dt = rolling_step_size(window, steps)
     while True:

@@ -152,3 +152,31 @@ def test_sampler_leaves_the_callers_grad_mode_alone():
     assert torch.is_grad_enabled()
     next(frames)
     assert torch.is_grad_enabled()
+
+
+def test_causal_preroll_evaluates_only_moving_frames_and_replays_reference(recorded):
+    """With a causal model the pre-roll may skip the frames that do not move yet: the frames
+    still equal the reference run, and the pre-roll evaluates 20 instead of 32 frame slots."""
+    f, model = recorded
+    y = f["y"]
+    sizes = []
+
+    def velocity(v, a, t_rf):
+        sizes.append(v.shape[1])
+        return model(v, a, t_rf, y)
+
+    recorded_noise = iter([(f[f"noise.{2 * k:03d}"], f[f"noise.{2 * k + 1:03d}"]) for k in range(7)])
+    frames = flow.rolling_sample(velocity, f["init.v"], f["init.a"], steps=2, causal=True,
+                                 noise=lambda: next(recorded_noise))
+    for k in range(7):
+        v, a = next(frames)
+        torch.testing.assert_close(v, f[f"frame.{k}.v"], **TOL)
+        torch.testing.assert_close(a, f[f"frame.{k}.a"], **TOL)
+    assert sizes[:8] == [1, 1, 2, 2, 3, 3, 4, 4]      # window 4, 2 steps: frame k joins at step 2k
+    assert sizes[8:] == [4] * 12                       # rolling steps always see the whole window
+
+
+def test_a_window_longer_than_the_model_is_refused(recorded):
+    f, model = recorded
+    with pytest.raises(ValueError, match="window is 4"):
+        model(torch.zeros(1, 5, 4, 8, 8), torch.zeros(1, 5, 1, 16, 10), torch.ones(1, 5), f["y"])

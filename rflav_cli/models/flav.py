@@ -420,10 +420,14 @@ class FLAV(nn.Module):
         """Velocities (same layouts as v and a) for noisy inputs at per-frame model time t."""
         b, frames, channels, height, width = v.shape
         p = self.config.patch_size
+        if frames > self.window:
+            raise ValueError(f"{frames} frames given; this model's window is {self.window}")
+        # Fewer frames than the window are the window's first frames (a causal model's
+        # outputs for them do not depend on the rest).
         v = self.v_embedder(v.reshape(b * frames, channels, height, width).to(self.dtype))
-        v = v.view(b, frames, -1, v.shape[-1]) + self.video_temporal_pos_embed + self.video_spatial_pos_embed
+        v = v.view(b, frames, -1, v.shape[-1]) + self.video_temporal_pos_embed[:, :frames] + self.video_spatial_pos_embed
         a = self.a_embedder(a.squeeze(2).transpose(-1, -2).to(self.dtype))
-        a = a + self.audio_temporal_pos_embed + self.audio_spatial_pos_embed
+        a = a + self.audio_temporal_pos_embed[:, :frames] + self.audio_spatial_pos_embed
 
         v_c, a_c = self._conditioning(t, y)
         grad = torch.is_grad_enabled()
