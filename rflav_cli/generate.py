@@ -350,6 +350,12 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                         written += 1
             except KeyboardInterrupt:
                 interrupted = True
+            except Exception as err:
+                if req.compile and _is_compile_error(err):
+                    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                    raise UsageError(f"--compile failed ({reason}); run without --compile, or install what "
+                                     "torch.compile needs (a C++ compiler on CPU, Triton on GPUs)") from err
+                raise
             finally:
                 if written:
                     outputs.close()
@@ -387,6 +393,12 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             if interrupted:
                 break
     return summaries
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(err, TorchDynamoException)
 
 
 @contextmanager

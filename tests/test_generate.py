@@ -347,3 +347,25 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
     assert log[first_decode - 3:first_decode] == ["wait:sampling", "record", "record"]
     for a, b in zip(plain, streamed):
         assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
+
+
+def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
+    """Without what torch.compile needs (e.g. no C++ compiler), --compile ends with one line
+    that names the way out, and leaves no output behind."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def failing_compile(self, mode=None):
+        def block(*args):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"),
+                                        None)
+        self._compiled_blocks = [block] * len(self.blocks)
+        return self
+
+    monkeypatch.setattr(FLAV, "compile_blocks", failing_compile)
+    out = tmp_path / "c.mp4"
+    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "3",
+                     "--device", "cpu", "--dtype", "fp32", "--compile", "--quiet", "-o", str(out))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--compile failed" in lines[0] and "without --compile" in lines[0]
+    assert "C++ compiler" in lines[0] and not out.exists()
