@@ -27,7 +27,8 @@ from .hub import resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
-from .pipeline import Pipeline, compile_mode, new_graph_step, pick_device, pick_dtype
+from .pipeline import (Pipeline, compile_failure_message, compile_mode, is_compile_error, new_graph_step,
+                       pick_device, pick_dtype)
 
 TINY = "tiny"
 SIZES: tuple[str, ...] = (TINY, *FLAV_SIZES)
@@ -458,17 +459,22 @@ def run_bench(
         def status(text: str) -> None:
             progress.update(task, description=text, total=None, completed=0)
 
-        generation = None
-        if not forward_only:
-            def frame_done(done: int) -> None:
-                progress.update(task, total=frames, completed=done)
+        try:
+            generation = None
+            if not forward_only:
+                def frame_done(done: int) -> None:
+                    progress.update(task, total=frames, completed=done)
 
-            generation = time_generation(model, size, device=device, dtype=dtype, batch_size=batch_size, steps=steps,
-                                         frames=frames, mux=mux, compile=compile, profile=profile,
-                                         on_status=status, on_frame=frame_done)
-        status(f"timing one forward ({FORWARD_REPEATS} repeats)")
-        forward = time_forward(size, device, dtype, batch=batch_size, repeats=FORWARD_REPEATS, compile=compile,
-                               steps=steps, model=model)
+                generation = time_generation(model, size, device=device, dtype=dtype, batch_size=batch_size,
+                                             steps=steps, frames=frames, mux=mux, compile=compile,
+                                             profile=profile, on_status=status, on_frame=frame_done)
+            status(f"timing one forward ({FORWARD_REPEATS} repeats)")
+            forward = time_forward(size, device, dtype, batch=batch_size, repeats=FORWARD_REPEATS, compile=compile,
+                                   steps=steps, model=model)
+        except Exception as err:
+            if compile and is_compile_error(err):
+                raise ValueError(compile_failure_message(err)) from err
+            raise
     return {
         "model": forward.model,
         "device": forward.device,

@@ -25,7 +25,7 @@ from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import AVFrame, Pipeline, pick_device, pick_dtype
+from .pipeline import AVFrame, Pipeline, compile_failure_message, is_compile_error, pick_device, pick_dtype
 
 
 class UsageError(ValueError):
@@ -351,10 +351,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             except KeyboardInterrupt:
                 interrupted = True
             except Exception as err:
-                if req.compile and _is_compile_error(err):
-                    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                    raise UsageError(f"--compile failed ({reason}); run without --compile, or install what "
-                                     "torch.compile needs (a C++ compiler on CPU, Triton on GPUs)") from err
+                if req.compile and is_compile_error(err):
+                    raise UsageError(compile_failure_message(err)) from err
                 raise
             finally:
                 if written:
@@ -393,12 +391,6 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             if interrupted:
                 break
     return summaries
-
-
-def _is_compile_error(err: BaseException) -> bool:
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(err, TorchDynamoException)
 
 
 @contextmanager

@@ -112,6 +112,19 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
+def is_compile_error(err: BaseException) -> bool:
+    """True for the errors torch.compile raises when it cannot compile (no C++ compiler, …)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(err, TorchDynamoException)
+
+
+def compile_failure_message(err: BaseException) -> str:
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return (f"--compile failed ({reason}); run without --compile, or install what torch.compile needs "
+            "(a C++ compiler on CPU, Triton on GPUs)")
+
+
 def new_graph_step(model: FLAV) -> None:
     """Call before each forward of a model whose blocks replay as CUDA graphs: graphs reuse
     their output memory on the next replay, and every forward's outputs are consumed (turned
