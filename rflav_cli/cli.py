@@ -294,7 +294,7 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together."),
     steps: int = typer.Option(2, "--steps", help="Model evaluations per frame."),
-    frames: int = typer.Option(50, "--frames", "-n", help="Frames to generate (the first quarter is warm-up)."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames to generate, the first quarter as warm-up [default: 50 on GPUs, 8 on CPUs]."),
     compile_model: bool = typer.Option(False, "--compile", help="Compile the transformer blocks, as generate --compile does."),
     forward_only: bool = typer.Option(False, "--forward-only", help="Only time one model forward."),
     no_mux: bool = typer.Option(False, "--no-mux", help="Leave MP4 writing out of the generation timing."),
