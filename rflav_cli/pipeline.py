@@ -495,8 +495,7 @@ class Pipeline:
         frames = rolling_sample(
             self._velocity(index, batch, cfg_scale), v0, a0, steps=steps,
             noise=_per_sample_noise(generators, v_shape, a_shape, self.device), guide=guide,
-            # Compiled blocks keep one shape; the shortened pre-roll would recompile per length.
-            causal=cfg.causal_attn and not self.model.blocks_compiled,
+            causal=cfg.causal_attn,
         )
         return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
                           num_frames, given_video=given_video, given_audio=audio,

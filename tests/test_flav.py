@@ -182,3 +182,7 @@ def test_compiled_blocks_serve_only_calls_without_gradients():
     torch.testing.assert_close(out_v.detach(), f["out.v"], **TOL)
     with torch.no_grad(), pytest.raises(RuntimeError, match="compiled block called"):
         model(f["in.v"], f["in.a"], f["in.t"], f["in.y"])
+    # Fewer frames than the window (a causal pre-roll) also stay eager: no recompiling per length.
+    with torch.no_grad():
+        short_v, _ = model(f["in.v"][:, :2], f["in.a"][:, :2], f["in.t"][:, :2], f["in.y"])
+    torch.testing.assert_close(short_v, f["out.v"][:, :2], **TOL)   # causal: the prefix's outputs

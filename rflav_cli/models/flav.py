@@ -361,7 +361,8 @@ class FLAV(nn.Module):
         """Compile the transformer blocks for inference (torch.compile, static shapes; `mode`
         "reduce-overhead" replays them as CUDA graphs). The blocks are identical, so they share
         one compiled graph: compiling takes seconds rather than the minutes of the whole model,
-        for nearly the same speed. Calls that track gradients keep the eager blocks."""
+        for nearly the same speed. Calls that track gradients, or see fewer frames than the
+        window, keep the eager blocks."""
         self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
         return self
 
@@ -431,7 +432,10 @@ class FLAV(nn.Module):
 
         v_c, a_c = self._conditioning(t, y)
         grad = torch.is_grad_enabled()
-        blocks = self._compiled_blocks if self._compiled_blocks is not None and not grad else self.blocks
+        # Compiled blocks serve the full window only: one static shape, no recompilation for the
+        # shorter windows of a causal pre-roll.
+        compiled = self._compiled_blocks is not None and not grad and frames == self.window
+        blocks = self._compiled_blocks if compiled else self.blocks
         for block in blocks:
             if self.gradient_checkpointing and self.training and grad:
                 v, a = checkpoint(block, v, a, v_c, a_c, use_reentrant=False)
