@@ -38,11 +38,14 @@ fi
 
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     # Correctness of the fast paths and the cost of each stage per frame.
-    timeout 200 python3 benchmarks/gpu_checks.py --size FLAV-B/1 --device cuda 2>&1 | tee "$OUT/gpu_checks.txt"
-    # One bf16 forward: both attention backends, eager / compiled; then where the time goes.
-    timeout 200 python3 benchmarks/forward.py --size FLAV-B/1 --device cuda --dtypes bf16 --batch 1,16 \
-        --attention sdpa,matmul --repeats 10 --compile 2>&1 | tee "$OUT/forward.txt"
-    timeout 120 python3 benchmarks/profile_forward.py --size FLAV-B/1 --batch 1 --compile default \
+    timeout 180 python3 benchmarks/gpu_checks.py --size FLAV-B/1 --device cuda 2>&1 | tee "$OUT/gpu_checks.txt"
+    # One bf16 forward: the attention backends at batch 1, batch 16 with the default; eager and
+    # compiled each; then where the time goes.
+    timeout 200 python3 benchmarks/forward.py --size FLAV-B/1 --device cuda --dtypes bf16 --batch 1 \
+        --attention sdpa,matmul,short-matmul --repeats 10 --compile 2>&1 | tee "$OUT/forward.txt"
+    timeout 100 python3 benchmarks/forward.py --size FLAV-B/1 --device cuda --dtypes bf16 --batch 16 \
+        --repeats 5 --compile 2>&1 | tee -a "$OUT/forward.txt"
+    timeout 90 python3 benchmarks/profile_forward.py --size FLAV-B/1 --batch 1 --compile default \
         > "$OUT/profile_forward.txt" 2>&1
     tail -n 5 "$OUT/profile_forward.txt"
 fi

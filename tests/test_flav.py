@@ -145,16 +145,18 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name,compiled", [("flav_tiny_causal", False), ("flav_tiny_uncond", False),
-                                           ("flav_tiny_causal", True)])
-def test_matmul_attention_backend_matches_reference(name, compiled):
+@pytest.mark.parametrize("name,compiled,backend", [("flav_tiny_causal", False, "matmul"),
+                                                   ("flav_tiny_uncond", False, "matmul"),
+                                                   ("flav_tiny_causal", False, "short-matmul"),
+                                                   ("flav_tiny_causal", True, "matmul")])
+def test_matmul_attention_backend_matches_reference(name, compiled, backend):
     """The batched-matmul attention (bf16 CPU inference default) is the same maths as SDPA,
     causal mask included: in float32 it reproduces the reference outputs, eagerly and in its
     compiled form (the one `--compile` runs on CPU)."""
     model, f = _model(name)
     y = f["in.y"] if model.num_classes > 0 else None
     forward = torch.compile(model, dynamic=False, fullgraph=True) if compiled else model
-    flav_module.set_attention_backend("matmul")
+    flav_module.set_attention_backend(backend)
     try:
         with torch.no_grad():
             v, a = forward(f["in.v"], f["in.a"], f["in.t"], y)
