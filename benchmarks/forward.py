@@ -38,7 +38,7 @@ def main() -> None:
     device = pick_device(args.device)
     reference = random_flav(args.size, args.window).to(device)   # one fp32 model shared by every row
     print(f"{args.size}, window {args.window}, device {device_name(device)}, torch {torch.__version__}")
-    print(f"{'batch':>5} {'dtype':>6} {'attention':>9} {'compiled':>8} {'median s':>10} {'frames/s @2 steps':>18} "
+    print(f"{'batch':>5} {'dtype':>6} {'attention':>12} {'compiled':>8} {'median s':>10} {'frames/s @2 steps':>18} "
           f"{'rel err':>9}")
     for batch in [int(b) for b in args.batch.split(",")]:
         for dtype_name in args.dtypes.split(","):
@@ -47,7 +47,7 @@ def main() -> None:
                     set_attention_backend(backend)
                     r = time_forward(args.size, args.device, dtype_name, batch=batch, window=args.window,
                                      repeats=args.repeats, compile=compiled, steps=2, reference=reference)
-                    print(f"{batch:>5} {dtype_name:>6} {backend:>9} {str(compiled):>8} {r.median_s:>10.4f} "
+                    print(f"{batch:>5} {dtype_name:>6} {backend:>12} {str(compiled):>8} {r.median_s:>10.4f} "
                           f"{r.frames_per_s:>18.1f} {r.relative_error:>9.2e}")
     set_attention_backend("auto")
 
