@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG
-from .hub import resolve_model, write_side_file
+from .hub import PRESETS, resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
@@ -38,7 +38,6 @@ RELEASED_VOCODER_CONFIG: dict[str, object] = {
     "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
     "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "num_mels": 256, "sampling_rate": 16000,
 }
-RELEASED_AUDIO_SCALE = 3.5009668382765917
 # Same frame and mel sizes as the release (256×256 video, 256 mels), a fraction of the compute.
 TINY_FLAV = dict(latent_size=32, patch_size=8, hidden_size=32, depth=1, num_heads=2, predict_frames=4)
 TINY_VAE_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}
@@ -67,6 +66,17 @@ def check_positive(flag: str, value: int, minimum: int = 1, why: str = "") -> No
     """ValueError naming `flag` when `value` is below `minimum`."""
     if value < minimum:
         raise ValueError(f"{flag} must be at least {minimum}{why}, got {value}")
+
+
+def check_generation_request(size: str, model: str | None, device: str, dtype: str, batch_size: int,
+                             steps: int, frames: int) -> None:
+    """ValueError for a generation benchmark that cannot run, before any work is done."""
+    check_positive("--frames", frames, 2, " (the steady rate needs two frames)")
+    check_positive("--steps", steps)
+    check_positive("--batch-size", batch_size)
+    if model is None:
+        check_size(size)
+    pick_dtype(dtype, pick_device(device))
 
 
 def synchronize(device: torch.device) -> None:
@@ -140,7 +150,7 @@ def build_random_checkpoint(folder: str | Path, size: str) -> tuple[Path, Path]:
     vocoder = HiFiGAN(TINY_VOCODER_CONFIG if tiny else RELEASED_VOCODER_CONFIG)
     _randomise(vocoder, 0.05)
     vocoder.save_pretrained(model_dir / "vocoder")
-    write_side_file(model_dir, {"audio_scale": RELEASED_AUDIO_SCALE})
+    write_side_file(model_dir, {"audio_scale": PRESETS["dance"].audio_scale})
     AutoencoderKL.from_config(TINY_VAE_CONFIG if tiny else SD_VAE_CONFIG).save_pretrained(vae_dir)
     return model_dir, vae_dir
 
@@ -321,14 +331,8 @@ def time_generation(
     (unless `mux` is False) in `video_dir`, or a temporary folder removed afterwards.
     `profile` writes a torch profiler trace of the generation (its overhead is in the timings).
     `on_status(text)` hears each stage, `on_frame(n)` each frame."""
-    check_positive("--frames", frames, 2, " (the steady rate needs two frames)")
-    check_positive("--steps", steps)
-    check_positive("--batch-size", batch_size)
-    if model is None:
-        check_size(size)
+    check_generation_request(size, model, device, dtype, batch_size, steps, frames)
     status = on_status or (lambda text: None)
-    torch_device = pick_device(device)
-    pick_dtype(dtype, torch_device)   # a bad dtype fails before any work
 
     with tempfile.TemporaryDirectory(prefix="rflav-bench-") as tmp:
         model_dir, vae_dir = model, vae
@@ -440,15 +444,9 @@ def run_bench(
     from . import __version__
 
     # Every check before any work, so bad input costs nothing and prints one line.
-    torch_device = pick_device(device)
     if frames is None:
-        frames = 50 if torch_device.type == "cuda" else 8
-    check_positive("--frames", frames, 2, " (the steady rate needs two frames)")
-    check_positive("--steps", steps)
-    check_positive("--batch-size", batch_size)
-    if model is None:
-        check_size(size)
-    pick_dtype(dtype, torch_device)
+        frames = 50 if pick_device(device).type == "cuda" else 8
+    check_generation_request(size, model, device, dtype, batch_size, steps, frames)
     if profile is not None:
         if forward_only:
             raise ValueError("--profile traces the generation; drop --forward-only")
