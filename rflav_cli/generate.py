@@ -25,7 +25,8 @@ from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import AVFrame, Pipeline, compile_failure_message, is_compile_error, pick_device, pick_dtype
+from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, is_compile_error, pick_device,
+                       pick_dtype)
 
 
 class UsageError(ValueError):
@@ -55,7 +56,7 @@ class GenerateRequest:
     video_input: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | None = None         # None: auto_compile decides from the device and length
     output: Path | None = None
     overwrite: bool = False
     wav: bool = False
@@ -304,7 +305,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     with console.status(f"loading {model_name}", spinner="dots") if not req.quiet else _null():
         pipe = Pipeline.from_pretrained(model_name, vae=req.vae, revision=req.revision, offline=req.offline or None,
                                         audio_scale=req.audio_scale, device=req.device, dtype=req.dtype,
-                                        compile=req.compile)
+                                        compile=_wants_compile(req, num_frames, given_audio is not None))
     if pipe.model.num_classes <= 0 and req.cfg_scale is not None:
         raise UsageError("--cfg-scale only applies to class-conditional checkpoints; this one is unconditional")
     if pipe.model.num_classes > 0 and label is None:
@@ -324,41 +325,47 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
         for start in range(0, len(seeds), req.batch_size):
             batch_seeds = seeds[start : start + req.batch_size]
             batch_paths = paths[start : start + req.batch_size]
-            video_iter = (read_video_frames(req.video_input, size=pipe.image_size)
-                          if req.video_input is not None else None)
-            generation = pipe.generate(num_frames=num_frames, seeds=batch_seeds, steps=req.steps, label=label,
-                                       cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
-                                       audio=given_audio, video=video_iter, guidance_scale=req.guidance_scale)
             description = batch_paths[0].name if len(batch_paths) == 1 else f"{len(batch_paths)} samples"
             task = progress.add_task(description, total=num_frames,
                                      total_text="∞" if num_frames is None else str(num_frames))
-            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
-            began = time.perf_counter()
-            written = 0
-            interrupted = False
-            try:
-                for frame in generation:
-                    outputs.write(frame)
-                    written += 1
-                    progress.update(task, completed=written)
-                    if stop.is_set():
-                        interrupted = True
-                        break
-                if interrupted:
-                    for frame in generation.finish():
+            while True:  # a second round only when compiling on our own initiative failed
+                video_iter = (read_video_frames(req.video_input, size=pipe.image_size)
+                              if req.video_input is not None else None)
+                generation = pipe.generate(num_frames=num_frames, seeds=batch_seeds, steps=req.steps, label=label,
+                                           cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
+                                           audio=given_audio, video=video_iter, guidance_scale=req.guidance_scale)
+                outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
+                began = time.perf_counter()
+                written = 0
+                interrupted = retry = False
+                try:
+                    for frame in generation:
                         outputs.write(frame)
                         written += 1
-            except KeyboardInterrupt:
-                interrupted = True
-            except Exception as err:
-                if req.compile and is_compile_error(err):
-                    raise UsageError(compile_failure_message(err)) from err
-                raise
-            finally:
-                if written:
-                    outputs.close()
-                else:
-                    outputs.abort()
+                        progress.update(task, completed=written)
+                        if stop.is_set():
+                            interrupted = True
+                            break
+                    if interrupted:
+                        for frame in generation.finish():
+                            outputs.write(frame)
+                            written += 1
+                except KeyboardInterrupt:
+                    interrupted = True
+                except Exception as err:
+                    if not (pipe.compile and is_compile_error(err)):
+                        raise
+                    if req.compile or written:
+                        raise UsageError(compile_failure_message(err, asked=bool(req.compile))) from err
+                    _without_compiling(pipe, err, console)
+                    retry = True
+                finally:
+                    if written:
+                        outputs.close()
+                    else:
+                        outputs.abort()
+                if not retry:
+                    break
             progress.update(task, completed=written)
             wall = time.perf_counter() - began
             for i, (seed, path) in enumerate(zip(batch_seeds, batch_paths)):
@@ -391,6 +398,22 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             if interrupted:
                 break
     return summaries
+
+
+def _wants_compile(req: GenerateRequest, num_frames: int | None, audio_given: bool) -> bool:
+    if req.compile is not None:
+        return req.compile
+    return auto_compile(pick_device(req.device), num_frames, guided=audio_given or req.video_input is not None)
+
+
+def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> None:
+    """Compiling was our choice, not the user's: say why it failed (--quiet hides progress, not
+    this) and go on eagerly."""
+    pipe.model.uncompile_blocks()
+    pipe.compile = False
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    console.print(f"compiling failed ({reason}); continuing without it (--no-compile skips the attempt)",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -369,3 +369,47 @@ def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--compile failed" in lines[0] and "without --compile" in lines[0]
     assert "C++ compiler" in lines[0] and not out.exists()
+
+
+def test_auto_compile_policy():
+    """Compiling pays off on GPUs for long streams; short clips, guided runs and CPUs stay eager."""
+    from rflav_cli.pipeline import AUTO_COMPILE_MIN_FRAMES, auto_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto_compile(cuda, AUTO_COMPILE_MIN_FRAMES) and auto_compile(cuda, None)
+    assert not auto_compile(cuda, AUTO_COMPILE_MIN_FRAMES - 1)
+    assert not auto_compile(cuda, None, guided=True)
+    assert not auto_compile(cpu, None) and not auto_compile(cpu, 10 * AUTO_COMPILE_MIN_FRAMES)
+
+
+def _failing_compile(self, mode=None):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def block(*args):
+        raise BackendCompilerFailed(lambda: None, RuntimeError("triton not found"), None)
+    self._compiled_blocks = [block] * len(self.blocks)
+    return self
+
+
+def test_failed_automatic_compile_goes_on_eagerly(ckpt, tmp_path, monkeypatch):
+    """When compiling was the default's choice and it fails, one line says so and the video is
+    the one an eager run makes; --no-compile never tries."""
+    from rflav_cli.media import read_video_frames
+
+    monkeypatch.setattr("rflav_cli.generate.auto_compile", lambda *args, **kwargs: True)
+    monkeypatch.setattr(FLAV, "compile_blocks", _failing_compile)
+    common = ("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "4",
+              "--device", "cpu", "--dtype", "fp32", "--json")
+    auto, eager = tmp_path / "auto.mp4", tmp_path / "eager.mp4"
+    result = run_cli(*common, "-o", str(auto))
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "compiling failed (RuntimeError: triton not found)" in lines[0] and "--no-compile" in lines[0]
+    assert json.loads(result.stdout)["compiled"] is False
+
+    monkeypatch.setattr(FLAV, "compile_blocks", lambda self, mode=None: pytest.fail("--no-compile compiled"))
+    result = run_cli(*common, "--no-compile", "-o", str(eager))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["compiled"] is False and result.stderr.strip() == ""
+    ours, theirs = (np.stack(list(read_video_frames(p, size=64))) for p in (auto, eager))
+    assert ours.shape[0] == 4 and np.array_equal(ours, theirs)

@@ -370,6 +370,11 @@ class FLAV(nn.Module):
         self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
         return self
 
+    def uncompile_blocks(self) -> "FLAV":
+        """Back to the eager blocks (after a failed compilation, say)."""
+        self._compiled_blocks = None
+        return self
+
     @property
     def blocks_compiled(self) -> bool:
         return self._compiled_blocks is not None
