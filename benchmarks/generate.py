@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> dict:
     r = time_generation(args.model, "tiny" if args.tiny else args.size, vae=args.vae, device=args.device,
                         dtype=args.dtype, batch_size=args.batch_size, steps=args.steps, frames=args.frames,
                         mux=not args.no_mux, compile=args.compile, overlap=not args.no_overlap,
-                        warm_up=False if args.no_warm_up else None,
                         profile=args.profile)
     return {
         "device": r.device,
@@ -74,8 +73,6 @@ def main() -> None:
     p.add_argument("--no-mux", action="store_true", help="skip MP4 writing")
     p.add_argument("--compile", action="store_true", help="compile the rolling step (the first frame waits for it)")
     p.add_argument("--no-overlap", action="store_true", help="CUDA: decode and vocode on the sampling stream")
-    p.add_argument("--no-warm-up", action="store_true",
-                   help="CUDA: no throw-away decode and vocoder pass during the pre-roll")
     p.add_argument("--profile", metavar="TRACE.json", help="write a torch profiler trace")
     p.add_argument("--memory", action="store_true", help="flat-memory check (tiny model, short vs 6x longer)")
     p.add_argument("--json", action="store_true")

@@ -319,7 +319,6 @@ def time_generation(
     mux: bool = True,
     compile: bool = False,
     overlap: bool = True,
-    warm_up: bool | None = None,
     profile: str | Path | None = None,
     video_dir: str | Path | None = None,
     on_status: StatusCallback | None = None,
@@ -344,7 +343,7 @@ def time_generation(
         status(f"loading {model or 'random ' + size}")
         start = time.perf_counter()
         pipe = Pipeline.from_pretrained(str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile,
-                                        overlap=overlap, warm_up=warm_up)
+                                        overlap=overlap)
         synchronize(pipe.device)
         load_s = time.perf_counter() - start
         if pipe.device.type == "cuda":

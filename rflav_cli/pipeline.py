@@ -6,9 +6,7 @@ frames waiting for their audio, so a stream can run for hours at constant memory
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -207,10 +205,8 @@ class Generation:
         given_video: Iterator[np.ndarray] | None = None,
         given_audio: np.ndarray | None = None,
         output_stream: "torch.cuda.Stream | None" = None,
-        warm_up: threading.Thread | None = None,
     ) -> None:
         self._frames = frames
-        self._warm_up = warm_up
         self._output_stream = output_stream
         self._decode = decode
         self._vocoder = vocoder
@@ -271,9 +267,6 @@ class Generation:
 
     def _produce_one(self) -> None:
         v, a = next(self._frames)
-        if self._warm_up is not None:  # done during the pre-roll; never beside a real decode
-            self._warm_up.join()
-            self._warm_up = None
         with self._on_output_stream(v, a):
             video = None
             if self._given_video is not None:
@@ -341,7 +334,6 @@ class Pipeline:
     decode_batch: int = 8
     compile: bool = False
     overlap: bool = True   # CUDA: decode and vocode on a second stream, alongside sampling
-    warm_up: bool | None = None   # warm the decoder and vocoder up during the pre-roll (None: on CUDA)
 
     def __post_init__(self) -> None:
         if self.compile and not self.model.blocks_compiled:
@@ -364,15 +356,12 @@ class Pipeline:
         dtype: str = "auto",
         compile: bool = False,
         overlap: bool = True,
-        warm_up: bool | None = None,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
         `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
         waits a few seconds for compilation, every later one is faster.
-        `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
-        `warm_up` (default: on CUDA) runs one throw-away decode and vocoder pass on another thread
-        during the pre-roll, so that their one-time costs stay off the first frame."""
+        `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample."""
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -399,7 +388,7 @@ class Pipeline:
             vocoder = GriffinLim(flav.config.n_mels)
         return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
                    device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
-                   vae_source=str(vae_id), compile=compile, overlap=overlap, warm_up=warm_up)
+                   vae_source=str(vae_id), compile=compile, overlap=overlap)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -521,37 +510,9 @@ class Pipeline:
             noise=_per_sample_noise(generators, v_shape, a_shape, self.device), guide=guide,
             causal=cfg.causal_attn,
         )
-        warm_up = video is None and (self.warm_up if self.warm_up is not None else self.device.type == "cuda")
         return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
                           num_frames, given_video=given_video, given_audio=audio,
-                          output_stream=torch.cuda.Stream(self.device) if self._overlaps else None,
-                          warm_up=self._start_warm_up(batch) if warm_up else None)
-
-    def _start_warm_up(self, batch: int) -> threading.Thread:
-        """The first VAE decode and vocoder pass of a process pay one-time costs (on an H100,
-        0.3 s for the decode: kernel loading, convolution plans). A throw-away pass on another
-        thread (and CUDA stream), started now, pays them while the pre-roll runs; torch releases
-        the GIL inside its operators, so the two threads' kernel launches interleave."""
-        cfg = self.model.config
-        vae_dtype = next(self.vae.parameters()).dtype if self.vae is not None else torch.float32
-        latents = torch.zeros(batch, cfg.in_channels, cfg.latent_size, cfg.latent_size, dtype=vae_dtype)
-        mel = torch.full((batch, cfg.n_mels, MEL_FRAMES_PER_FRAME), -5.0)
-
-        def run() -> None:
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-            try:
-                with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    self.decode_latents(latents.to(self.device)).numpy()
-                    vocoder = StreamingVocoder(self.vocoder)
-                    for _ in range(3):
-                        vocoder.push(mel)
-                    vocoder.flush().cpu()
-            except Exception:  # only a warm-up: the real calls report whatever is wrong
-                pass
-
-        thread = threading.Thread(target=run, name="rflav-warm-up", daemon=True)
-        thread.start()
-        return thread
+                          output_stream=torch.cuda.Stream(self.device) if self._overlaps else None)
 
 
 def _tee(frames: Iterator[np.ndarray]) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:

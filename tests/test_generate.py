@@ -413,35 +413,3 @@ def test_failed_automatic_compile_goes_on_eagerly(ckpt, tmp_path, monkeypatch):
     assert json.loads(result.stdout)["compiled"] is False and result.stderr.strip() == ""
     ours, theirs = (np.stack(list(read_video_frames(p, size=64))) for p in (auto, eager))
     assert ours.shape[0] == 4 and np.array_equal(ours, theirs)
-
-
-def test_warm_up_runs_during_the_pre_roll_and_changes_nothing(ckpt):
-    """The throw-away decode and vocoder pass (on by default on CUDA, forced here) runs on its own
-    thread while the pre-roll samples, is over before the first real decode, and the frames
-    are those of a run without it."""
-    load = dict(vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
-    plain = list(Pipeline.from_pretrained(str(ckpt["model"]), warm_up=False, **load).generate(num_frames=4, seeds=[5]))
-
-    pipe = Pipeline.from_pretrained(str(ckpt["model"]), warm_up=True, **load)
-    log: list[tuple[str, str]] = []
-    decode = pipe.decode_latents
-
-    def traced(latents):
-        import threading
-
-        log.append((threading.current_thread().name, "start"))
-        out = decode(latents)
-        log.append((threading.current_thread().name, "end"))
-        return out
-
-    pipe.decode_latents = traced
-    generation = pipe.generate(num_frames=4, seeds=[5])
-    assert generation._warm_up is not None and generation._warm_up.name == "rflav-warm-up"
-    warmed = list(generation)
-    threads = [name for name, _ in log]
-    assert threads[:2] == ["rflav-warm-up", "rflav-warm-up"]     # finished before any real decode
-    assert threads[2:] == ["MainThread"] * 8
-    for a, b in zip(plain, warmed):
-        assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
-    # Off on CPU unless asked.
-    assert Pipeline.from_pretrained(str(ckpt["model"]), **load).generate(num_frames=1)._warm_up is None
