@@ -2,7 +2,7 @@
 
     python benchmarks/forward.py --size FLAV-B/1 --device cpu --dtypes fp32,bf16
     python benchmarks/forward.py --size FLAV-B/1 --device cuda --dtypes fp32,bf16 --batch 1,16 --compile
-    python benchmarks/forward.py --device cuda --dtypes bf16 --attention sdpa,matmul,short-matmul
+    python benchmarks/forward.py --device cuda --dtypes bf16 --attention sdpa,matmul
 
 Weights are random (std 0.02, as a trained DiT's scale); the relative error of each dtype is
 ‖y − y_fp32‖ / ‖y_fp32‖ over both outputs. The measuring is `rflav_cli.bench.time_forward`.
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time the model compiled as the pipeline compiles it (CUDA graphs on GPUs)")
-    p.add_argument("--attention", default="auto", help="comma list of attention backends to time: auto, sdpa, matmul, short-matmul")
+    p.add_argument("--attention", default="auto", help="comma list of attention backends to time: auto, sdpa, matmul")
     args = p.parse_args()
 
     device = pick_device(args.device)

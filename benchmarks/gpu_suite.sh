@@ -50,7 +50,7 @@ fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     gen "batch 16 compiled" 100 --frames 64 --batch-size 16 --compile
     step "forward, batch 1, attention backends" 45 python3 benchmarks/forward.py --size FLAV-B/1 --device cuda \
-        --dtypes bf16 --batch 1 --attention sdpa,short-matmul,matmul --repeats 20
+        --dtypes bf16 --batch 1 --attention sdpa,matmul --repeats 20
     tail -n 4 "$LOG"
     step "fast paths and stage costs" 120 python3 benchmarks/gpu_checks.py --size FLAV-B/1 --device cuda
     tail -n 8 "$LOG"

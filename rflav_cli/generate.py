@@ -25,8 +25,8 @@ from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, is_compile_error, pick_device,
-                       pick_dtype)
+from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, compile_failure_reason,
+                       is_compile_error, pick_device, pick_dtype)
 
 
 class UsageError(ValueError):
@@ -411,8 +411,7 @@ def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> 
     this) and go on eagerly."""
     pipe.model.uncompile_blocks()
     pipe.compile = False
-    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    console.print(f"compiling failed ({reason}); continuing without it (--no-compile skips the attempt)",
+    console.print(f"compiling failed ({compile_failure_reason(err)}); continuing without it (--no-compile skips the attempt)",
                   markup=False, highlight=False, soft_wrap=True)
 
 

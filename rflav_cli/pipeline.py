@@ -95,17 +95,6 @@ def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def model_velocity(
-    model: FLAV, v: torch.Tensor, a: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cfg_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's velocity: a plain, class-conditional or guided (batched CFG) forward."""
-    if y is None:
-        return model(v, a, t)
-    if cfg_scale == 1.0:
-        return model(v, a, t, y)
-    return model.forward_with_cfg(v, a, t, y, cfg_scale)
-
-
 def compile_mode(device: torch.device) -> str | None:
     """torch.compile mode for the rolling step: CUDA graphs on GPUs (every step has the same
     shapes, so one capture serves the whole stream), the default elsewhere."""
@@ -131,8 +120,14 @@ def is_compile_error(err: BaseException) -> bool:
     return isinstance(err, TorchDynamoException)
 
 
+def compile_failure_reason(err: BaseException) -> str:
+    """The last line of a compilation error: the cause, without the compiler's traceback."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
 def compile_failure_message(err: BaseException, asked: bool = True) -> str:
-    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    reason = compile_failure_reason(err)
     what, way_out = ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
     return (f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
             "(a C++ compiler on CPU, Triton and a C compiler on GPUs)")
@@ -452,9 +447,14 @@ class Pipeline:
         y = None if label is None else torch.full((batch,), label, dtype=torch.long, device=self.device)
 
         def velocity(v: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """A plain, class-conditional or guided (batched CFG) forward."""
             if not torch.is_grad_enabled():  # guided steps differentiate through eager blocks
                 new_graph_step(model)
-            return model_velocity(model, v, a, t, y, cfg_scale)
+            if y is None:
+                return model(v, a, t)
+            if cfg_scale == 1.0:
+                return model(v, a, t, y)
+            return model.forward_with_cfg(v, a, t, y, cfg_scale)
 
         return velocity
 

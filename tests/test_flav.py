@@ -147,7 +147,6 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
 
 @pytest.mark.parametrize("name,compiled,backend", [("flav_tiny_causal", False, "matmul"),
                                                    ("flav_tiny_uncond", False, "matmul"),
-                                                   ("flav_tiny_causal", False, "short-matmul"),
                                                    ("flav_tiny_causal", True, "matmul")])
 def test_matmul_attention_backend_matches_reference(name, compiled, backend):
     """The batched-matmul attention (bf16 CPU inference default) is the same maths as SDPA,

@@ -121,15 +121,13 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "matmul", "short-matmul")
+ATTENTION_BACKENDS = ("auto", "sdpa", "matmul")
 _attention_backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
     """How attention is computed: `sdpa` (PyTorch's fused kernels), `matmul` (batched matmuls
-    and a softmax, inference only), `short-matmul` (matmul for sequences of at most 32 tokens,
-    such as the 10-frame temporal attention, sdpa for the rest) or `auto` (matmul for bf16
-    inference on CPU, else sdpa)."""
+    and a softmax, inference only) or `auto` (matmul for bf16 inference on CPU, else sdpa)."""
     global _attention_backend
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -141,8 +139,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     backend = _attention_backend
     if backend == "auto":
         backend = "matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
-    elif backend == "short-matmul":
-        backend = "matmul" if q.shape[-2] <= 32 else "sdpa"
     if backend == "matmul" and not torch.is_grad_enabled():
         return _matmul_attention(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
