@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rflav_cli.bench import build_random_checkpoint, synchronize  # noqa: E402
+from rflav_cli.bench import build_random_checkpoint, synchronize, timed_calls  # noqa: E402
 from rflav_cli.models.vocoder import StreamingVocoder  # noqa: E402
 from rflav_cli.pipeline import Pipeline  # noqa: E402
 
@@ -37,11 +37,8 @@ CASES = ("stages", "warm-in-thread", "concurrent")
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
+    (seconds,), out = timed_calls(fn, device, 1)
+    return seconds, out
 
 
 def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:

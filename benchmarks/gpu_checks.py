@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rflav_cli.bench import build_random_checkpoint, device_name, synchronize  # noqa: E402
+from rflav_cli.bench import build_random_checkpoint, device_name, timed_calls  # noqa: E402
 from rflav_cli.models.vocoder import StreamingVocoder  # noqa: E402
 from rflav_cli.pipeline import Pipeline  # noqa: E402
 
@@ -47,16 +47,7 @@ def compare(name: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np
 
 
 def median_ms(fn, device: torch.device, repeats: int = 10) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return statistics.median(timed_calls(fn, device, repeats, warmup=2)[0]) * 1000
 
 
 def stage_costs(pipe: Pipeline, batch: int) -> dict:

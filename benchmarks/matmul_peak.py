@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rflav_cli.bench import device_name, flav_config, synchronize  # noqa: E402
+from rflav_cli.bench import device_name, flav_config, timed_calls  # noqa: E402
 from rflav_cli.models.flav import FLAV  # noqa: E402
 from rflav_cli.pipeline import pick_device  # noqa: E402
 
@@ -31,15 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def gemm_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, repeats: int) -> float:
     x = torch.randn(m, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.nn.functional.linear(x, w)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times, _ = timed_calls(lambda: torch.nn.functional.linear(x, w), device, repeats, warmup=2)
     return 2 * m * k * n / statistics.median(times) / 1e12
 
 

@@ -15,18 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rflav_cli.bench import random_flav  # noqa: E402
+from rflav_cli.bench import forward_inputs, random_flav, timed_calls  # noqa: E402
 
 
 def median_time(fn, repeats: int = 10) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_calls(fn, torch.device("cuda"), repeats)[0])
 
 
 def main() -> None:
@@ -38,10 +31,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     model = random_flav(args.size, args.window).to("cuda", torch.bfloat16)
-    cfg = model.config
-    v = torch.randn(args.batch, cfg.predict_frames, cfg.in_channels, cfg.latent_size, cfg.latent_size, device="cuda")
-    a = torch.randn(args.batch, cfg.predict_frames, 1, cfg.n_mels, 10, device="cuda")
-    t = torch.rand(args.batch, cfg.predict_frames, device="cuda") * 999 + 1
+    v, a, t = forward_inputs(model.config, args.batch, torch.device("cuda"))
     with torch.no_grad():
         for _ in range(3):
             model(v, a, t)

@@ -87,6 +87,21 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def timed_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 0) -> tuple[list[float], object]:
+    """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed ones, the device
+    synchronised around each call; and the last call's result."""
+    for _ in range(warmup):
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
 def device_name(device: torch.device) -> str:
     """Human name of the device: the GPU model, or the CPU with its thread count."""
     if device.type == "cuda":
@@ -239,19 +254,11 @@ def time_forward(
 
     inputs = forward_inputs(reference.config, batch, torch_device)
 
-    times = []
     with torch.no_grad():
         expected = reference(*inputs)
         # Warm-up: eager caches; compiled, also the compilation, the CUDA graph's warm-up call
         # and its recording.
-        for _ in range(3 if compile else 1):
-            fn(*inputs)
-        for _ in range(repeats):
-            synchronize(torch_device)
-            start = time.perf_counter()
-            out = fn(*inputs)
-            synchronize(torch_device)
-            times.append(time.perf_counter() - start)
+        times, out = timed_calls(lambda: fn(*inputs), torch_device, repeats, warmup=3 if compile else 1)
     median = statistics.median(times)
     return ForwardResult(
         model=name, device=device_name(torch_device), dtype=dtype_name(torch_dtype), batch=batch,
