@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG
+from .errors import UsageError
 from .hub import PRESETS, resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
@@ -56,21 +57,21 @@ FrameCallback = Callable[[int], None]
 
 
 def check_size(size: str) -> str:
-    """`size` if it is tiny or a FLAV size name, else a ValueError listing the choices."""
+    """`size` if it is tiny or a FLAV size name, else a UsageError listing the choices."""
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+        raise UsageError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
     return size
 
 
 def check_positive(flag: str, value: int, minimum: int = 1, why: str = "") -> None:
-    """ValueError naming `flag` when `value` is below `minimum`."""
+    """UsageError naming `flag` when `value` is below `minimum`."""
     if value < minimum:
-        raise ValueError(f"{flag} must be at least {minimum}{why}, got {value}")
+        raise UsageError(f"{flag} must be at least {minimum}{why}, got {value}")
 
 
 def check_generation_request(size: str, model: str | None, device: str, dtype: str, batch_size: int,
                              steps: int, frames: int) -> None:
-    """ValueError for a generation benchmark that cannot run, before any work is done."""
+    """UsageError for a generation benchmark that cannot run, before any work is done."""
     check_positive("--frames", frames, 2, " (the steady rate needs two frames)")
     check_positive("--steps", steps)
     check_positive("--batch-size", batch_size)
@@ -456,9 +457,9 @@ def run_bench(
     check_generation_request(size, model, device, dtype, batch_size, steps, frames)
     if profile is not None:
         if forward_only:
-            raise ValueError("--profile traces the generation; drop --forward-only")
+            raise UsageError("--profile traces the generation; drop --forward-only")
         if not Path(profile).expanduser().resolve().parent.is_dir():
-            raise ValueError(f"--profile {profile}: its folder does not exist")
+            raise UsageError(f"--profile {profile}: its folder does not exist")
 
     console = console or Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -484,7 +485,7 @@ def run_bench(
                                    steps=steps, model=model)
         except Exception as err:
             if compile and is_compile_error(err):
-                raise ValueError(compile_failure_message(err)) from err
+                raise UsageError(compile_failure_message(err)) from err
             raise
     return {
         "model": forward.model,

@@ -26,20 +26,28 @@ _state = {"debug": False}
 T = TypeVar("T")
 
 
+def _flag(param: str) -> str:
+    """The command-line flag of a library parameter named in an error message."""
+    return _FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+# Library parameters whose flag is not simply --name-with-dashes.
+_FLAGS = {"label": "--class", "audio_input": "--audio", "video_input": "--video", "compile": "--compile"}
+
+
 def _run(action: Callable[[], T]) -> T:
     """Run a command; expected failures become one line on stderr and exit code 2."""
-    from .hub import ResolveError
-    from .media import MediaError
-    from .models.flav import CheckpointMismatchError
+    from .errors import RflavError
 
-    expected: tuple[type[BaseException], ...] = (ValueError, ResolveError, MediaError, CheckpointMismatchError,
-                                                 FileNotFoundError, PermissionError)
+    # Library errors, plus the OS's word on a path the user gave (no such file, no permission).
+    expected: tuple[type[BaseException], ...] = (RflavError, FileNotFoundError, PermissionError)
     try:
         return action()
     except expected as err:
         if _state["debug"]:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = err.render(_flag) if isinstance(err, RflavError) else str(err)
+        message = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         typer.echo(f"rflav: error: {message}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

@@ -74,6 +74,7 @@ from .config import (
     SAMPLES_PER_FRAME,
     WIN_LENGTH,
 )
+from .errors import RflavError
 
 __all__ = [
     "CACHE_INDEX",
@@ -118,7 +119,7 @@ SKIP_OUTSIDE_CLASSES = "outside class folders"
 _FFMPEG_ARGS = ("-hide_banner", "-nostdin", "-loglevel", "error")
 
 
-class DataError(ValueError):
+class DataError(RflavError, ValueError):
     """The training data cannot be used as given; the message says what to fix."""
 
 

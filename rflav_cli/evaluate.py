@@ -26,12 +26,13 @@ from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
 from .models.audioclip import load_audioclip_audio
 from .models.i3d import load_i3d
+from .errors import RflavError
 
 PROTOCOL = "mmdiffusion"
 METRICS = ("fvd", "kvd", "fad")
 
 
-class EvalError(ValueError):
+class EvalError(RflavError, ValueError):
     """Bad evaluation input, reported as one line."""
 
 

@@ -23,14 +23,11 @@ from rich.text import Text
 
 from . import __version__
 from .config import FPS, SAMPLE_RATE
+from .errors import UsageError
 from .hub import PRESETS, is_repo_id
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
 from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, compile_failure_reason,
                        is_compile_error, pick_device, pick_dtype)
-
-
-class UsageError(ValueError):
-    """Bad command-line input, reported as one line with exit code 2."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from huggingface_hub.utils import (
     disable_progress_bars,
     enable_progress_bars,
 )
+from .errors import RflavError
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ _REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
-class ResolveError(Exception):
+class ResolveError(RflavError):
     """A checkpoint or one of its files cannot be found or fetched (one-line message)."""
 
 

@@ -33,6 +33,7 @@ import ffmpeg
 import numpy as np
 
 from .config import FPS, IMAGE_SIZE, SAMPLE_RATE
+from .errors import RflavError
 
 __all__ = [
     "MediaError",
@@ -61,7 +62,7 @@ _AUDIO_QUEUE_FRAMES = 64
 _STDERR_TAIL = 600
 
 
-class MediaError(Exception):
+class MediaError(RflavError):
     """A media file cannot be read or written; the message is one line for the user."""
 
 

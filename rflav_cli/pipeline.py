@@ -23,11 +23,12 @@ from .hub import VAE_REPO_ID, ResolvedModel, read_side_file, resolve_model
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
+from .errors import RflavError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PipelineError(ValueError):
+class PipelineError(RflavError, ValueError):
     """A request the pipeline cannot serve (bad class, missing audio scale, …)."""
 
 

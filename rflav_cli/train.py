@@ -28,11 +28,12 @@ from .config import FPS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
 from .flow import flow_matching_loss, sample_training_levels
 from .hub import PRESETS, VAE_REPO_ID, read_side_file, resolve_model, write_side_file
 from .models.flav import FLAV, FLAVConfig
+from .errors import RflavError
 
 STATE_DIR = "training_state"
 
 
-class TrainError(ValueError):
+class TrainError(RflavError, ValueError):
     """A training request that cannot be served (bad data, incompatible resume, …)."""
 
 

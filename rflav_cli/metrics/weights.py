@@ -24,6 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import Tensor
 
 from ..models.checkpoint import load_tensor_file
+from ..errors import RflavError
 
 __all__ = [
     "CACHE_ENV",
@@ -79,7 +80,7 @@ WEIGHTS: dict[str, WeightsFile] = {
 }
 
 
-class EvalWeightsError(ValueError):
+class EvalWeightsError(RflavError, ValueError):
     """An evaluation weight file is unusable (wrong content, failed check)."""
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import atomic_write
+from ..errors import FileFormatError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -72,7 +73,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-class VAEWeightsError(ValueError):
+class VAEWeightsError(FileFormatError):
     """A VAE weights file does not fit the architecture described by its config."""
 
 

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
 from .checkpoint import atomic_write
+from ..errors import FileFormatError, UsageError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,11 +56,11 @@ class FLAVConfig:
     def from_size(cls, name: str, **overrides) -> "FLAVConfig":
         """A config from a size name such as ``"FLAV-B/1"`` plus any other field."""
         if name not in FLAV_SIZES:
-            raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(FLAV_SIZES)}")
+            raise UsageError(f"unknown model size {name!r}; choose one of {', '.join(FLAV_SIZES)}")
         return cls(**{**FLAV_SIZES[name], **overrides})
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(FileFormatError):
     """A state dict that does not fit the model it is loaded into."""
 
 

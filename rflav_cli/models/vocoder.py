@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
 from .checkpoint import atomic_write, load_tensor_file
+from ..errors import FileFormatError
 
 __all__ = [
     "CONFIG_NAME",
@@ -55,7 +56,7 @@ _REQUIRED_KEYS = (
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(FileFormatError):
     """A vocoder checkpoint cannot be read or does not fit the configured generator."""
 
 
