@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _state = {"debug": False}
@@ -324,7 +325,29 @@ def bench(
 
 
 def main() -> None:
-    app(prog_name="rflav")
+    try:
+        code = app(prog_name="rflav", standalone_mode=False)
+    except typer.Exit as err:
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:
+        typer.echo("rflav: interrupted", err=True)
+        raise SystemExit(130) from None
+    except Exception as err:
+        # Typer's parser errors (click's, vendored or not): what is wrong, in one line.
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+            raise
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `rflav` alone
+            typer.echo(ctx.get_help(), err=True)
+        else:
+            where = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            typer.echo(f"rflav: error: {_one_line(err.format_message()).rstrip('.')}{where}", err=True)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
