@@ -4,16 +4,24 @@ Downloads go through ``huggingface_hub`` so that its cache, progress bars and th
 environment variables (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``) apply.
 Every failure is turned into a :class:`ResolveError` with a single line saying what went wrong
 and how to fix it.
+
+Before the first request of a process the endpoint is probed once with a short timeout
+(``RFLAV_HUB_TIMEOUT`` seconds, default 5): when it refuses, fails or does not answer, files come
+from the cache only and a miss is reported at once, instead of after huggingface_hub's retries.
+A download that has started is never cut by that timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +168,117 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+# ---------------------------------------------------------------- reachability of the Hub
+
+DEFAULT_HUB_TIMEOUT = 5.0
+TIMEOUT_VAR = "RFLAV_HUB_TIMEOUT"
+
+# Endpoint -> why it cannot be used ("" when it answered). One probe per endpoint and process.
+_endpoint_problems: dict[str, str] = {}
+
+
+def hub_timeout() -> float:
+    """Seconds the reachability probe waits for the endpoint (``RFLAV_HUB_TIMEOUT``)."""
+    text = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not text:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ResolveError(f"{TIMEOUT_VAR} must be a positive number of seconds, got '{text}'")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Keep huggingface_hub's retry and fallback warnings off the terminal during our calls.
+
+    Our own error says what happened in one line; HF_HUB_VERBOSITY still shows them on request.
+    """
+    if os.environ.get("HF_HUB_VERBOSITY"):
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _no_requests(enabled: bool) -> Iterator[None]:
+    """Turn on huggingface_hub's offline switch for a call that must stay in the cache.
+
+    ``local_files_only`` alone still lets it fetch telemetry data from the endpoint first,
+    which waits up to 3 s on an endpoint that does not answer.
+    """
+    if not enabled or hf_constants.HF_HUB_OFFLINE:
+        yield
+        return
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = False
+
+
+def _probe(url: str, timeout: float) -> str:
+    """Why ``url``'s server cannot serve downloads now ("" when it answers, even with an HTTP error).
+
+    The request runs in a daemon thread so that the wait is bounded as a whole, name
+    resolution included, and huggingface_hub's retries are off for it.
+    """
+    outcome: list[BaseException | None] = []
+
+    def head() -> None:
+        try:
+            huggingface_hub.get_hf_file_metadata(url, timeout=timeout, retry_on_errors=False)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=head, name="rflav-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    hub = f"the Hub at {hf_constants.ENDPOINT}"
+    if not outcome:
+        return f"{hub} did not answer within {timeout:g} s"
+    exc = outcome[0]
+    if exc is None:
+        return ""
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        # A 4xx answer (no such repo, gated, ...) means the Hub is there: the download reports it.
+        return f"{hub} answered HTTP {status}" if status is None or status >= 500 else ""
+    if "Timeout" in type(exc).__name__:
+        return f"{hub} did not answer within {timeout:g} s"
+    return f"{hub} could not be reached ({_one_line(str(exc)) or type(exc).__name__})"
+
+
+def _hub_problem(repo_id: str, filename: str, revision: str | None) -> str:
+    """Why the Hub cannot be used now ("" when it can), probed once per endpoint and process."""
+    endpoint = hf_constants.ENDPOINT
+    if endpoint not in _endpoint_problems:
+        url = huggingface_hub.hf_hub_url(repo_id, filename, revision=revision)
+        with _quiet_hub():
+            _endpoint_problems[endpoint] = _probe(url, hub_timeout())
+    return _endpoint_problems[endpoint]
+
+
+def _unreachable(problem: str, repo_id: str, filename: str, flag: str) -> ResolveError:
+    wait = f", or set {TIMEOUT_VAR} to wait longer" if "did not answer" in problem else ""
+    return ResolveError(
+        f"cannot get {filename} from {repo_id} ({problem}; not in the Hugging Face cache either): "
+        f"check the network connection or HF_ENDPOINT{wait}, or pass a local folder with {flag} PATH"
+    )
+
+
 def _explain(exc: Exception, repo_id: str, filename: str, offline: bool, revision: str | None,
              flag: str) -> ResolveError:
     """Turn a huggingface_hub failure into a one-line ResolveError that says how to fix it."""
@@ -204,19 +323,25 @@ def _fetch(repo_id: str, files: list[str], revision: str | None, offline: bool |
     """Fetch ``files`` of a Hub repo into the cache (or ``local_dir``) and return their folder."""
     local_only = _env_offline() if offline is None else offline
     flag = flag or _flag_for(files)
+    # An endpoint that cannot be used leaves the cache: a hit is served, a miss reported at once.
+    problem = "" if local_only else _hub_problem(repo_id, files[0], revision)
     cache_dir = _cache_dir()
     folder: Path | None = None
+    cache_only = local_only or bool(problem)
     for filename in files:
         try:
-            path = huggingface_hub.hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_dir=local_dir,
-                local_files_only=local_only,
-            )
+            with _quiet_hub(), _no_requests(cache_only):
+                path = huggingface_hub.hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_dir=local_dir,
+                    local_files_only=cache_only,
+                )
         except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+            if problem:
+                raise _unreachable(problem, repo_id, filename, flag) from exc
             raise _explain(exc, repo_id, filename, local_only or _env_offline(), revision, flag) from exc
         if folder is None:
             folder = _snapshot_of(path, filename)
@@ -236,12 +361,13 @@ def _check_folder(folder: Path, files: list[str], flag: str) -> None:
 
 
 def local_folder(path_or_repo_id: str | Path, files: list[str], revision: str | None = None,
-                 offline: bool | None = None) -> Path:
+                 offline: bool | None = None, flag: str | None = None) -> Path:
     """Return a folder that holds ``files``: an existing local folder, or a Hub snapshot.
 
     ``offline=True`` uses only the Hugging Face cache; ``None`` follows ``HF_HUB_OFFLINE``.
+    ``flag`` is the option that messages tell the user to pass a folder with (default: by files).
     """
-    flag = _flag_for(files)
+    flag = flag or _flag_for(files)
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         _check_folder(path, files, flag)
@@ -372,14 +498,51 @@ def _place(src: Path, dst: Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _undo_on_failure(folder: Path) -> Iterator[None]:
+    """On any failure, remove what was added under ``folder`` (partial files, lock files, the
+    ``.cache/huggingface`` bookkeeping, folders made for it); what was there before stays."""
+    first_new = None  # the highest folder on the way to ``folder`` that does not exist yet
+    probe = folder
+    while not probe.exists():
+        first_new, probe = probe, probe.parent
+    before: set[str] = set()
+    if first_new is None:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            before.update(os.path.join(dirpath, name) for name in (*dirnames, *filenames))
+    try:
+        yield
+    except BaseException:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        else:
+            for dirpath, dirnames, filenames in os.walk(folder):
+                for name in list(dirnames):
+                    path = os.path.join(dirpath, name)
+                    if path not in before:
+                        dirnames.remove(name)
+                        if os.path.islink(path):
+                            with contextlib.suppress(OSError):
+                                os.unlink(path)
+                        else:
+                            shutil.rmtree(path, ignore_errors=True)
+                for name in filenames:
+                    path = os.path.join(dirpath, name)
+                    if path not in before:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+        raise
+
+
 def _download_one(repo_id: str, files: list[str], revision: str | None, offline: bool,
                   to: Path | None) -> Path:
     if to is None:
         return _fetch(repo_id, files, revision, offline)
     to.mkdir(parents=True, exist_ok=True)
-    if offline:
-        # huggingface_hub's local_dir mode never reads the cache when offline: copy from it here.
-        snapshot = _fetch(repo_id, files, revision, True)
+    if offline or _hub_problem(repo_id, files[0], revision):
+        # huggingface_hub's local_dir mode never reads the cache when it cannot go online:
+        # copy from the cache here (a miss says why the Hub was not asked).
+        snapshot = _fetch(repo_id, files, revision, offline)
         for filename in files:
             _place(snapshot / filename, to / filename)
         return to
@@ -393,7 +556,8 @@ def download(which: str = "dance", to: str | Path | None = None, revision: str |
 
     Without ``to`` the files go into the Hugging Face cache; with ``to`` into plain folders
     ``to/<preset>`` and ``to/sd-vae-ft-ema`` usable as ``--model``/``--vae``. ``revision`` applies
-    to the model repos only. Returns the folders, models first, the VAE last.
+    to the model repos only. Returns the folders, models first, the VAE last. A folder whose
+    download fails is left as it was before the call (folders completed before it stay).
     """
     if which == "all":
         presets = list(PRESETS.values())
@@ -406,14 +570,20 @@ def download(which: str = "dance", to: str | Path | None = None, revision: str |
     folders: list[Path] = []
     with _progress_bars(progress):
         for preset in presets:
-            dest = root / preset.name if root is not None else None
-            folder = _download_one(preset.repo_id, MODEL_FILES, revision, local_only, dest)
-            if dest is not None:
+            if root is None:
+                folders.append(_download_one(preset.repo_id, MODEL_FILES, revision, local_only, None))
+                continue
+            dest = root / preset.name
+            with _undo_on_failure(dest):
+                folder = _download_one(preset.repo_id, MODEL_FILES, revision, local_only, dest)
                 # A plain folder loses the preset name: record its audio_scale beside the weights.
                 side = read_side_file(folder)
                 if "audio_scale" not in side:
                     write_side_file(folder, {**side, "audio_scale": preset.audio_scale})
             folders.append(folder)
-        vae_dest = root / VAE_FOLDER_NAME if root is not None else None
-        folders.append(_download_one(VAE_REPO_ID, VAE_FILES, None, local_only, vae_dest))
+        if root is None:
+            folders.append(_download_one(VAE_REPO_ID, VAE_FILES, None, local_only, None))
+        else:
+            with _undo_on_failure(root / VAE_FOLDER_NAME):
+                folders.append(_download_one(VAE_REPO_ID, VAE_FILES, None, local_only, root / VAE_FOLDER_NAME))
     return folders

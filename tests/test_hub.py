@@ -1,15 +1,24 @@
 """Tests for rflav_cli.hub: presets, local folders, the Hugging Face cache layout and errors.
 
-No test touches the network: offline mode is forced both in the environment and in
-huggingface_hub's constants (read at import time), and the cache lives under tmp_path.
+No test touches the network. In-process tests force offline mode both in the environment and
+in huggingface_hub's constants (read at import time); the command-line tests run `rflav` in a
+subprocess whose HF_ENDPOINT is a local port that refuses connections, a local server that
+accepts and never answers, or a small local stand-in for the Hub. The cache lives under tmp_path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.server
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -370,6 +379,8 @@ def online_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # hf_hub_download is faked here: the endpoint probe must not leave the process either.
+    monkeypatch.setattr(hub, "_hub_problem", lambda *args: "")
 
 
 @pytest.mark.parametrize(
@@ -425,3 +436,256 @@ def test_download_to_folder_online_uses_local_dir(online_env: None, tmp_path: Pa
     assert all(c["bars_off"] and c["local_files_only"] is False for c in fake.calls)
     assert are_progress_bars_disabled() == bars_before
     assert read_side_file(target / "landscape") == {"audio_scale": 3.0951129410195515}
+
+
+# ---------------------------------------------------------------- an unreachable or silent Hub, via the CLI
+
+REFUSED_LIMIT_S = 5.0   # the whole command, when the endpoint refuses connections
+SILENT_LIMIT_S = 15.0   # the whole command, when the endpoint accepts and never answers
+
+
+@pytest.fixture
+def refused_endpoint() -> str:
+    """An endpoint on a local port nothing listens on: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An endpoint that accepts connections and never sends a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)  # kept open and never answered
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Serves /<org>/<name>/resolve/<revision>/<path> as the Hub does for plain files.
+
+    ``seconds_per_file`` spreads each GET body over that many seconds (a slow but working link).
+    A file it does not hold is answered 404 EntryNotFound.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], seconds_per_file: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        self.repos = repos
+        self.seconds_per_file = seconds_per_file
+        self.gets: list[str] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def _lookup(self) -> bytes | None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+            return None
+        return self.server.repos.get(f"{parts[0]}/{parts[1]}", {}).get("/".join(parts[4:]))
+
+    def _head(self, data: bytes | None) -> None:
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self._head(self._lookup())
+
+    def do_GET(self) -> None:  # noqa: N802
+        data = self._lookup()
+        self._head(data)
+        if data is None:
+            return
+        self.server.gets.append(self.path)
+        pieces = 10
+        step = max(1, -(-len(data) // pieces))
+        for start in range(0, len(data), step):
+            self.wfile.write(data[start:start + step])
+            self.wfile.flush()
+            time.sleep(self.server.seconds_per_file / pieces)
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    server = FakeHub({DANCE: model_payload("dance"), VAE_REPO_ID: VAE_PAYLOAD})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def rflav(args: list[str], endpoint: str, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `rflav ARGS` in a fresh process against ``endpoint``; returns the result and seconds taken."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_VERBOSITY",
+                             "RFLAV_HUB_TIMEOUT")}
+    full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), **env)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "rflav_cli", *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - start
+
+
+def only_line(proc: subprocess.CompletedProcess) -> str:
+    """The single line the command printed on stderr (and nothing else was printed there)."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rflav: error: "), proc.stderr
+    return lines[0]
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_refused_endpoint_fails_download_at_once_and_cleans_up(refused_endpoint: str, tmp_path: Path) -> None:
+    target = tmp_path / "weights"
+    (target / "dance").mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    (target / "dance" / "README").write_text("mine too")
+    before = tree(target)
+    proc, seconds = rflav(["download", "dance", "--to", str(target)], refused_endpoint, tmp_path)
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert DANCE in line and "config.json" in line and "could not be reached" in line
+    assert refused_endpoint in line and "pass a local folder with --model PATH" in line
+    assert proc.stdout == ""
+    assert seconds < REFUSED_LIMIT_S
+    # No lock files, partial files or .cache/huggingface left in the folders; ours kept.
+    assert tree(target) == before
+    # A folder the call would have made is not made at all.
+    proc, _ = rflav(["download", "dance", "--to", str(tmp_path / "new" / "deeper")], refused_endpoint, tmp_path)
+    assert proc.returncode == 2 and not (tmp_path / "new").exists()
+
+
+def test_silent_endpoint_fails_download_within_the_default_timeout(silent_endpoint: str, tmp_path: Path) -> None:
+    proc, seconds = rflav(["download", "dance", "--to", str(tmp_path / "w")], silent_endpoint, tmp_path)
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert DANCE in line and "config.json" in line and "--model PATH" in line
+    assert f"did not answer within {hub.DEFAULT_HUB_TIMEOUT:g} s" in line and "RFLAV_HUB_TIMEOUT" in line
+    assert hub.DEFAULT_HUB_TIMEOUT <= seconds < SILENT_LIMIT_S
+    assert not (tmp_path / "w").exists()
+
+
+def test_silent_endpoint_honours_the_timeout_variable(silent_endpoint: str, tmp_path: Path) -> None:
+    proc, seconds = rflav(["download", "dance"], silent_endpoint, tmp_path, RFLAV_HUB_TIMEOUT="0.5")
+    assert proc.returncode == 2
+    assert "did not answer within 0.5 s" in only_line(proc)
+    assert 0.5 <= seconds < 4
+    proc, _ = rflav(["download", "dance"], silent_endpoint, tmp_path, RFLAV_HUB_TIMEOUT="soon")
+    assert proc.returncode == 2 and "RFLAV_HUB_TIMEOUT must be a positive number" in only_line(proc)
+
+
+def test_generate_with_a_hub_model_fails_fast(refused_endpoint: str, silent_endpoint: str, tmp_path: Path) -> None:
+    # What starting `rflav generate` costs without any Hub access (torch and the models' code).
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import rflav_cli.cli, rflav_cli.generate"], check=True)
+    startup = time.monotonic() - start
+    args = ["generate", "--model", "org/name", "--seconds", "1", "-o", "out.mp4"]
+    proc, seconds = rflav(args, refused_endpoint, tmp_path)
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert "org/name" in line and "config.json" in line and "could not be reached" in line
+    assert "pass a local folder with --model PATH" in line
+    assert seconds < max(REFUSED_LIMIT_S, startup + 2.0)
+    proc, seconds = rflav(args, silent_endpoint, tmp_path, RFLAV_HUB_TIMEOUT="1")
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert "org/name" in line and "did not answer within 1 s" in line and "--model PATH" in line
+    assert seconds < startup + 1 + 3.0
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_unreachable_hub_still_serves_the_cache(refused_endpoint: str, tmp_path: Path) -> None:
+    cache = tmp_path / "hf_home" / "hub"
+    snapshot = add_to_cache(cache, DANCE, model_payload("dance"))
+    vae = add_to_cache(cache, VAE_REPO_ID, VAE_PAYLOAD)
+    proc, seconds = rflav(["download", "dance"], refused_endpoint, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(snapshot), str(vae)] and proc.stderr == ""
+    assert seconds < REFUSED_LIMIT_S
+    # Into plain folders, the files are copied from the cache.
+    proc, _ = rflav(["download", "dance", "--to", "w"], refused_endpoint, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w" / "dance" / "vocoder" / "vocoder.pt").read_bytes() == b"vocoder of dance"
+    assert (tmp_path / "w" / "sd-vae-ft-ema" / "config.json").read_bytes() == VAE_PAYLOAD["config.json"]
+
+
+def test_offline_mode_does_not_wait_for_a_silent_hub(silent_endpoint: str, tmp_path: Path) -> None:
+    proc, seconds = rflav(["download", "dance"], silent_endpoint, tmp_path, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert "offline and not in the Hugging Face cache" in line and DANCE in line
+    assert seconds < 3
+
+
+def test_download_to_folder_from_a_slow_hub(fake_hub: FakeHub, tmp_path: Path) -> None:
+    # Each file takes longer to arrive than the probe waits: a working download is not cut.
+    fake_hub.seconds_per_file = 0.8
+    proc, _ = rflav(["download", "dance", "--to", "w"], fake_hub.endpoint, tmp_path, RFLAV_HUB_TIMEOUT="0.5")
+    assert proc.returncode == 0, proc.stderr
+    target = tmp_path / "w"
+    assert proc.stdout.split() == [str(target / "dance"), str(target / "sd-vae-ft-ema")]
+    for name, data in model_payload("dance").items():
+        assert (target / "dance" / name).read_bytes() == data
+    for name, data in VAE_PAYLOAD.items():
+        assert (target / "sd-vae-ft-ema" / name).read_bytes() == data
+    assert read_side_file(target / "dance") == {"audio_scale": PRESETS["dance"].audio_scale}
+    assert len(fake_hub.gets) == len(MODEL_FILES) + len(VAE_FILES)
+
+
+def test_failed_download_to_folder_removes_what_it_added(fake_hub: FakeHub, tmp_path: Path) -> None:
+    # The Hub holds the model but not its vocoder weights: two files arrive, then it fails.
+    del fake_hub.repos[DANCE]["vocoder/vocoder.pt"]
+    target = tmp_path / "w"
+    (target / "dance" / ".cache").mkdir(parents=True)
+    (target / "dance" / ".cache" / "keep").write_text("mine")
+    (target / "dance" / "notes.txt").write_text("mine")
+    before = tree(target)
+    proc, _ = rflav(["download", "dance", "--to", str(target)], fake_hub.endpoint, tmp_path)
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert DANCE in line and "vocoder/vocoder.pt" in line and "no such file" in line
+    assert len(fake_hub.gets) == 3  # the files before it did arrive ...
+    assert tree(target) == before   # ... and are gone again, with the .cache/huggingface bookkeeping

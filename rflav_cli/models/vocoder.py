@@ -318,14 +318,15 @@ def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
         if not (path / CONFIG_NAME).is_file() and (path / HUB_SUBFOLDER / CONFIG_NAME).is_file():
             return path / HUB_SUBFOLDER
         return path
+    from rflav_cli.hub import ResolveError, local_folder
+
     if path.exists():
-        raise NotADirectoryError(f"{path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise ResolveError(f"{path} is a file: pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} as the vocoder")
     if not _REPO_ID.match(str(folder)):
         raise FileNotFoundError(f"vocoder folder not found: {path} (nor is it a Hub repo id like owner/name)")
-    from rflav_cli.hub import local_folder
-
     files = [f"{HUB_SUBFOLDER}/{CONFIG_NAME}", f"{HUB_SUBFOLDER}/{WEIGHTS_NAME}"]
-    return Path(local_folder(str(folder), files, revision=revision)) / HUB_SUBFOLDER
+    # Hub failures (unreachable, no such repo) are one-line ResolveErrors naming the repo and file.
+    return Path(local_folder(str(folder), files, revision=revision, flag="--vocoder")) / HUB_SUBFOLDER
 
 
 class StreamingVocoder:
