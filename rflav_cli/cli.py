@@ -78,49 +78,68 @@ def root(
 
 @app.command()
 def generate(
-    label: Optional[str] = typer.Option(None, "--class", "-c", help="Preset (dance, landscape) or a class of a class-conditional --model."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset, Hub repo id or local release-layout folder."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE Hub repo id or folder [default: stabilityai/sd-vae-ft-ema]."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of --model."),
-    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="Mel scale of the checkpoint (presets know theirs)."),
+    label: Optional[str] = typer.Option(None, "--class", "-c", help="Alone: the preset to run (dance, landscape). With --model: a class of that class-conditional checkpoint (name or index)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, model.safetensors, vocoder/, rflav.json) [default: dance]."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else stabilityai/sd-vae-ft-ema]."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of --model; not for local folders."),
+    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="Mel scale the checkpoint was trained with [default: from its rflav.json; presets know theirs]."),
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Length in seconds [default: 10, or the --audio/--video length]."),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Length in frames (10 per second)."),
-    forever: bool = typer.Option(False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Length in frames (10 per second), instead of --seconds."),
+    forever: bool = typer.Option(False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Number of videos; sample i uses seed + i."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first sample."),
-    steps: int = typer.Option(2, "--steps", help="Model evaluations per frame."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance (class-conditional checkpoints only)."),
-    audio: Optional[Path] = typer.Option(None, "--audio", help="Audio-to-video: generate a video for this sound."),
-    video: Optional[Path] = typer.Option(None, "--video", help="Video-to-audio: generate a soundtrack for this video."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Strength of --audio/--video guidance [default: 1 for audio, 2 for video]."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together (faster, more memory)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first sample (0 to 2**63-1); a seed gives the same video on every device."),
+    steps: int = typer.Option(2, "--steps", help="Model evaluations per frame (more: slower, finer)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, >= 0 (class-conditional checkpoints only) [default: 1, no guidance]."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Audio-to-video: generate a video for this sound (its first channel, resampled to 16 kHz, is re-encoded into the output)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Video-to-audio: generate a soundtrack for this video (resampled to 10 fps and letterboxed to the model's frame size, then re-encoded into the output)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Strength of --audio/--video guidance, >= 0 [default: 1 for audio, 2 for video]."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 [auto: bf16 on CUDA and on CPUs with native bf16, else fp32]."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames (1.4–2.3× on an H100) [default: on for CUDA and 20 s or more]."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output MP4, or a folder for several samples."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    wav: bool = typer.Option(False, "--wav", help="Also write the audio as WAV."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PATH", help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder [default: MODEL-seedS.mp4, or MODEL-samples/]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (MP4, .json, .wav)."),
+    wav: bool = typer.Option(False, "--wav", help="Also write the audio as a 16-bit WAV next to each MP4."),
+    griffin_lim: bool = typer.Option(False, "--griffin-lim", help="Make the sound with Griffin-Lim instead of the checkpoint's neural vocoder (needed for checkpoints without vocoder/ whose rflav.json does not say so; lower quality)."),
     offline: bool = typer.Option(False, "--offline", help="Use only files already in the Hugging Face cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary of each MP4 as JSON on stdout (no progress display)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no closing line (errors and interruptions are still reported)."),
 ) -> None:
-    """Generate videos with sound from a checkpoint, streamed to MP4."""
-    from .generate import GenerateRequest, run_generate
+    """Generate videos with sound from a checkpoint, streamed to MP4.
+
+    A fixed-length run stopped by Ctrl-C or SIGTERM finalises what it wrote (playable, its .json
+    says interrupted), says so on stderr and exits 130 (143 for SIGTERM); --forever ends that way
+    with exit 0.
+    """
+    from .requests import GenerateRequest, check_generate_request
 
     request = GenerateRequest(
         model=model, label=label, vae=vae, revision=revision, offline=offline, audio_scale=audio_scale,
         seconds=seconds, frames=frames, forever=forever, num_samples=num_samples, batch_size=batch_size, seed=seed,
         steps=steps, cfg_scale=cfg_scale, guidance_scale=guidance_scale, audio_input=audio, video_input=video,
         device=device, dtype=dtype, compile=compile_model, output=output, overwrite=overwrite, wav=wav,
-        quiet=quiet or as_json,
+        quiet=quiet or as_json, griffin_lim=griffin_lim,
     )
-    summaries = _run(lambda: run_generate(request, Console(stderr=True)))
+    _run(lambda: check_generate_request(request))   # bad values fail here, before torch is imported
+
+    def go():
+        from .generate import GenerationInterrupted, run_generate
+
+        try:
+            return run_generate(request, Console(stderr=True)), None
+        except GenerationInterrupted as stopped:
+            return stopped.summaries, stopped
+
+    summaries, stopped = _run(go)
     if as_json:
         typer.echo(json.dumps(summaries if len(summaries) != 1 else summaries[0], indent=2))
-    elif not quiet:
+    elif not quiet and stopped is None:
         for s in summaries:
-            note = " (stopped early)" if s["interrupted"] else ""
+            note = " (stopped)" if s["interrupted"] else ""
             typer.echo(f"wrote {s['output']}: {s['frames']} frames, {s['seconds']:.1f} s{note}", err=True)
+    if stopped is not None:
+        typer.echo(f"rflav: {stopped}", err=True)   # even with --quiet: the outputs are short
+        raise typer.Exit(stopped.exit_code)
 
 
 @app.command()

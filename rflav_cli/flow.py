@@ -160,7 +160,8 @@ class Guide:
     `frames` yields the given modality one clean frame at a time, in model space, shaped like
     one window slot: (B, C, H, W) for video, (B, 1, n_mels, 10) for audio. It may end: later
     frames are then generated jointly. At every model call the given frames are re-noised to
-    their frame's level with a fixed ε, and the generated modality's Euler step is corrected by
+    their frame's level with a fixed ε (drawn from `generator`, on its device, then moved to the
+    frames'), and the generated modality's Euler step is corrected by
     −dt·scale·∇ of the squared error between the true velocity x₁ − ε of the given frames and
     the model's prediction for them.
     """
@@ -184,10 +185,14 @@ class _GuideState:
     def _push(self) -> None:
         frame = next(self.guide.frames, None)
         self.clean.append(frame)
-        self.noise.append(
-            None if frame is None
-            else torch.randn(frame.shape, generator=self.guide.generator, device=frame.device, dtype=frame.dtype)
-        )
+        noise = None
+        if frame is not None:
+            # Drawn where the generator lives (a seeded CPU generator gives the same noise for
+            # frames on any device), then moved to the frame.
+            generator = self.guide.generator
+            where = generator.device if generator is not None else frame.device
+            noise = torch.randn(frame.shape, generator=generator, device=where, dtype=frame.dtype).to(frame.device)
+        self.noise.append(noise)
 
     def shift(self) -> torch.Tensor | None:
         """Drop slot 0 (returning its clean frame) and pull the next given frame."""

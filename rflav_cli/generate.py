@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -24,43 +22,14 @@ from rich.text import Text
 from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
-from .hub import PRESETS, is_repo_id
+from .hub import PRESETS
 from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
 from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, compile_failure_reason,
                        is_compile_error, pick_device, pick_dtype)
+from .requests import (GenerateRequest, check_generate_request, generate_frame_count, generate_model_and_label,
+                       generate_output_paths)
 
-
-@dataclass
-class GenerateRequest:
-    """Everything `rflav generate` can be asked; defaults match the CLI's."""
-
-    model: str | None = None
-    label: str | None = None            # --class: a preset name or a class of the checkpoint
-    vae: str | None = None
-    revision: str | None = None
-    offline: bool = False
-    audio_scale: float | None = None
-    seconds: float | None = None
-    frames: int | None = None
-    forever: bool = False
-    num_samples: int = 1
-    batch_size: int = 1
-    seed: int = 0
-    steps: int = 2
-    cfg_scale: float | None = None
-    guidance_scale: float | None = None
-    audio_input: Path | None = None
-    video_input: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | None = None         # None: auto_compile decides from the device and length
-    output: Path | None = None
-    overwrite: bool = False
-    wav: bool = False
-    quiet: bool = False
-
-
-DEFAULT_SECONDS = 10.0
+__all__ = ["GenerateRequest", "GenerationInterrupted", "run_generate", "validate"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -68,99 +37,18 @@ DEFAULT_SECONDS = 10.0
 # ----------------------------------------------------------------------------------------
 
 
-def _model_and_label(req: GenerateRequest) -> tuple[str, str | None]:
-    """`--class dance` alone means the dance preset; with --model it names a class."""
-    if req.model is None:
-        if req.label is None:
-            return "dance", None
-        if req.label in PRESETS:
-            return req.label, None
-        raise UsageError(
-            f"unknown class {req.label!r}: choose one of {', '.join(PRESETS)} "
-            "(or pass --model CHECKPOINT to use the classes of a class-conditional checkpoint)"
-        )
-    if req.label in PRESETS and req.label == req.model:
-        return req.model, None
-    return req.model, req.label
-
-
-def _frame_count(req: GenerateRequest, given_frames: int | None) -> int | None:
-    chosen = [name for name, value in (("--seconds", req.seconds), ("--frames", req.frames)) if value is not None]
-    if req.forever and chosen:
-        raise UsageError(f"--forever cannot be combined with {chosen[0]}")
-    if len(chosen) > 1:
-        raise UsageError("give either --seconds or --frames, not both")
-    if req.forever:
-        return None
-    if req.seconds is not None:
-        if not math.isfinite(req.seconds) or req.seconds <= 0:
-            raise UsageError(f"--seconds must be a positive number, got {req.seconds}")
-        return max(1, round(req.seconds * FPS))
-    if req.frames is not None:
-        if req.frames < 1:
-            raise UsageError(f"--frames must be at least 1, got {req.frames}")
-        return req.frames
-    if given_frames is not None:
-        return given_frames
-    return round(DEFAULT_SECONDS * FPS)
-
-
-def _output_paths(req: GenerateRequest, name: str, seeds: list[int]) -> list[Path]:
-    stem = Path(name.rstrip("/")).name or "rflav"
-    if len(seeds) == 1:
-        out = req.output or Path(f"{stem}-seed{seeds[0]}.mp4")
-        if out.is_dir():
-            out = out / f"{stem}-seed{seeds[0]}.mp4"
-        elif out.suffix.lower() != ".mp4":
-            out = out.with_name(out.name + ".mp4")
-        paths = [out]
-    else:
-        folder = req.output or Path(f"{stem}-samples")
-        if folder.suffix.lower() == ".mp4":
-            raise UsageError(f"--num-samples {len(seeds)} writes several files: give --output a folder, not {folder}")
-        paths = [folder / f"{stem}-seed{s}.mp4" for s in seeds]
-    for path in paths:
-        targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".wav")] if req.wav else [])
-        for target in targets:
-            if target.exists() and not req.overwrite:
-                raise UsageError(f"{target} already exists: choose another --output or pass --overwrite")
-        folder = path.parent
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise UsageError(f"cannot write to {folder}: choose a writable --output")
-    return paths
-
-
 def validate(req: GenerateRequest) -> None:
-    """Reject bad flags with one clear line (UsageError) before any model is loaded."""
-    if req.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {req.steps}")
-    if req.num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {req.num_samples}")
-    if req.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if req.audio_scale is not None and not (math.isfinite(req.audio_scale) and req.audio_scale > 0):
-        raise UsageError(f"--audio-scale must be a positive number, got {req.audio_scale}")
-    if req.audio_input is not None and req.video_input is not None:
-        raise UsageError("give either --audio or --video, not both")
-    if req.forever and req.num_samples > 1:
-        raise UsageError("--forever writes one stream: drop --num-samples")
-    if req.model is not None and req.model not in PRESETS and not Path(req.model).is_dir() and not is_repo_id(req.model):
-        raise UsageError(f"--model {req.model}: not a preset ({', '.join(PRESETS)}), a local folder or a Hub repo id")
-    try:
-        find_ffmpeg()
-    except MediaError as err:
-        raise UsageError(str(err)) from None
-    for flag, path, stream in (("--audio", req.audio_input, "audio"), ("--video", req.video_input, "video")):
+    """Reject bad flags with one clear line (UsageError) before any model is loaded: the
+    torch-free checks of :func:`check_generate_request`, then ffmpeg, the --audio/--video
+    streams and the device."""
+    check_generate_request(req)
+    find_ffmpeg()
+    for param, path, stream in (("audio_input", req.audio_input, "audio"), ("video_input", req.video_input, "video")):
         if path is None:
             continue
-        if not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
         info = probe(path)
         if not (info.has_audio if stream == "audio" else info.has_video):
-            raise UsageError(f"{flag} {path} has no {stream} stream")
+            raise UsageError(f"{{{param}}} {path} has no {stream} stream", params=(param,))
     pick_dtype(req.dtype, pick_device(req.device))
 
 
@@ -210,10 +98,16 @@ def _progress(console: Console, quiet: bool) -> Progress:
 # ----------------------------------------------------------------------------------------
 
 
+class StopRequest(threading.Event):
+    """Set by the first Ctrl-C or SIGTERM; `signum` says which signal asked."""
+
+    signum: int | None = None
+
+
 @contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals() -> Iterator[StopRequest]:
     """First Ctrl-C / SIGTERM asks for a clean stop; a second one interrupts at once."""
-    stop = threading.Event()
+    stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -221,6 +115,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
+        stop.signum = signum
         stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -229,6 +124,39 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """A run stopped (Ctrl-C, SIGTERM) before it made everything it was asked for.
+
+    What was generated is finalised, playable and has its sidecar (``"interrupted": true``);
+    `summaries` are those of the files written. `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, summaries: list[dict], signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.message = message
+        self.summaries = summaries
+        self.exit_code = 128 + int(signum)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _interrupted_message(summaries: list[dict], num_frames: int | None, num_samples: int) -> str:
+    short = [s for s in summaries if s["interrupted"]]
+    complete = len(summaries) - len(short)
+    if short:
+        files = ", ".join(s["output"] for s in short)
+        total = "" if num_frames is None else f" of {num_frames}"
+        parts = [f"{short[0]['frames']}{total} frames written to {files} (finalised and playable; "
+                 "its .json says interrupted)"]
+    else:
+        parts = ["stopped before the first frame of " + ("the stream" if num_frames is None else "the batch")]
+    if complete:
+        parts.append(f"{complete} complete sample{'s' if complete > 1 else ''} before")
+    if len(summaries) < num_samples:
+        parts.append(f"{num_samples - len(summaries)} of {num_samples} samples not generated")
+    return "interrupted: " + "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,10 +211,14 @@ class _Outputs:
 
 
 def run_generate(req: GenerateRequest, console: Console | None = None) -> list[dict]:
-    """Generate every requested sample; return one summary per written MP4."""
+    """Generate every requested sample; return one summary per written MP4.
+
+    Ctrl-C or SIGTERM stops cleanly: the files being written are finalised. Ending a
+    `forever` stream that way is its normal end; any other run that was stopped (or a stream
+    stopped before its first frame) raises :class:`GenerationInterrupted` after finalising."""
     console = console or Console(stderr=True)
     validate(req)
-    model_name, label = _model_and_label(req)
+    model_name, label = generate_model_and_label(req)
 
     given_audio = read_audio(req.audio_input) if req.audio_input is not None else None
     given_frames = None
@@ -295,22 +227,16 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     elif req.video_input is not None:
         duration = probe(req.video_input).duration
         given_frames = max(1, round(duration * FPS)) if duration else None
-    num_frames = _frame_count(req, given_frames)
+    num_frames = generate_frame_count(req, given_frames)
     seeds = [req.seed + i for i in range(req.num_samples)]
-    paths = _output_paths(req, model_name, seeds)
+    paths = generate_output_paths(req, model_name, seeds)
 
     with console.status(f"loading {model_name}", spinner="dots") if not req.quiet else _null():
         pipe = Pipeline.from_pretrained(model_name, vae=req.vae, revision=req.revision, offline=req.offline or None,
                                         audio_scale=req.audio_scale, device=req.device, dtype=req.dtype,
-                                        compile=_wants_compile(req, num_frames, given_audio is not None))
-    if pipe.model.num_classes <= 0 and req.cfg_scale is not None:
-        raise UsageError("--cfg-scale only applies to class-conditional checkpoints; this one is unconditional")
-    if pipe.model.num_classes > 0 and label is None:
-        raise UsageError(
-            "this checkpoint is class-conditional: pass --class with one of "
-            + ", ".join(pipe.class_names or [str(i) for i in range(pipe.model.num_classes)])
-        )
-    pipe.class_index(label)  # unknown class names fail here, before any output is created
+                                        compile=_wants_compile(req, num_frames, given_audio is not None),
+                                        griffin_lim=req.griffin_lim)
+    _check_label(pipe, label, req)
 
     source = pipe.source
     weights_id = {"revision": source.revision} if source and source.revision else {}
@@ -318,6 +244,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
         weights_id = {"model_sha256": _sha256(Path(source.folder) / "model.safetensors")}
 
     summaries: list[dict] = []
+    interrupted = False
     with _stop_on_signals() as stop, _progress(console, req.quiet) as progress:
         for start in range(0, len(seeds), req.batch_size):
             batch_seeds = seeds[start : start + req.batch_size]
@@ -334,7 +261,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
                 began = time.perf_counter()
                 written = 0
-                interrupted = retry = False
+                retry = False
                 try:
                     for frame in generation:
                         outputs.write(frame)
@@ -347,7 +274,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                         for frame in generation.finish():
                             outputs.write(frame)
                             written += 1
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:   # a second Ctrl-C: keep what is written, at once
                     interrupted = True
                 except Exception as err:
                     if not (pipe.compile and is_compile_error(err)):
@@ -365,7 +292,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     break
             progress.update(task, completed=written)
             wall = time.perf_counter() - began
-            for i, (seed, path) in enumerate(zip(batch_seeds, batch_paths)):
+            for seed, path in zip(batch_seeds, batch_paths):
                 if not written:
                     continue
                 summary = {
@@ -373,6 +300,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     "model": source.source if source else model_name,
                     **weights_id,
                     "vae": pipe.vae_source,
+                    "vocoder": pipe.vocoder_name,
+                    "vocoder_source": pipe.vocoder_source,
                     "audio_scale": pipe.audio_scale,
                     "class": label,
                     "cfg_scale": req.cfg_scale,
@@ -382,6 +311,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     "device": str(pipe.device),
                     "compiled": pipe.compile,
                     "frames": written,
+                    "frames_requested": num_frames,
                     "seconds": written / FPS,
                     "wall_seconds": round(wall, 3),
                     "interrupted": interrupted,
@@ -394,7 +324,29 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 summaries.append(summary)
             if interrupted:
                 break
+    if interrupted and (num_frames is not None or not summaries):
+        raise GenerationInterrupted(_interrupted_message(summaries, num_frames, len(seeds)), summaries,
+                                    stop.signum or signal.SIGINT)
     return summaries
+
+
+def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> None:
+    """--class and --cfg-scale against what the loaded checkpoint is, before any output exists."""
+    if pipe.model.num_classes <= 0:
+        if label is not None:
+            preset = (f" (a preset name chooses the checkpoint only without {{model}}, or with {{model}} {label})"
+                      if label in PRESETS else "")
+            raise UsageError(f"{{label}} {label}: this checkpoint is unconditional: drop {{label}}{preset}",
+                             params=("label", "model"))
+        if req.cfg_scale is not None:
+            raise UsageError("{cfg_scale} only applies to class-conditional checkpoints; this one is unconditional",
+                             params=("cfg_scale",))
+        return
+    if label is None:
+        raise UsageError("this checkpoint is class-conditional: pass {label} with one of "
+                         + ", ".join(pipe.class_names or [str(i) for i in range(pipe.model.num_classes)]),
+                         params=("label",))
+    pipe.class_index(label)  # unknown class names fail here
 
 
 def _wants_compile(req: GenerateRequest, num_frames: int | None, audio_given: bool) -> bool:

@@ -20,11 +20,13 @@ import queue
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 import time
 import wave
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,7 +35,7 @@ import ffmpeg
 import numpy as np
 
 from .config import FPS, IMAGE_SIZE, SAMPLE_RATE
-from .errors import RflavError
+from .errors import RflavError, UsageError
 
 __all__ = [
     "MediaError",
@@ -400,6 +402,55 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
         tmp.unlink()
 
 
+_WORKDIR_PREFIX = "rflav-ffmpeg-"
+# rflav-ffmpeg-<pid of the writing process>-<random>; folders of older versions have no pid.
+_WORKDIR_RE = re.compile(re.escape(_WORKDIR_PREFIX) + r"(\d+)-.+")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user
+        return True
+    except (OverflowError, ValueError):  # not a possible pid
+        return False
+    return True
+
+
+def remove_stale_workdirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the FIFO folders that writers of processes now gone left in the temporary folder
+    (a run killed with SIGKILL cannot clean up after itself). Only folders of this user whose
+    process no longer exists are removed; returns them."""
+    root = Path(root if root is not None else tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(root.glob(_WORKDIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        match = _WORKDIR_RE.fullmatch(folder.name)
+        if match is None:
+            continue
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _new_workdir() -> Path:
+    """A private folder for one writer's FIFOs, named after this process; stale ones of dead
+    processes are removed first."""
+    remove_stale_workdirs()
+    return Path(tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-"))
+
+
 _END = object()
 
 
@@ -499,10 +550,12 @@ class VideoWriter(_Output):
         overwrite: bool = False,
         crf: int = 18,
     ) -> None:
-        if sample_rate % fps:
-            raise ValueError(f"sample_rate {sample_rate} is not a multiple of fps {fps}")
-        if width % 2 or height % 2:
-            raise ValueError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
+        if fps < 1 or sample_rate < 1 or sample_rate % fps:
+            raise UsageError(f"{{sample_rate}} {sample_rate} must be a positive multiple of {{fps}} {fps}",
+                             params=("sample_rate", "fps"))
+        if width < 2 or height < 2 or width % 2 or height % 2:
+            raise UsageError(f"H.264 yuv420p needs even frame sizes ({{width}}, {{height}}), got {width}x{height}",
+                             params=("width", "height"))
         self.width, self.height, self.fps = width, height, fps
         self.sample_rate, self.audio, self.overwrite = sample_rate, audio, overwrite
         self.samples_per_frame = sample_rate // fps
@@ -510,7 +563,9 @@ class VideoWriter(_Output):
         self._frame_bytes = width * height * 3
         self.path, self.partial_path = _prepare_output(path, overwrite, ".mp4")
         self._state = "open"
-        self._workdir = Path(tempfile.mkdtemp(prefix="rflav-ffmpeg-"))
+        self._workdir = _new_workdir()
+        # The FIFO folder goes with the writer even if close()/abort() is never called.
+        self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self._workdir), ignore_errors=True)
         try:
             self._start(crf)
         except BaseException:
@@ -593,24 +648,24 @@ class VideoWriter(_Output):
         if frames.ndim == 3:
             frames = frames[None]
         if frames.dtype != np.uint8 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(
+            raise UsageError(
                 f"frames must be uint8 (N, {self.height}, {self.width}, 3), "
                 f"got {frames.dtype} {tuple(frames.shape)}"
             )
         n = frames.shape[0]
         if self.audio:
             if audio is None:
-                raise ValueError("this writer has an audio track: pass the frames' audio")
+                raise UsageError("this writer has an audio track: pass the frames' {audio}", params=("audio",))
             audio = _as_numpy(audio)
             want = n * self.samples_per_frame
             if audio.ndim != 1 or audio.shape[0] != want or not np.issubdtype(audio.dtype, np.floating):
-                raise ValueError(
+                raise UsageError(
                     f"audio must be float (N·{self.samples_per_frame},) = ({want},) for {n} "
                     f"frames, got {audio.dtype} {tuple(audio.shape)}"
                 )
             audio = np.clip(audio, -1.0, 1.0).astype("<f4").reshape(n, self.samples_per_frame)
         elif audio is not None:
-            raise ValueError("this writer was created with audio=False")
+            raise UsageError("this writer was created with audio=False: pass no {audio}", params=("audio",))
         for i in range(n):
             # Video first: if interrupted in between, close() pads the missing audio.
             self._put(self._video, frames[i].tobytes())
@@ -664,7 +719,7 @@ class VideoWriter(_Output):
                 f.join()
         if getattr(self, "_stderr", None) is not None:
             self._stderr.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._remove_workdir()
         if remove_partial:
             self.partial_path.unlink(missing_ok=True)
 
@@ -692,7 +747,7 @@ class WavWriter(_Output):
         if a.ndim == 1:
             a = a[:, None]
         if a.ndim != 2 or a.shape[1] != self.channels:
-            raise ValueError(f"audio must be (N,) or (N, {self.channels}), got {tuple(a.shape)}")
+            raise UsageError(f"audio must be (N,) or (N, {self.channels}), got {tuple(a.shape)}")
         pcm = np.round(np.clip(a.astype(np.float64), -1.0, 1.0) * 32767.0).astype("<i2")
         self._wav.writeframes(pcm.tobytes())
 

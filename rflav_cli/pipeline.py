@@ -7,6 +7,7 @@ frames waiting for their audio, so a stream can run for hours at constant memory
 from __future__ import annotations
 
 import functools
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,11 +20,12 @@ import torch
 from . import audio as audio_lib
 from .config import LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLES_PER_FRAME, VAE_DOWNSCALE
 from .flow import Guide, rolling_sample
-from .hub import VAE_REPO_ID, ResolvedModel, read_side_file, resolve_model
+from .hub import (SIDE_FILE, VAE_REPO_ID, VOCODER_FILES, ResolvedModel, ResolveError, is_repo_id, local_folder,
+                  read_side_file, resolve_model)
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
-from .errors import RflavError
+from .errors import FileFormatError, RflavError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,12 +47,18 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
-        raise PipelineError(f"unknown device {name!r}: use auto, cuda, mps or cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name not in ("cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", name):
+        raise PipelineError(f"unknown {{device}} {name!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"{{device}} {name} was asked for but no CUDA GPU is visible; use cpu",
+                                params=("device",))
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise PipelineError(f"{{device}} {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                                "(cuda:0 is the first)", params=("device",))
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError("--device mps was asked for but MPS is not available; use --device cpu")
+        raise PipelineError("{device} mps was asked for but MPS is not available; use cpu", params=("device",))
     return torch.device(name)
 
 
@@ -71,9 +79,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise PipelineError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")
+        raise PipelineError(f"unknown {{dtype}} {name!r}: use auto, fp32, bf16 or fp16", params=("dtype",))
     if name == "fp16" and device.type == "cpu":
-        raise PipelineError("fp16 is not supported on CPU; use --dtype bf16 or fp32")
+        raise PipelineError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
     return DTYPES[name]
 
 
@@ -313,6 +321,47 @@ class Generation:
 # Pipeline
 # ----------------------------------------------------------------------------------------
 
+GRIFFIN_LIM = "griffin-lim"     # rflav.json "vocoder" of checkpoints trained without a neural vocoder
+HIFIGAN = "hifigan"
+
+
+def _vocoder_of(resolved: ResolvedModel, side: dict, griffin_lim: bool, revision: str | None,
+                offline: bool | None) -> tuple[Path | None, str | None]:
+    """The checkpoint's HiFi-GAN folder and where it came from, or (None, None) for Griffin-Lim.
+
+    Never a silent fallback: a checkpoint that should have a vocoder/ and lacks (part of) it
+    is an error that names the way out."""
+    declared = side.get("vocoder")
+    if declared is not None and declared not in (GRIFFIN_LIM, HIFIGAN):
+        raise FileFormatError(f"{Path(resolved.folder) / SIDE_FILE}: \"vocoder\" must be \"{GRIFFIN_LIM}\" or "
+                              f"\"{HIFIGAN}\", got {declared!r}: fix or delete that key")
+    if griffin_lim or declared == GRIFFIN_LIM:
+        return None, None
+    folder = Path(resolved.folder)
+    way_out = ("pass {griffin_lim} to make the sound with Griffin-Lim instead (lower quality; checkpoints "
+               "trained with --vocoder none by older versions need it)")
+    if resolved.vocoder_folder is not None:
+        found = resolved.vocoder_folder
+    elif not Path(resolved.source).expanduser().is_dir() and is_repo_id(resolved.source):
+        try:  # a Hub checkpoint: its vocoder files are fetched only when they are used
+            found = local_folder(resolved.source, VOCODER_FILES, revision=resolved.revision or revision,
+                                 offline=offline) / "vocoder"
+        except ResolveError as err:
+            raise ResolveError(f"{err}; or {way_out}", params=("griffin_lim",)) from err
+    else:
+        names = [Path(f).name for f in VOCODER_FILES]
+        if not (folder / "vocoder").is_dir():
+            what = f"{folder} has no vocoder/ ({', '.join(names)}) and its {SIDE_FILE} does not say " \
+                   f"\"vocoder\": \"{GRIFFIN_LIM}\""
+        else:
+            missing = [n for n in names if not (folder / "vocoder" / n).is_file()]
+            what = f"{folder / 'vocoder'} is incomplete: it lacks {', '.join(missing)}"
+        raise ResolveError(f"{what}: copy the vocoder/ of the run it came from into it, or {way_out}",
+                           params=("griffin_lim",))
+    if Path(resolved.source).expanduser().is_dir():
+        return found, str(found)
+    return found, f"{resolved.source}/vocoder"
+
 
 @dataclass
 class Pipeline:
@@ -327,6 +376,7 @@ class Pipeline:
     class_names: list[str] | None = None
     source: ResolvedModel | None = None
     vae_source: str = VAE_REPO_ID
+    vocoder_source: str | None = None   # where the HiFi-GAN came from (None for Griffin-Lim)
     decode_batch: int = 8
     compile: bool = False
     overlap: bool = True   # CUDA: decode and vocode on a second stream, alongside sampling
@@ -334,6 +384,11 @@ class Pipeline:
     def __post_init__(self) -> None:
         if self.compile and not self.model.blocks_compiled:
             self.model.compile_blocks(compile_mode(self.device))
+
+    @property
+    def vocoder_name(self) -> str:
+        """What turns the mel into sound: "hifigan" (the checkpoint's) or "griffin-lim"."""
+        return "griffin-lim" if isinstance(self.vocoder, GriffinLim) else "hifigan"
 
     @property
     def _overlaps(self) -> bool:
@@ -352,9 +407,13 @@ class Pipeline:
         dtype: str = "auto",
         compile: bool = False,
         overlap: bool = True,
+        griffin_lim: bool = False,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
+        The sound comes from the checkpoint's HiFi-GAN (`vocoder/`), or from Griffin-Lim when
+        its rflav.json says ``"vocoder": "griffin-lim"`` (trained without a neural vocoder) or
+        `griffin_lim` asks for it; a checkpoint whose vocoder files are missing is an error.
         `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
         waits a few seconds for compilation, every later one is faster.
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample."""
@@ -363,9 +422,10 @@ class Pipeline:
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
         if scale is None:
             raise PipelineError(
-                f"{model} does not say its audio scale: pass --audio-scale "
-                "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json"
+                f"{model} does not say its audio scale: pass {{audio_scale}} "
+                "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json", params=("audio_scale",)
             )
+        vocoder_folder, vocoder_source = _vocoder_of(resolved, side, griffin_lim, revision, offline)
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         flav = FLAV.from_pretrained(resolved.folder, dtype=torch_dtype).to(torch_device)
@@ -378,13 +438,13 @@ class Pipeline:
                 torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_native_bf16())
             vae_dtype = torch_dtype if native else torch.float32
             autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
-        if resolved.vocoder_folder is not None:
-            vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(resolved.vocoder_folder)
-        else:  # checkpoints trained without a vocoder
+        if vocoder_folder is not None:
+            vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(vocoder_folder)
+        else:
             vocoder = GriffinLim(flav.config.n_mels)
         return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
                    device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
-                   vae_source=str(vae_id), compile=compile, overlap=overlap)
+                   vae_source=str(vae_id), vocoder_source=vocoder_source, compile=compile, overlap=overlap)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -399,11 +459,14 @@ class Pipeline:
     def class_index(self, name: str | int | None) -> int | None:
         """Label for a class-conditional model (name or index); None for unconditional ones."""
         if self.model.num_classes <= 0:
+            if name is not None:
+                raise PipelineError(f"{{label}} {name}: this checkpoint is unconditional: drop {{label}}",
+                                    params=("label",))
             return None
         if name is None:
             raise PipelineError(
-                "this checkpoint is class-conditional: pass --class with one of "
-                + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)])
+                "this checkpoint is class-conditional: pass {label} with one of "
+                + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)]), params=("label",)
             )
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
             index = int(name)
@@ -413,7 +476,7 @@ class Pipeline:
         if name in names:
             return names.index(name)
         valid = ", ".join(names or [str(i) for i in range(self.model.num_classes)])
-        raise PipelineError(f"unknown class {name!r}: valid classes are {valid}")
+        raise PipelineError(f"unknown class {name!r}: valid classes for {{label}} are {valid}", params=("label",))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> HostCopy:
@@ -476,12 +539,16 @@ class Pipeline:
 
         `audio` (waveform at 16 kHz) makes it audio-to-video and `video` (an iterator of uint8
         frames at 10 fps, IMAGE_SIZE²) video-to-audio; the given modality is passed through
-        unchanged to the output.
+        unchanged to the output. Every random draw, the guidance noise included, comes from CPU
+        generators seeded with `seeds`, so a seed gives the same noise on every device.
         """
         if steps < 1:
-            raise PipelineError("steps must be at least 1")
+            raise PipelineError(f"{{steps}} must be at least 1, got {steps}", params=("steps",))
+        if num_frames is not None and num_frames < 1:
+            raise PipelineError(f"{{num_frames}} must be at least 1 (or None: unbounded), got {num_frames}",
+                                params=("num_frames",))
         if audio is not None and video is not None:
-            raise PipelineError("give either an audio or a video input, not both")
+            raise PipelineError("give either {audio} or {video}, not both", params=("audio", "video"))
         index = self.class_index(label)
         batch = len(seeds)
         cfg = self.model.config
@@ -503,8 +570,6 @@ class Pipeline:
             latents = (self.encode_frames(f[None])[0] for f in video_frames)
             guide = Guide("video", (z.unsqueeze(0).expand(batch, *z.shape).to(self.device) for z in latents),
                           scale=2.0 if guidance_scale is None else guidance_scale, generator=generators[0])
-        if guide is not None and guide.generator is not None and self.device.type != "cpu":
-            guide.generator = None  # CPU generators cannot draw on other devices
 
         frames = rolling_sample(
             self._velocity(index, batch, cfg_scale), v0, a0, steps=steps,
