@@ -75,6 +75,7 @@ from .config import (
     WIN_LENGTH,
 )
 from .errors import RflavError
+from .models.checkpoint import creation_mode
 
 __all__ = [
     "CACHE_INDEX",
@@ -648,6 +649,7 @@ def prepare_cache(
             try:
                 save_file({"mean": mean.contiguous(), "std": std.contiguous(), "mel": mel},
                           str(tmp), metadata=_shard_source(v, image_size, fingerprint))
+                os.chmod(tmp, creation_mode())  # safetensors writes 0600; shards follow the umask
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)

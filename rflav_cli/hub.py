@@ -407,18 +407,11 @@ def read_side_file(folder: str | Path) -> dict[str, Any]:
 
 def write_side_file(folder: str | Path, data: dict[str, Any]) -> Path:
     """Write ``rflav.json`` into ``folder`` atomically and return its path."""
-    folder = Path(folder)
-    path = folder / SIDE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIDE_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .models.checkpoint import atomic_write   # torch-free: keeps this module light
+
+    path = Path(folder) / SIDE_FILE
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

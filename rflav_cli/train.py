@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .config import FPS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
 from .flow import flow_matching_loss, sample_training_levels
 from .hub import PRESETS, VAE_REPO_ID, read_side_file, resolve_model, write_side_file
+from .models.checkpoint import creation_mode, save_safetensors
 from .models.flav import FLAV, FLAVConfig
 from .errors import RflavError
 
@@ -178,12 +179,14 @@ def _write_checkpoint(
     release.load_state_dict({k: v.to(torch.float32) for k, v in ema.items()})
     release.save_pretrained(tmp)
     if vocoder_folder is not None:
-        shutil.copytree(vocoder_folder, tmp / "vocoder")
+        # Plain copies, not the source's modes: the checkpoint's files follow the umask.
+        shutil.copytree(vocoder_folder, tmp / "vocoder", copy_function=shutil.copyfile)
+        os.chmod(tmp / "vocoder", creation_mode(directory=True))
     write_side_file(tmp, side)
     st = tmp / STATE_DIR
     st.mkdir()
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(st / "model.safetensors"))
-    save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(st / "ema.safetensors"))
+    save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, st / "model.safetensors")
+    save_safetensors({k: v.cpu().contiguous() for k, v in ema.items()}, st / "ema.safetensors")
     torch.save(optimizer.state_dict(), st / "optimizer.pt")
     (st / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     _fsync_tree(tmp)

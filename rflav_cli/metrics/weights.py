@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import Tensor
 
-from ..models.checkpoint import load_tensor_file
+from ..models.checkpoint import creation_mode, load_tensor_file
 from ..errors import RflavError
 
 __all__ = [
@@ -158,6 +158,7 @@ def _download(entry: WeightsFile, dest: Path, progress: bool) -> None:
                 f"{entry.name} downloaded from {entry.url} has sha256 {digest.hexdigest()}, "
                 f"expected {entry.sha256}; nothing was saved"
             )
+        os.chmod(tmp, creation_mode())  # mkstemp makes it 0600; the saved weights follow the umask
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

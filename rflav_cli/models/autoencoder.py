@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors
 from ..errors import FileFormatError
 
 CONFIG_NAME = "config.json"
@@ -26,6 +25,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Version of the diffusers config format the saved folders follow.
 DIFFUSERS_FORMAT_VERSION = "0.42.1"
 
+_FIX = "fix it, " + REDOWNLOAD
 _NORM_EPS = 1e-6
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
@@ -73,8 +73,53 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-class VAEWeightsError(FileFormatError):
+class VAEFileError(FileFormatError):
+    """A file of a VAE folder cannot be read or does not describe a valid network."""
+
+
+class VAEWeightsError(VAEFileError):
     """A VAE weights file does not fit the architecture described by its config."""
+
+
+# Keys whose constructor defaults describe another network than SD-VAE: a config must give them.
+_REQUIRED_CONFIG = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                    "latent_channels")
+_POSITIVE_INT_CONFIG = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups")
+_BOOL_CONFIG = ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What in a diffusers VAE config would not build a network (None: nothing)."""
+    missing = [k for k in _REQUIRED_CONFIG if k not in config]
+    if missing:
+        return f"lacks the key(s) {', '.join(missing)}"
+    for key in _POSITIVE_INT_CONFIG:
+        if key in config and not (_is_int(config[key]) and config[key] > 0):
+            return f"{key} must be a positive integer, got {json.dumps(config[key], default=repr)}"
+    for key in _BOOL_CONFIG:
+        if key in config and not isinstance(config[key], bool):
+            return f"{key} must be true or false, got {json.dumps(config[key], default=repr)}"
+    channels = config["block_out_channels"]
+    if not (isinstance(channels, list) and channels and all(_is_int(c) and c > 0 for c in channels)):
+        return f"block_out_channels must be a list of positive integers, got {json.dumps(channels, default=repr)}"
+    groups = config.get("norm_num_groups", 32)
+    if any(c % groups for c in channels):
+        return f"every block_out_channels entry must be divisible by norm_num_groups {groups}, got {channels}"
+    for key, expected in (("down_block_types", _DOWN_BLOCK), ("up_block_types", _UP_BLOCK)):
+        types = config[key]
+        if not (isinstance(types, list) and len(types) == len(channels) and all(t == expected for t in types)):
+            return f"{key} must be {len(channels)} x {expected!r} (one per block_out_channels), got {json.dumps(types, default=repr)}"
+    act = config.get("act_fn", "silu")
+    if not (isinstance(act, str) and act.lower() in _ACTIVATIONS):
+        return f"act_fn must be one of {', '.join(sorted(_ACTIVATIONS))}, got {json.dumps(act, default=repr)}"
+    scale = config.get("scaling_factor", 0.18215)
+    if not ((_is_int(scale) or isinstance(scale, float)) and 0 < scale < float("inf")):
+        return f"scaling_factor must be a positive number, got {json.dumps(scale, default=repr)}"
+    return None
 
 
 def _activation(name: str) -> nn.Module:
@@ -406,17 +451,23 @@ class AutoencoderKL(nn.Module):
             )
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         for path in (config_path, weights_path):
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(
                     f"{path} not found: a VAE folder needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                     "(diffusers layout)"
                 )
-        config = json.loads(config_path.read_text())
+        config = read_json_object(config_path, "VAE config", error=VAEFileError)
+        problem = _config_problem(config)
+        if problem is not None:
+            raise VAEFileError(f"{config_path} (VAE config) {problem}: {_FIX}")
         # Build without allocating; the loaded tensors become the parameters.
         with torch.device("meta"):
             model = cls.from_config(config)
-        state = _normalise_keys(load_file(str(weights_path)))
+        state = _normalise_keys(load_safetensors(weights_path, "VAE weights", error=VAEFileError))
         _check_state(model, state, weights_path)
+        odd = sorted(k for k, v in state.items() if not v.is_floating_point())
+        if odd:
+            raise VAEFileError(f"{weights_path} (VAE weights) holds non-float tensors ({_short_list(odd)}): {REDOWNLOAD}")
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(dtype or torch.float32).eval()
 
@@ -431,7 +482,7 @@ class AutoencoderKL(nn.Module):
             **_PASSIVE_CONFIG,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+        save_safetensors(tensors, folder / WEIGHTS_NAME)
         atomic_write(
             folder / CONFIG_NAME,
             lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
-from .checkpoint import atomic_write
-from ..errors import FileFormatError, UsageError
+from .checkpoint import REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors
+from ..errors import FileFormatError, RflavError, UsageError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,9 +47,37 @@ class FLAVConfig:
     causal_attn: bool = True
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FLAVConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict, source: str | os.PathLike | None = None,
+                  required: tuple[str, ...] = ()) -> "FLAVConfig":
+        """A config from the known keys of ``data`` (others are ignored), each checked for its
+        type and range. ``source`` names the file the dict came from: its problems are then
+        :class:`CheckpointFileError` naming it, otherwise :class:`UsageError`. ``required``
+        keys must be present (a release config.json has every key that shapes the network)."""
+
+        def refuse(problem: str) -> RflavError:
+            if source is None:
+                return UsageError(f"model config: {problem}")
+            return CheckpointFileError(f"{source} (FLAV config) {problem}: fix it or pass another checkpoint folder")
+
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise refuse(f"lacks the key(s) {', '.join(missing)}")
+        values = {}
+        for field in fields(cls):
+            if field.name in data:
+                problem = _field_problem(field.name, data[field.name])
+                if problem is not None:
+                    raise refuse(problem)
+                value = data[field.name]
+                values[field.name] = float(value) if field.name in _FLOAT_FIELDS else value
+        config = cls(**values)
+        if config.hidden_size % config.num_heads:
+            raise refuse(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+        if config.latent_size % config.patch_size:
+            raise refuse(f"latent_size {config.latent_size} is not divisible by patch_size {config.patch_size}")
+        if int(config.hidden_size * config.mlp_ratio) < 1:
+            raise refuse(f"mlp_ratio {config.mlp_ratio} leaves the MLP without a hidden unit")
+        return config
 
     @classmethod
     def from_size(cls, name: str, **overrides) -> "FLAVConfig":
@@ -60,7 +87,44 @@ class FLAVConfig:
         return cls(**{**FLAV_SIZES[name], **overrides})
 
 
-class CheckpointMismatchError(FileFormatError):
+# Config keys that shape the network's parameters: a checkpoint's config.json must give them.
+ARCHITECTURE_KEYS = ("latent_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                     "mlp_ratio", "num_classes", "predict_frames", "n_mels")
+_POSITIVE_INT_FIELDS = {"latent_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                        "predict_frames", "n_mels", "audio_fr"}
+_FLOAT_FIELDS = {"mlp_ratio", "class_dropout_prob"}
+_BOOL_FIELDS = {"grad_ckpt", "causal_attn"}
+
+
+def _field_problem(name: str, value: object) -> str | None:
+    """What is wrong with the value of config key ``name`` (None: nothing)."""
+    shown = json.dumps(value, default=repr)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name in _BOOL_FIELDS:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {shown}"
+    if name in _FLOAT_FIELDS:
+        if not (is_int or isinstance(value, float)) or not math.isfinite(value):
+            return f"{name} must be a number, got {shown}"
+        if name == "mlp_ratio" and value <= 0:
+            return f"mlp_ratio must be positive, got {shown}"
+        if name == "class_dropout_prob" and not 0 <= value < 1:
+            return f"class_dropout_prob must be in [0, 1), got {shown}"
+        return None
+    if not is_int:
+        return f"{name} must be an integer, got {shown}"
+    if name in _POSITIVE_INT_FIELDS and value <= 0:
+        return f"{name} must be a positive integer, got {shown}"
+    if name == "num_classes" and value < 0:
+        return f"num_classes must be 0 (unconditional) or more, got {shown}"
+    return None
+
+
+class CheckpointFileError(FileFormatError):
+    """A FLAV checkpoint file that cannot be read or does not describe a valid model."""
+
+
+class CheckpointMismatchError(CheckpointFileError):
     """A state dict that does not fit the model it is loaded into."""
 
 
@@ -79,7 +143,9 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
             if keys:
                 shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
-        raise CheckpointMismatchError(f"{what} does not match its config; " + "; ".join(parts))
+        raise CheckpointMismatchError(
+            f"{what} does not match its config; " + "; ".join(parts)
+            + ": use the config.json that came with these weights or download the checkpoint again")
 
 
 # --------------------------------------------------------------------------------------
@@ -484,12 +550,19 @@ class FLAV(nn.Module):
             from ..hub import local_folder
 
             folder = local_folder(str(path_or_repo_id), [CONFIG_NAME, WEIGHTS_NAME], revision=revision)
-        config = FLAVConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        data = read_json_object(config_path, "FLAV config", error=CheckpointFileError)
+        config = FLAVConfig.from_dict(data, source=config_path, required=ARCHITECTURE_KEYS)
         with torch.device("meta"):
             model = cls(config)
-        state = load_file(str(folder / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
+        state = load_safetensors(weights_path, "FLAV weights", error=CheckpointFileError,
+                                 device=str(device) if device is not None else "cpu")
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        check_state_dict(expected, state, f"{folder / WEIGHTS_NAME}")
+        check_state_dict(expected, state, f"{weights_path}")
+        odd = sorted(k for k, v in state.items() if not v.is_floating_point())
+        if odd:
+            raise CheckpointFileError(
+                f"{weights_path} (FLAV weights) holds non-float tensors ({', '.join(odd[:4])}): {REDOWNLOAD}")
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, assign=True)
@@ -500,7 +573,7 @@ class FLAV(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, path))
+        save_safetensors(state, folder / WEIGHTS_NAME)
         text = json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n"
         atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
         return folder

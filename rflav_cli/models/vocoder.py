@@ -24,7 +24,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
-from .checkpoint import atomic_write, load_tensor_file
+from .checkpoint import REDOWNLOAD, atomic_write, load_tensor_file, read_json_object
 from ..errors import FileFormatError
 
 __all__ = [
@@ -58,6 +58,45 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 class CheckpointFormatError(FileFormatError):
     """A vocoder checkpoint cannot be read or does not fit the configured generator."""
+
+
+def _positive_ints(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+
+
+def _config_problem(config: Mapping[str, Any]) -> str | None:
+    """What in a vocoder config would not build a generator (None: nothing)."""
+    missing = [k for k in _REQUIRED_KEYS if k not in config]
+    if missing:
+        return f"lacks the key(s) {', '.join(missing)}"
+
+    def shown(key: str) -> str:
+        text = json.dumps(config[key], default=repr)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    if str(config["resblock"]) not in ("1", "2"):
+        return f'resblock must be "1" or "2", got {shown("resblock")}'
+    for key in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes"):
+        if not _positive_ints(config[key]):
+            return f"{key} must be a list of positive integers, got {shown(key)}"
+    for key in ("upsample_initial_channel", "num_mels"):
+        value = config[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return f"{key} must be a positive integer, got {shown(key)}"
+    rates, kernels = config["upsample_rates"], config["upsample_kernel_sizes"]
+    if len(rates) != len(kernels):
+        return "upsample_rates and upsample_kernel_sizes differ in length"
+    if any(k < u for u, k in zip(rates, kernels)):
+        return "each upsample_kernel_sizes entry must be at least its upsample_rates entry"
+    if config["upsample_initial_channel"] >> len(rates) < 1:
+        return f"upsample_initial_channel {config['upsample_initial_channel']} is too small for {len(rates)} upsamplings"
+    dilations = config["resblock_dilation_sizes"]
+    if not (isinstance(dilations, list) and all(_positive_ints(d) for d in dilations)):
+        return f"resblock_dilation_sizes must be a list of lists of positive integers, got {shown('resblock_dilation_sizes')}"
+    if len(dilations) != len(config["resblock_kernel_sizes"]):
+        return "resblock_kernel_sizes and resblock_dilation_sizes differ in length"
+    return None
 
 
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
@@ -234,18 +273,17 @@ class HiFiGAN(nn.Module):
         """Load ``config.json`` + ``vocoder.pt`` from a folder (or its ``vocoder/`` subfolder),
         or from the ``vocoder/`` subfolder of a Hugging Face Hub repo id."""
         folder = _resolve_folder(folder, revision)
-        config_path = folder / CONFIG_NAME
-        try:
-            config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {CONFIG_NAME} in vocoder folder {folder}") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointFormatError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise CheckpointFormatError(f"{config_path} must hold a JSON object")
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        config = read_json_object(config_path, "vocoder config", error=CheckpointFormatError)
+        problem = _config_problem(config)
+        if problem is not None:
+            raise CheckpointFormatError(f"{config_path} (vocoder config) {problem}: fix it, {REDOWNLOAD}")
         model = cls(config)
-        model.load_state_dict(load_tensor_file(folder / WEIGHTS_NAME, "vocoder weights", error=CheckpointFormatError,
-                                               unwrap="generator"))
+        state = load_tensor_file(weights_path, "vocoder weights", error=CheckpointFormatError, unwrap="generator")
+        try:
+            model.load_state_dict(state)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"{weights_path}: {e}: {REDOWNLOAD}") from None
         model.eval()
         if dtype is not None:
             model.to(dtype)
