@@ -261,7 +261,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
                 began = time.perf_counter()
                 written = 0
-                retry = False
+                retry = failed = False
                 try:
                     for frame in generation:
                         outputs.write(frame)
@@ -277,6 +277,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 except KeyboardInterrupt:   # a second Ctrl-C: keep what is written, at once
                     interrupted = True
                 except Exception as err:
+                    failed = True   # a failed run leaves no file behind, short or not
                     if not (pipe.compile and is_compile_error(err)):
                         raise
                     if req.compile or written:
@@ -284,7 +285,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     _without_compiling(pipe, err, console)
                     retry = True
                 finally:
-                    if written:
+                    if written and not failed:
                         outputs.close()
                     else:
                         outputs.abort()

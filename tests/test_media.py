@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -419,3 +420,64 @@ def test_find_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch, tmp_path):
     media.find_ffmpeg.cache_clear()
     with pytest.raises(MediaError, match="ffmpeg not found"):
         find_ffmpeg()
+
+
+def test_stale_fifo_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A writer killed with SIGKILL leaves its FIFO folder; the next writer removes the folders
+    of processes that are gone, and never one of a live process."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                   # exited and reaped: its pid names no process
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = tmp / f"rflav-ffmpeg-{dead.pid}-k1ll3d_x"
+        live = tmp / f"rflav-ffmpeg-{alive.pid}-busy0_ab"
+        older = tmp / "rflav-ffmpeg-a1b2c3d4"     # an older version's folder: its process is unknown
+        for folder in (stale, live, older):
+            folder.mkdir()
+            os.mkfifo(folder / "video.rgb")
+        w = VideoWriter(tmp_path / "next.mp4")
+        try:
+            assert not stale.exists()
+            assert live.is_dir() and (live / "video.rgb").exists() and older.is_dir()
+            own = w._workdir
+            assert own.parent == tmp and own.name.startswith(f"rflav-ffmpeg-{os.getpid()}-")
+            w.write(pattern_frames(0, 3), burst_audio(0, 3))
+        finally:
+            w.close()
+        assert not own.exists()
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, older.name])
+        assert int(ffprobe_streams(tmp_path / "next.mp4")["video"]["nb_read_packets"]) == 3
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    w = VideoWriter(tmp_path / "x.mp4")
+    w.write(pattern_frames(0, 2), burst_audio(0, 2))
+    w._proc.kill()                                 # ffmpeg dies under the writer
+    w._proc.wait()
+    with pytest.raises(MediaError, match="ffmpeg"):
+        for i in range(100):
+            w.write(pattern_frames(i, 1), burst_audio(i, 1))
+    w.abort()
+    assert list(tmp.iterdir()) == [] and not partial_files(tmp_path)
+    # A writer dropped without close() or abort() takes its folder with it.
+    w = VideoWriter(tmp_path / "y.mp4")
+    assert len(list(tmp.iterdir())) == 1
+    w._proc.kill()
+    w._proc.wait()
+    for f in w._feeders:
+        f.queue.put(media._END)
+        f.join()
+    w._stderr.close()
+    del w, f
+    import gc
+    gc.collect()
+    assert list(tmp.iterdir()) == []
