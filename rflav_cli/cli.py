@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Literal, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -159,47 +159,58 @@ def download(
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos, or a cache made by `rflav prepare`."),
-    output: Path = typer.Option(Path("runs/rflav"), "--output", "-o", help="Run folder (re-running resumes it)."),
-    model: str = typer.Option("FLAV-B/1", "--model", help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1."),
-    model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys."),
-    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: dance, landscape, a repo id or a folder."),
-    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder, or none (pixel space)."),
-    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder copied into checkpoints, or none (Griffin-Lim) [default: dance's]."),
-    image_size: int = typer.Option(256, "--image-size"),
-    window: int = typer.Option(10, "--window", help="Frames per training clip (the rolling window)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Clips per step and device."),
-    lr: float = typer.Option(1e-4, "--lr"),
-    max_steps: int = typer.Option(100_000, "--max-steps"),
-    save_every: int = typer.Option(1000, "--save-every"),
-    keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
-    sample_every: int = typer.Option(0, "--sample-every", help="Write a sample MP4 every N steps (0: never)."),
-    weighting: str = typer.Option("logit_normal", "--weighting", help="logit_normal or uniform."),
-    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="[default: unit std of the training mel]"),
-    missing_audio: str = typer.Option("skip", "--missing-audio", help="skip or silence."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing (less memory)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    output: Path = typer.Option(Path("runs/rflav"), "--output", "-o", help="Run folder; the same command again resumes the run. Options left out then keep the run's values; the model, --image-size, --window, --autoencoder, --audio-scale and --init cannot change (give a new folder), the others can."),
+    size: Optional[str] = typer.Option(None, "--size", help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config or --init gives the model]."),
+    old_size: Optional[str] = typer.Option(None, "--model", hidden=True, help="Old name of --size (train only)."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and latent_size set --window and --image-size."),
+    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: dance, landscape, a repo id or a checkpoint folder (its window, size and audio scale are kept)."),
+    autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, or what a latent cache or --init says]."),
+    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim [default: the dance checkpoint's, fetched once]."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: 256, or what --model-config, --init or a latent cache says]."),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="Frames per training clip, the rolling window [default: 10, or --model-config's / --init's predict_frames]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per step and device [default: 8]."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="AdamW learning rate [default: 1e-4]."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Train until this step, counting the steps already made by a resumed run [default: 100000]."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Write a checkpoint every N steps (and at the end, and on Ctrl-C) [default: 1000]."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Checkpoints kept, the newest (0: all) [default: 3]."),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", min=0, help="Write a sample MP4 into every N-th step's checkpoint (0: never) [default: 0]."),
+    weighting: Optional[Literal["logit_normal", "uniform"]] = typer.Option(None, "--weighting", help="Loss weighting over noise levels [default: logit_normal]."),
+    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="Mel scale in model space [default: --init's, else the unit std of the training mel]."),
+    missing_audio: Optional[Literal["skip", "silence"]] = typer.Option(None, "--missing-audio", help="Videos without sound: skip them, or train on them with silence [default: skip]."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the initial weights, the data order and the noise [default: 0]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cuda, cuda:N, mps or cpu [default: auto]."),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing: less memory, slower steps [default: off]."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: off]."),
 ) -> None:
     """Train (or fine-tune) a rolling audio-video model; run under torchrun for several GPUs."""
-    from .generate import _stop_on_signals
-    from .train import TrainConfig, train as run_train
+    from .requests import TrainConfig, check_train_config
 
-    if weighting not in ("logit_normal", "uniform"):
-        _fail("--weighting must be logit_normal or uniform")
-    if missing_audio not in ("skip", "silence"):
-        _fail("--missing-audio must be skip or silence")
+    if old_size is not None:
+        from .config import FLAV_SIZES
+
+        if size is not None:
+            _fail("--model is the old name of --size: give only --size")
+        if old_size not in FLAV_SIZES:
+            _fail(f"train --model {old_size}: --model of train is now --size and takes a model size "
+                  f"({', '.join(FLAV_SIZES)}); to fine-tune a checkpoint use --init")
+        typer.echo("rflav: note: train --model is now --size (the old name goes in the next release); "
+                   "to fine-tune a checkpoint use --init", err=True)
+        size = old_size
     cfg = TrainConfig(
-        data=str(data), output=str(output), model=model, model_config=str(model_config) if model_config else None,
+        data=str(data), output=str(output), size=size, model_config=str(model_config) if model_config else None,
         init=init, autoencoder=autoencoder, vocoder=vocoder, image_size=image_size, window=window,
         batch_size=batch_size, lr=lr, max_steps=max_steps, save_every=save_every, keep=keep,
         sample_every=sample_every, weighting=weighting, audio_scale=audio_scale, missing_audio=missing_audio,
         seed=seed, device=device, grad_ckpt=grad_ckpt, compile=compile_model,
     )
+    _run(lambda: check_train_config(cfg))   # before torch is imported: a bad value fails at once
+
+    from .generate import _stop_on_signals
+    from .train import train as run_train
 
     def go():
         with _stop_on_signals() as stop:
-            return run_train(cfg, stop=stop)
+            return run_train(cfg, stop=stop, name_of=_flag)
 
     last = _run(go)
     if last is not None:
@@ -209,15 +220,25 @@ def train(
 @app.command()
 def prepare(
     data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos."),
-    out: Path = typer.Option(..., "--out", help="Cache folder to write (re-running resumes)."),
-    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder."),
-    split: str = typer.Option("train", "--split"),
-    image_size: int = typer.Option(256, "--image-size"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    missing_audio: str = typer.Option("skip", "--missing-audio", help="skip or silence."),
-    device: str = typer.Option("auto", "--device"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Cache folder to write (the same command again resumes it); `rflav train OUTPUT` trains on it."),
+    old_output: Optional[Path] = typer.Option(None, "--out", hidden=True, help="Old name of --output."),
+    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder; recorded in the cache, so training takes it from there."),
+    split: str = typer.Option("train", "--split", help="Split folder of DATA to encode (train or test); written to OUTPUT/SPLIT."),
+    image_size: int = typer.Option(256, "--image-size", min=8, help="Frames are letterboxed to this square size in pixels, a multiple of 8."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames encoded together."),
+    missing_audio: Literal["skip", "silence"] = typer.Option("skip", "--missing-audio", help="Videos without sound: skip them, or keep them with silence."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
 ) -> None:
     """Encode every frame once (VAE posterior) and every soundtrack's mel, for fast training."""
+    from .requests import check_prepare_request
+
+    if output is not None and old_output is not None:
+        _fail("--out is the old name of --output: give only -o/--output")
+    output = output if output is not None else old_output
+    if output is None:
+        _fail("missing option -o/--output: the cache folder to write")
+    _run(lambda: check_prepare_request(image_size, batch_size, missing_audio, device))
+
     from .data import prepare_cache, scan_dataset
     from .models.autoencoder import AutoencoderKL
     from .pipeline import pick_device
@@ -227,8 +248,8 @@ def prepare(
         typer.echo(index.summary(), err=True)
         dev = pick_device(device)
         vae = AutoencoderKL.from_pretrained(autoencoder).to(dev)
-        return prepare_cache(index, out / split, vae, batch_size=batch_size, device=str(dev),
-                             image_size=image_size)
+        return prepare_cache(index, output / split, vae, batch_size=batch_size, device=str(dev),
+                             image_size=image_size, autoencoder_id=autoencoder)
 
     typer.echo(str(_run(go)))
 

@@ -206,3 +206,403 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise UsageError(f"cannot write to {folder}: choose a writable {{output}}", params=("output",))
     return paths
+
+
+# ----------------------------------------------------------------------------------------
+# rflav train and rflav prepare
+# ----------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+from dataclasses import dataclass, fields, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from .config import FLAV_SIZES, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE  # noqa: E402
+from .errors import FileFormatError, RflavError, UsageError  # noqa: E402
+
+TRAIN_DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"   # hub.VAE_REPO_ID (hub imports huggingface_hub)
+TRAIN_WEIGHTINGS = ("logit_normal", "uniform")
+MISSING_AUDIO_CHOICES = ("skip", "silence")
+_TRAIN_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_MODEL_KEYS = tuple(RELEASED_FLAV_CONFIG)          # the FLAV constructor keys of config.json
+_ARCHITECTURE_KEYS = tuple(k for k in _MODEL_KEYS if k != "grad_ckpt")
+
+
+class TrainError(RflavError, ValueError):
+    """A training request that cannot be served (bad data, incompatible resume, …)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `rflav train` can be asked; stored, resolved, in each checkpoint's training state.
+
+    A field left None was not asked for. It takes, in this order, the resumed run's value, the
+    value a given file implies (--model-config, the --init checkpoint, a latent cache made by
+    `rflav prepare`), then the built-in default in TRAIN_DEFAULTS. A value that was asked for
+    and contradicts one of those files is an error naming both."""
+
+    data: str
+    output: str = "runs/rflav"
+    size: str | None = None              # FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1
+    model_config: str | None = None      # JSON file with FLAV constructor keys
+    init: str | None = None              # preset / repo id / folder to fine-tune
+    autoencoder: str | None = None       # repo id, folder or "none" (pixel space)
+    vocoder: str | None = None           # folder with config.json + vocoder.pt, "none" (Griffin-Lim); None: dance's
+    image_size: int | None = None
+    window: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    max_steps: int | None = None
+    save_every: int | None = None
+    keep: int | None = None
+    sample_every: int | None = None
+    sample_frames: int | None = None
+    log_every: int | None = None
+    weighting: str | None = None
+    audio_scale: float | None = None     # None after resolution too: estimated from the data
+    missing_audio: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    grad_ckpt: bool | None = None
+    compile: bool | None = None
+    num_workers: int | None = None
+
+    @property
+    def pixel_space(self) -> bool:
+        return (self.autoencoder or "").lower() == "none"
+
+
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    autoencoder=TRAIN_DEFAULT_AUTOENCODER, image_size=256, window=10, batch_size=8, lr=1e-4, weight_decay=0.02,
+    grad_clip=1.0, ema_decay=0.9999, max_steps=100_000, save_every=1000, keep=3, sample_every=0, sample_frames=40,
+    log_every=10, weighting="logit_normal", missing_audio="skip", seed=0, device="auto", grad_ckpt=False,
+    compile=False, num_workers=2,
+)
+TRAIN_DEFAULT_SIZE = "FLAV-B/1"          # when neither --model-config nor --init gives the model
+
+# Settings that define the model or the meaning of its inputs: a resumed run keeps them.
+# Everything else (steps, learning rate, batch size, saving, data folder, vocoder, device,
+# seed, loss weighting …) may change when a run is resumed, and the change is printed.
+RESUME_FIXED = ("size", "model_config", "init", "autoencoder", "image_size", "window", "audio_scale")
+
+
+@dataclass
+class TrainFile:
+    """Settings that a file given to `rflav train` implies: a FLAV config (constructor keys)
+    and rflav.json-like facts (image_size, autoencoder, pixel_space, audio_scale)."""
+
+    name: str                            # how messages name it, e.g. "tiny.json"
+    model: dict[str, Any]
+    facts: dict[str, Any]
+
+
+def _positive(cfg: TrainConfig, name: str, minimum: float = 1, strictly: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    number_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number_ok or (value <= minimum if strictly else value < minimum):
+        bound = f"greater than {minimum:g}" if strictly else f"at least {minimum:g}"
+        raise UsageError(f"{{{name}}} must be {bound}, got {value}", params=(name,))
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Checks of a train request that need neither torch nor the data: value ranges, choices,
+    the flags that exclude each other, the --model-config and --vocoder files, and every flag
+    given against the files given with it. Raises UsageError / TrainError / FileFormatError."""
+    for name in ("image_size", "window", "batch_size", "max_steps", "save_every", "sample_frames", "log_every"):
+        _positive(cfg, name)
+    for name in ("keep", "sample_every", "num_workers", "seed", "weight_decay"):
+        _positive(cfg, name, minimum=0)
+    for name in ("lr", "audio_scale", "grad_clip"):
+        _positive(cfg, name, minimum=0, strictly=True)
+    if cfg.ema_decay is not None and not (0 <= cfg.ema_decay < 1):
+        raise UsageError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.weighting is not None and cfg.weighting not in TRAIN_WEIGHTINGS:
+        raise UsageError(f"unknown {{weighting}} {cfg.weighting!r}: use {' or '.join(TRAIN_WEIGHTINGS)}",
+                         params=("weighting",))
+    if cfg.missing_audio is not None and cfg.missing_audio not in MISSING_AUDIO_CHOICES:
+        raise UsageError(f"unknown {{missing_audio}} {cfg.missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
+                         params=("missing_audio",))
+    if cfg.device is not None and not _TRAIN_DEVICE_RE.fullmatch(cfg.device):
+        raise UsageError(f"unknown {{device}} {cfg.device!r}: use auto, cuda (or cuda:N), mps or cpu",
+                         params=("device",))
+    if cfg.size is not None and cfg.size not in FLAV_SIZES:
+        raise UsageError(f"unknown {{size}} {cfg.size!r}: choose one of {', '.join(FLAV_SIZES)}", params=("size",))
+    given = [name for name in ("size", "model_config", "init") if getattr(cfg, name) is not None]
+    if len(given) > 1:
+        raise UsageError(f"{{{given[0]}}} and {{{given[1]}}} both define the model: give one of them",
+                         params=tuple(given[:2]))
+    if not Path(cfg.data).exists():
+        raise TrainError(f"{cfg.data}: no such folder: give the folder with train/ videos or a cache from "
+                         "`rflav prepare`")
+    check_vocoder_folder(cfg.vocoder)
+    resolve_train_config(cfg, [read_model_config(cfg.model_config)] if cfg.model_config else [])
+
+
+def check_vocoder_folder(vocoder: str | None) -> Path | None:
+    """The vocoder folder asked for (None for the default or for "none"), checked."""
+    if vocoder is None or vocoder.lower() == "none":
+        return None
+    folder = Path(vocoder).expanduser()
+    if (folder / "vocoder").is_dir():
+        folder = folder / "vocoder"
+    missing = [name for name in ("config.json", "vocoder.pt") if not (folder / name).is_file()]
+    if missing:
+        raise TrainError(f"{{vocoder}} {vocoder}: no {' or '.join(missing)} there: give a folder with config.json "
+                         "and vocoder.pt (or a checkpoint with vocoder/), or none for Griffin-Lim",
+                         params=("vocoder",))
+    return folder
+
+
+def read_model_config(path: str | os.PathLike[str]) -> TrainFile:
+    """A --model-config file: a JSON object of FLAV constructor keys, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{{model_config}} {path}: no such file", params=("model_config",))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path} is not valid JSON ({exc}): fix it (keys as in a checkpoint's config.json)") \
+            from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path} must hold a JSON object of model settings (keys as in config.json)")
+    unknown = sorted(set(data) - set(_MODEL_KEYS))
+    if unknown:
+        raise FileFormatError(f"{path}: unknown key {', '.join(unknown)}; the keys are {', '.join(_MODEL_KEYS)}")
+    for key, value in data.items():
+        kind = type(RELEASED_FLAV_CONFIG[key])
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "num_classes" else 1)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            what = {bool: "true or false", int: "a whole number >= 0" if key == "num_classes" else "a whole number >= 1",
+                    float: "a number >= 0"}[kind]
+            raise FileFormatError(f"{path}: {key} must be {what}, got {value!r}")
+    heads, hidden = data.get("num_heads"), data.get("hidden_size")
+    if heads and hidden and hidden % heads:
+        raise FileFormatError(f"{path}: hidden_size {hidden} is not a multiple of num_heads {heads}")
+    return TrainFile(str(path), data, {})
+
+
+def checkpoint_file(name: str, config: dict[str, Any], side: dict[str, Any], audio_scale: float | None) -> TrainFile:
+    """What an --init checkpoint implies: its config.json and its rflav.json (or preset)."""
+    facts = {k: side[k] for k in ("image_size", "autoencoder", "pixel_space") if side.get(k) is not None}
+    if audio_scale is not None:
+        facts["audio_scale"] = audio_scale
+    # Its grad_ckpt was a memory setting of its own training, not part of the model.
+    return TrainFile(name, {k: v for k, v in config.items() if k in _ARCHITECTURE_KEYS}, facts)
+
+
+def cache_file(name: str, header: dict[str, Any]) -> TrainFile:
+    """What a latent cache from `rflav prepare` implies: its image size and autoencoder."""
+    facts: dict[str, Any] = {"image_size": header.get("image_size"), "pixel_space": False}
+    if header.get("autoencoder"):
+        facts["autoencoder"] = header["autoencoder"]
+    return TrainFile(name, {}, {k: v for k, v in facts.items() if v is not None})
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "audio_scale":
+        return math.isclose(float(a), float(b), rel_tol=1e-5)
+    if name in ("autoencoder", "data", "model_config", "vocoder", "init") and isinstance(a, str) and isinstance(b, str):
+        if a.lower() == "none" or b.lower() == "none":
+            return a.lower() == b.lower()
+        return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
+
+
+def _settle(name: str, asked: Any, found: list[tuple[Any, str]]) -> Any:
+    """One setting: the value asked for, checked against what each file says; else the files'
+    (which must agree); else None."""
+    for value, where in found:
+        if asked is not None and not _same(name, asked, value):
+            raise TrainError(f"{{{name}}} {asked} contradicts {where}: leave {{{name}}} out to take the file's "
+                             "value, or make the two agree", params=(name,))
+    for (value, where), (other, other_where) in zip(found, found[1:]):
+        if not _same(name, value, other):
+            raise TrainError(f"{where} contradicts {other_where}: make them agree")
+    if asked is not None:
+        return asked
+    return found[0][0] if found else None
+
+
+def resolve_train_config(cfg: TrainConfig, files: list[TrainFile], defaults: bool = False) -> TrainConfig:
+    """`cfg` with the settings that the given files imply filled in (and, with ``defaults``,
+    every setting still unset taking its built-in default). A value asked for that contradicts
+    a file, or two files that contradict each other, raise TrainError naming both."""
+    pixel_found, names_found = [], []
+    for f in files:
+        if "in_channels" in f.model:
+            channels = f.model["in_channels"]
+            if channels not in (3, 4):
+                raise FileFormatError(f"in_channels {channels!r} in {f.name}: use 3 (pixel space) or 4 (VAE latents)")
+            pixel_found.append((channels == 3, f"in_channels {channels} in {f.name}"))
+        if "pixel_space" in f.facts:
+            pixel_found.append((bool(f.facts["pixel_space"]), f"pixel_space {str(f.facts['pixel_space']).lower()} in "
+                                                             f"{f.name}"))
+        if f.facts.get("autoencoder"):
+            names_found.append((f.facts["autoencoder"], f"autoencoder {f.facts['autoencoder']} in {f.name}"))
+    asked_pixel = None if cfg.autoencoder is None else cfg.pixel_space
+    space = {True: "none (pixel space)", False: "a VAE (latent space)"}
+    for pixel, where in pixel_found:
+        if asked_pixel is not None and pixel != asked_pixel:
+            raise TrainError(f"{{autoencoder}} {cfg.autoencoder} contradicts {where}, which means "
+                             f"{{autoencoder}} {space[pixel]}: leave {{autoencoder}} out or make them agree",
+                             params=("autoencoder",))
+    _settle("pixel_space", None, pixel_found)   # files must agree with each other
+    pixel = asked_pixel if asked_pixel is not None else (pixel_found[0][0] if pixel_found else None)
+    autoencoder = cfg.autoencoder
+    if autoencoder is None and pixel:
+        autoencoder = "none"
+    elif not pixel:
+        autoencoder = _settle("autoencoder", autoencoder, names_found)
+    if autoencoder is None and defaults:
+        autoencoder = TRAIN_DEFAULTS["autoencoder"]
+    pixel = (autoencoder or "").lower() == "none"
+
+    window_found, size_found, found = [], [], {}
+    for f in files:
+        if "predict_frames" in f.model:
+            window_found.append((f.model["predict_frames"], f"predict_frames {f.model['predict_frames']} in {f.name}"))
+        if "latent_size" in f.model:
+            latent = f.model["latent_size"]
+            size_found.append((latent if pixel else latent * VAE_DOWNSCALE, f"latent_size {latent} in {f.name}"))
+        if "image_size" in f.facts:
+            size_found.append((f.facts["image_size"], f"image_size {f.facts['image_size']} in {f.name}"))
+        if "audio_scale" in f.facts:
+            found.setdefault("audio_scale", []).append((f.facts["audio_scale"],
+                                                        f"audio_scale {f.facts['audio_scale']:g} of {f.name}"))
+    values = {
+        "autoencoder": autoencoder,
+        "window": _settle("window", cfg.window, window_found),
+        "image_size": _settle("image_size", cfg.image_size, size_found),
+        "audio_scale": _settle("audio_scale", cfg.audio_scale, found.get("audio_scale", [])),
+        # A memory/speed knob, not a property of the model: a --model-config value is only a default.
+        "grad_ckpt": cfg.grad_ckpt if cfg.grad_ckpt is not None else
+        next((f.model["grad_ckpt"] for f in files if "grad_ckpt" in f.model), None),
+    }
+    out = replace(cfg, **values)
+    if defaults:
+        out = replace(out, **{k: v for k, v in TRAIN_DEFAULTS.items() if getattr(out, k) is None})
+        if out.size is None and out.model_config is None and out.init is None:
+            out = replace(out, size=TRAIN_DEFAULT_SIZE)
+    _check_image_size(out, files)
+    return out
+
+
+def _check_image_size(cfg: TrainConfig, files: list[TrainFile]) -> None:
+    if cfg.image_size is None:
+        return
+    if not cfg.pixel_space and cfg.image_size % VAE_DOWNSCALE:
+        raise UsageError(f"{{image_size}} {cfg.image_size} must be a multiple of {VAE_DOWNSCALE} with a VAE "
+                         "(or train in pixel space with {autoencoder} none)", params=("image_size", "autoencoder"))
+    latent = cfg.image_size if cfg.pixel_space else cfg.image_size // VAE_DOWNSCALE
+    patch = next((f.model["patch_size"] for f in files if "patch_size" in f.model), None)
+    if patch is None and cfg.size is not None:
+        patch = FLAV_SIZES[cfg.size]["patch_size"]
+    if patch and latent % patch:
+        raise UsageError(f"{{image_size}} {cfg.image_size} gives {latent}x{latent} latents, which patch size "
+                         f"{patch} does not divide: choose a multiple of {patch * VAE_DOWNSCALE}",
+                         params=("image_size",))
+
+
+def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
+    """The resolved TrainConfig stored in a checkpoint's training state (older runs included)."""
+    data = dict(saved)
+    if "model" in data and "size" not in data:      # before the size option was called --size
+        data["size"] = data.pop("model")
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: dict[str, Any],
+                        saved_audio_scale: float, where: str) -> tuple[TrainConfig, list[tuple[str, str, str]]]:
+    """The settings of a resumed run: the saved run's, with what this request asks for.
+
+    A request that asks for another model or other inputs (RESUME_FIXED) raises TrainError
+    listing every difference (saved → asked); the other changes are returned as
+    (parameter, saved, asked) for the caller to print."""
+    files = [read_model_config(cfg.model_config)] if cfg.model_config else []
+    asked = resolve_train_config(cfg, files)
+    before = saved_train_config(saved)
+    if before.audio_scale is None:
+        before = replace(before, audio_scale=saved_audio_scale)
+    # The saved model is the authority on its window and input size (older runs stored the
+    # --image-size default even when a latent cache set the size).
+    latent = saved_model.get("latent_size")
+    pixel = saved_model.get("in_channels") == 3
+    before = replace(before, window=saved_model.get("predict_frames", before.window),
+                     image_size=before.image_size if latent is None else latent * (1 if pixel else VAE_DOWNSCALE))
+    differ: list[str] = []
+    params: list[str] = []
+    wanted: dict[str, Any] = {}
+    if asked.size is not None:
+        wanted = {k: v for k, v in FLAV_SIZES[asked.size].items()}
+        source = f"{{size}} {asked.size}"
+        params.append("size")
+    elif files:
+        wanted = {k: v for k, v in files[0].model.items() if k in _ARCHITECTURE_KEYS}
+        source = f"{{model_config}} {cfg.model_config}"
+        params.append("model_config")
+    changed = [f"{k} {saved_model.get(k)} → {v}" for k, v in wanted.items() if saved_model.get(k) != v]
+    if changed:
+        differ.append(f"the model ({', '.join(changed)} with {source})")
+    else:
+        params.clear()
+    for name in RESUME_FIXED:
+        if name in ("size", "model_config"):
+            continue
+        now, then = getattr(asked, name), getattr(before, name)
+        if now is not None and not (then is not None and _same(name, now, then)):
+            differ.append(f"{{{name}}} {_shown(then)} → {_shown(now)}")
+            params.append(name)
+    if differ:
+        params.append("output")
+        raise TrainError(f"{where} was trained with other settings (saved → asked): {'; '.join(differ)}: to resume, "
+                         "repeat the saved values or leave those options out; to start a new run, give another "
+                         "{output}", params=tuple(params))
+    notes: list[tuple[str, str, str]] = []
+    merged = before
+    for f in fields(TrainConfig):
+        name = f.name
+        if name in RESUME_FIXED or name == "output":
+            continue
+        now, then = getattr(asked, name), getattr(before, name)
+        if now is None:
+            continue
+        if not (then is not None and _same(name, now, then)):
+            notes.append((name, _shown(then), _shown(now)))
+        merged = replace(merged, **{name: now})
+    merged = replace(merged, output=cfg.output)
+    merged = resolve_train_config(merged, [], defaults=True)
+    return merged, notes
+
+
+def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, device: str = "auto") -> None:
+    """Checks of `rflav prepare` that need no torch (the VAE halves the image three times)."""
+    if not _TRAIN_DEVICE_RE.fullmatch(device):
+        raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+    if image_size < VAE_DOWNSCALE or image_size % VAE_DOWNSCALE:
+        raise UsageError(f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",
+                         params=("image_size",))
+    if batch_size < 1:
+        raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}", params=("batch_size",))
+    if missing_audio not in MISSING_AUDIO_CHOICES:
+        raise UsageError(f"unknown {{missing_audio}} {missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
+                         params=("missing_audio",))

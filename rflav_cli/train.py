@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,56 +27,18 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .config import FPS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
+from .config import FLAV_SIZES, FPS, LATENT_CHANNELS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
 from .flow import flow_matching_loss, sample_training_levels
-from .hub import PRESETS, VAE_REPO_ID, read_side_file, resolve_model, write_side_file
+from .hub import PRESETS, VOCODER_FILES, ResolveError, local_folder, read_side_file, resolve_model, write_side_file
 from .models.checkpoint import creation_mode, save_safetensors
 from .models.flav import FLAV, FLAVConfig
-from .errors import RflavError
+from .errors import FileFormatError
+from .requests import (TrainConfig, TrainError, TrainFile, cache_file, check_train_config, check_vocoder_folder,
+                       checkpoint_file, read_model_config, resolve_train_config, resume_train_config)
 
 STATE_DIR = "training_state"
-
-
-class TrainError(RflavError, ValueError):
-    """A training request that cannot be served (bad data, incompatible resume, …)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything `rflav train` can be asked; stored in each checkpoint's training state."""
-
-    data: str
-    output: str = "runs/rflav"
-    model: str = "FLAV-B/1"
-    model_config: str | None = None      # JSON file with FLAV constructor keys
-    init: str | None = None              # preset / repo id / folder to fine-tune
-    autoencoder: str = VAE_REPO_ID       # repo id, folder or "none" (pixel space)
-    vocoder: str | None = None           # folder with config.json + vocoder.pt (default: dance's)
-    image_size: int = 256
-    window: int = 10
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.02
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    max_steps: int = 100_000
-    save_every: int = 1000
-    keep: int = 3
-    sample_every: int = 0
-    sample_frames: int = 40
-    log_every: int = 10
-    weighting: str = "logit_normal"
-    audio_scale: float | None = None
-    missing_audio: str = "skip"
-    seed: int = 0
-    device: str = "auto"
-    grad_ckpt: bool = False
-    compile: bool = False
-    num_workers: int = 2
-
-    @property
-    def pixel_space(self) -> bool:
-        return self.autoencoder.lower() == "none"
+LOCK_FILE = ".lock"
+DEFAULT_VOCODER_PRESET = "dance"    # checkpoints get its HiFi-GAN unless --vocoder says otherwise
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,14 +103,26 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 
 def build_model_config(cfg: TrainConfig, num_classes: int) -> FLAVConfig:
-    channels = 3 if cfg.pixel_space else 4
-    latent = cfg.image_size if cfg.pixel_space else cfg.image_size // VAE_DOWNSCALE
-    common = dict(in_channels=channels, latent_size=latent, predict_frames=cfg.window, num_classes=num_classes,
-                  causal_attn=True, grad_ckpt=cfg.grad_ckpt)
-    if cfg.model_config:
-        data = json.loads(Path(cfg.model_config).read_text())
-        return FLAVConfig.from_dict({**common, **data, "grad_ckpt": cfg.grad_ckpt})
-    return FLAVConfig.from_size(cfg.model, **common)
+    """The FLAV of a new run: --size or --model-config, with the input size, window and class
+    count that the data and the other settings give (a file that contradicts them is refused)."""
+    files = [read_model_config(cfg.model_config)] if cfg.model_config else []
+    cfg = resolve_train_config(cfg, files, defaults=True)
+    given = files[0].model if files else {}
+    if "num_classes" in given and given["num_classes"] != num_classes:
+        raise TrainError(f"num_classes {given['num_classes']} in {files[0].name}, but the data has {num_classes} "
+                         "classes (class folders): remove num_classes from the file, the data sets it")
+    base = FLAV_SIZES[cfg.size] if cfg.size else {}
+    config = FLAVConfig.from_dict({
+        "causal_attn": True, **base, **given,
+        "in_channels": 3 if cfg.pixel_space else LATENT_CHANNELS,
+        "latent_size": cfg.image_size if cfg.pixel_space else cfg.image_size // VAE_DOWNSCALE,
+        "predict_frames": cfg.window, "num_classes": num_classes, "grad_ckpt": cfg.grad_ckpt,
+    })
+    if config.hidden_size % config.num_heads or config.latent_size % config.patch_size:
+        raise TrainError(f"{files[0].name if files else cfg.size}: hidden_size {config.hidden_size} must be a multiple "
+                         f"of num_heads {config.num_heads} and the {config.latent_size}x{config.latent_size} input of "
+                         f"patch_size {config.patch_size}: change the file or {{image_size}}", params=("image_size",))
+    return config
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -240,37 +217,147 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _default_vocoder(cfg: TrainConfig) -> Path | None:
-    if cfg.vocoder and cfg.vocoder.lower() == "none":   # checkpoints then use Griffin-Lim
-        return None
-    if cfg.vocoder:
-        folder = Path(cfg.vocoder)
-        if (folder / "vocoder").is_dir():
-            folder = folder / "vocoder"
-        if not (folder / "config.json").exists() or not (folder / "vocoder.pt").exists():
-            raise TrainError(f"--vocoder {cfg.vocoder}: expected a folder with config.json and vocoder.pt")
+def _vocoder_folder(cfg: TrainConfig) -> Path | None:
+    """The vocoder copied into every checkpoint: --vocoder FOLDER, none (Griffin-Lim), or by
+    default the dance checkpoint's. A default that cannot be fetched stops the run before it
+    starts: checkpoints never silently lose their vocoder."""
+    folder = check_vocoder_folder(cfg.vocoder)
+    if folder is not None or (cfg.vocoder or "").lower() == "none":
         return folder
-    if cfg.vocoder is None:
+    preset = PRESETS[DEFAULT_VOCODER_PRESET]
+    try:
+        return local_folder(preset.repo_id, VOCODER_FILES) / "vocoder"
+    except ResolveError as err:
+        found = re.match(r"[^(]*\((.*)\): ", err.template)
+        why = found.group(1) if found else err.template
+        raise TrainError(f"cannot fetch the default vocoder (vocoder/ of {preset.repo_id}: {why}): pass {{vocoder}} "
+                         "FOLDER (with config.json and vocoder.pt) or {vocoder} none for Griffin-Lim "
+                         f"(or run 'rflav download {preset.name}' while online)", params=("vocoder",)) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged; delete it to "
+                              "resume from the one before") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path} must hold a JSON object: the checkpoint is damaged")
+    return data
+
+
+@contextmanager
+def _run_lock(run_dir: Path, console, enabled: bool) -> Iterator[None]:
+    """Hold RUN/.lock while training. A second `rflav train` on the same folder stops at once,
+    and so temporary folders found once the lock is held can only be leftovers of runs that
+    were killed: they are removed. The lock goes with the process, however it ends."""
+    try:
+        import fcntl
+    except ImportError:          # no flock (Windows): no lock and no clean-up
+        enabled = False
+    if not enabled:
+        yield
+        return
+    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
         try:
-            return resolve_model("dance").vocoder_folder
-        except Exception:  # offline without the cache: checkpoints then fall back to Griffin-Lim
-            return None
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise TrainError(f"{run_dir} is being trained by {owner}: wait for it to finish or stop it, or give "
+                             "another {output}", params=("output",)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"rflav train, pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        for stale in sorted(run_dir.glob(".checkpoint-*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+            console.print(f"removed {stale.name}, left by a run that was stopped while saving", markup=False)
+        if (run_dir / ".latest.tmp").is_symlink():
+            (run_dir / ".latest.tmp").unlink()
+        yield
+    finally:
+        handle.close()
+
+
+def _cache_header(data: Path) -> tuple[Path, dict] | None:
+    from .data import is_latent_cache
+
+    for candidate in (data, data / "train"):
+        if is_latent_cache(candidate):
+            return candidate / "index.json", _read_json(candidate / "index.json")
     return None
 
 
-def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
-    """Run (or resume) training; returns the last checkpoint written by this process."""
+def _new_run_config(cfg: TrainConfig):
+    """Settings of a new run, from what was asked, the files given and the defaults; and the
+    --init checkpoint, resolved."""
+    files: list[TrainFile] = []
+    source = None
+    if cfg.model_config:
+        files.append(read_model_config(cfg.model_config))
+    if cfg.init:
+        source = resolve_model(cfg.init, need_vocoder=False)
+        files.append(checkpoint_file(f"the checkpoint {cfg.init}", _read_json(source.folder / "config.json"),
+                                     read_side_file(source.folder), source.audio_scale))
+    cache = _cache_header(Path(cfg.data))
+    if cache is not None:
+        files.append(cache_file(str(cache[0]), cache[1]))
+    return resolve_train_config(cfg, files, defaults=True), source
+
+
+def train(cfg: TrainConfig, console=None, stop=None, name_of: Callable[[str], str] | None = None) -> Path | None:
+    """Run (or resume) training; returns the last checkpoint written by this process.
+
+    Settings left None in `cfg` take the resumed run's values, else those of the files given,
+    else the defaults. `name_of` names a parameter in printed lines (the CLI passes its flags).
+    """
     from rich.console import Console
 
-    from .data import LatentClipDataset, estimate_audio_scale, open_training_data
-
     console = console or Console(stderr=True)
+    name_of = name_of or (lambda param: param)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    check_train_config(cfg)
+    run_dir = Path(cfg.output)
+    resume = latest_checkpoint(run_dir)
+    state: dict = {}
+    init_source = None
+    if resume is not None:
+        state = _read_json(resume / STATE_DIR / "state.json")
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("audio_scale"), (int, float)):
+            raise FileFormatError(f"{resume / STATE_DIR / 'state.json'} lacks the step or the audio scale: the "
+                                  "checkpoint is damaged; delete it to resume from the one before")
+        saved_model = _read_json(resume / "config.json")
+        cfg, changes = resume_train_config(cfg, state.get("config", {}), saved_model, state["audio_scale"],
+                                           str(run_dir))
+        step = int(state["step"])
+        if step >= cfg.max_steps:
+            if main_rank:
+                console.print(f"{run_dir} is already at step {step} ≥ {name_of('max_steps')} {cfg.max_steps}: "
+                              f"nothing to do (raise {name_of('max_steps')} to train further)", markup=False)
+            return None
+        if main_rank:
+            console.print(f"resuming from step {step} ({run_dir / resume.name})", markup=False, highlight=False)
+            if changes:
+                console.print("changed since the saved run: " + ", ".join(
+                    f"{name_of(name)} {then} → {now}" for name, then, now in changes), markup=False, highlight=False)
+    else:
+        cfg, init_source = _new_run_config(cfg)
+    vocoder_folder = _vocoder_folder(cfg)
+
     device = _device(cfg.device)
     d = init_distributed(device)
-    run_dir = Path(cfg.output)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(d)
+    with _run_lock(run_dir, console, enabled=d.main):
+        return _train(cfg, run_dir, resume, state, init_source, vocoder_folder, device, d, console, stop)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: Path | None, state: dict, init_source, vocoder_folder,
+           device: torch.device, d: Dist, console, stop) -> Path | None:
+    from .data import LatentClipDataset, estimate_audio_scale, open_training_data
 
     dataset = open_training_data(Path(cfg.data), "train", cfg.window, image_size=cfg.image_size,
                                  missing_audio=cfg.missing_audio, progress=d.main)
@@ -284,10 +371,7 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
         if d.main:
             console.print(index.summary(cfg.window))
 
-    resume = latest_checkpoint(run_dir)
-    state: dict = {}
     if resume is not None:
-        state = json.loads((resume / STATE_DIR / "state.json").read_text())
         audio_scale = state["audio_scale"]
     else:
         audio_scale = cfg.audio_scale or estimate_audio_scale(dataset)
@@ -295,29 +379,24 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
     if d.main and resume is None:
         console.print(f"audio_scale {audio_scale:.6f}" + ("" if cfg.audio_scale else " (unit std of the training mel)"))
 
-    # Model: from scratch, or the released / given weights to fine-tune.
+    # Model: resumed, or the released / given weights to fine-tune, or new.
     if resume is not None:
-        config = FLAVConfig.from_dict(json.loads((resume / "config.json").read_text()))
+        config = FLAVConfig.from_dict(_read_json(resume / "config.json"))
         config.grad_ckpt = cfg.grad_ckpt
         model = FLAV(config)
         model.load_state_dict(load_file(str(resume / STATE_DIR / "model.safetensors")))
-    elif cfg.init:
-        source = resolve_model(cfg.init, need_vocoder=False)
-        model = FLAV.from_pretrained(source.folder)
+    elif init_source is not None:
+        model = FLAV.from_pretrained(init_source.folder)
         model.config.grad_ckpt = cfg.grad_ckpt
         model.gradient_checkpointing = cfg.grad_ckpt
         if model.num_classes != len(class_names) and class_names:
-            raise TrainError(f"--init {cfg.init} has {model.num_classes} classes but the data has {len(class_names)}")
-        if cfg.init in PRESETS and cfg.audio_scale is None:
-            audio_scale = PRESETS[cfg.init].audio_scale
-            dataset.audio_scale = audio_scale
+            raise TrainError(f"{{init}} {cfg.init} has {model.num_classes} classes but the data has "
+                             f"{len(class_names)}", params=("init",))
     else:
         torch.manual_seed(cfg.seed)
         model = FLAV(build_model_config(cfg, len(class_names)))
         model.initialize_weights()
     model.to(device).train()
-    if model.window != cfg.window:
-        raise TrainError(f"the model's window is {model.window} frames but --window is {cfg.window}")
 
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if resume is not None:
@@ -326,6 +405,8 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume is not None:
         optimizer.load_state_dict(torch.load(resume / STATE_DIR / "optimizer.pt", weights_only=True, map_location=device))
+        for group in optimizer.param_groups:    # the saved state holds the old ones; a resume may change them
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     step = int(state.get("step", 0))
     position = int(state.get("data_position", 0))
@@ -335,7 +416,6 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
         from .models.autoencoder import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(cfg.autoencoder).to(device).eval().requires_grad_(False)
-    vocoder_folder = _default_vocoder(cfg) if d.main else None
 
     net: torch.nn.Module = model
     if d.world > 1:
@@ -349,6 +429,8 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
         "autoencoder": None if cfg.pixel_space else cfg.autoencoder,
         "pixel_space": cfg.pixel_space,
         "image_size": cfg.image_size,
+        # What makes the sound: the HiFi-GAN in vocoder/, or Griffin-Lim by intent (--vocoder none).
+        "vocoder": "hifigan" if vocoder_folder is not None else "griffin-lim",
         "fps": FPS,
         "sample_rate": SAMPLE_RATE,
         "rflav_version": __version__,
@@ -361,59 +443,61 @@ def train(cfg: TrainConfig, console=None, stop=None) -> Path | None:
     progress = _progress(console, d.main)
     task = progress.add_task("training", total=cfg.max_steps, completed=step, loss=float("nan"), clips=0.0, steps=0.0)
     began, clips_done, window_loss, window_count = time.perf_counter(), 0, 0.0, 0
-    with progress:
-        while step < cfg.max_steps:
-            if stop is not None and stop.is_set():
-                break
-            # Everything random in this step (latent sampling in the dataset, label dropout in
-            # the model, noise and levels) derives from (seed, step, rank).
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + d.rank)
-            indices = global_batch_indices(len(dataset), cfg.seed, position, cfg.batch_size * d.world)
-            mine = indices[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
-            items = loader.fetch(mine)
-            position += cfg.batch_size * d.world
-            g = step_generator(cfg.seed, step, d.rank, device)
-            v, a, y = _batch(items, device, vae, g)
-            t = sample_training_levels(v.shape[0], cfg.window, generator=g, device=device)
-            with autocast:
-                out = flow_matching_loss(lambda vv, aa, tt: forward(vv, aa, tt, y), v, a, t,
-                                         weighting=cfg.weighting, generator=g)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    try:
+        with progress:
+            while step < cfg.max_steps:
+                if stop is not None and stop.is_set():
+                    break
+                # Everything random in this step (latent sampling in the dataset, label dropout in
+                # the model, noise and levels) derives from (seed, step, rank).
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + d.rank)
+                indices = global_batch_indices(len(dataset), cfg.seed, position, cfg.batch_size * d.world)
+                mine = indices[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
+                items = loader.fetch(mine)
+                position += cfg.batch_size * d.world
+                g = step_generator(cfg.seed, step, d.rank, device)
+                v, a, y = _batch(items, device, vae, g)
+                t = sample_training_levels(v.shape[0], cfg.window, generator=g, device=device)
+                with autocast:
+                    out = flow_matching_loss(lambda vv, aa, tt: forward(vv, aa, tt, y), v, a, t,
+                                             weighting=cfg.weighting, generator=g)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
-            loss = float(out["loss"].detach())
-            if d.world > 1:
-                reduced = torch.tensor([loss], device=device)
-                dist.all_reduce(reduced)
-                loss = reduced.item() / d.world
-            clips_done += cfg.batch_size * d.world
-            window_loss += loss
-            window_count += 1
-            elapsed = time.perf_counter() - began
-            progress.update(task, completed=step, loss=loss, clips=clips_done / max(elapsed, 1e-9),
-                            steps=clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9))
-            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                record = {"step": step, "loss": window_loss / window_count, "video_loss": float(out["video"]),
-                          "audio_loss": float(out["audio"]), "grad_norm": float(grad_norm),
-                          "steps_per_s": clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9),
-                          "clips_per_s": clips_done / max(elapsed, 1e-9), "time": time.time()}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                window_loss, window_count = 0.0, 0
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                last_written = _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d, side,
-                                     vocoder_folder, data_info)
-            if d.main and cfg.sample_every and step % cfg.sample_every == 0 and last_written is not None:
-                _sample(last_written, cfg, console)
+                loss = float(out["loss"].detach())
+                if d.world > 1:
+                    reduced = torch.tensor([loss], device=device)
+                    dist.all_reduce(reduced)
+                    loss = reduced.item() / d.world
+                clips_done += cfg.batch_size * d.world
+                window_loss += loss
+                window_count += 1
+                elapsed = time.perf_counter() - began
+                progress.update(task, completed=step, loss=loss, clips=clips_done / max(elapsed, 1e-9),
+                                steps=clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9))
+                if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    record = {"step": step, "loss": window_loss / window_count, "video_loss": float(out["video"]),
+                              "audio_loss": float(out["audio"]), "grad_norm": float(grad_norm),
+                              "steps_per_s": clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9),
+                              "clips_per_s": clips_done / max(elapsed, 1e-9), "time": time.time()}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    window_loss, window_count = 0.0, 0
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    last_written = _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d, side,
+                                         vocoder_folder, data_info)
+                if d.main and cfg.sample_every and step % cfg.sample_every == 0 and last_written is not None:
+                    _sample(last_written, cfg, console)
 
-    if stop is not None and stop.is_set() and (last_written is None or not last_written.name.endswith(f"{step:08d}")):
-        last_written = _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d, side, vocoder_folder,
-                             data_info)
-    loader.close()
+        if stop is not None and stop.is_set() and (last_written is None or not last_written.name.endswith(f"{step:08d}")):
+            last_written = _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d, side,
+                                 vocoder_folder, data_info)
+    finally:
+        loader.close()
     _barrier(d)
     return last_written
 
@@ -432,7 +516,11 @@ def _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d: D
                  "seed": cfg.seed, "config": asdict(cfg),
                  "data": data_info, "rank_weight_checksums": [float(c.item()) for c in checksums],
                  "rflav_version": __version__}
-        path = _write_checkpoint(run_dir, step, model, ema, optimizer, state, side, vocoder_folder, cfg.keep)
+        try:
+            path = _write_checkpoint(run_dir, step, model, ema, optimizer, state, side, vocoder_folder, cfg.keep)
+        except BaseException:   # disk full, a failed copy …: no half-written folder stays behind
+            shutil.rmtree(run_dir / f".checkpoint-{step:08d}.tmp", ignore_errors=True)
+            raise
     _barrier(d)
     return path
 

@@ -74,6 +74,7 @@ def test_cli_trains_counts_bad_files_and_checkpoint_generates(data, assets, tmp_
                                                   "training_state"}
     side = json.loads((latest / "rflav.json").read_text())
     assert side["class_names"] == ["a", "b"] and side["pixel_space"] is True and side["audio_scale"] > 0
+    assert side["vocoder"] == "hifigan"
     state = json.loads((latest / "training_state" / "state.json").read_text())
     assert state["data"]["skipped"] == {"no audio": 1, "unreadable": 1} and state["data"]["videos"] == 4
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -142,6 +143,7 @@ def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monk
     with pytest.raises(OSError, match="simulated crash"):
         train_mod.train(config(data, assets, run))
     monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    assert not list(run.glob(".checkpoint-*"))          # a failed save leaves no temp folder
     assert (run / "latest").resolve().name == "checkpoint-00000002"
     FLAV.from_pretrained(run / "latest")
     # Running again resumes from step 2 and finishes.
@@ -168,7 +170,7 @@ def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
 def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp_path):
     vae = tiny.build_tiny_vae(tmp_path / "vae")
     cache = tmp_path / "cache"
-    prepared = CliRunner().invoke(app, ["prepare", str(data), "--out", str(cache), "--autoencoder", str(vae),
+    prepared = CliRunner().invoke(app, ["prepare", str(data), "-o", str(cache), "--autoencoder", str(vae),
                                         "--image-size", "32", "--device", "cpu"], catch_exceptions=False)
     assert prepared.exit_code == 0, prepared.output
     (tmp_path / "latent.json").write_text(json.dumps({**MODEL, "patch_size": 2}))
