@@ -254,42 +254,64 @@ def prepare(
     typer.echo(str(_run(go)))
 
 
+def _num_clips(num_clips: int | None, num_old: int | None) -> int:
+    """--num-clips of eval and drift, or its old name --num (kept for one release)."""
+    if num_old is None:
+        return 2048 if num_clips is None else num_clips
+    if num_clips is not None:
+        _fail("--num is the old name of --num-clips: give only --num-clips")
+    typer.echo("rflav: note: --num is now --num-clips (the old name goes in the next release)", err=True)
+    return num_old
+
+
 @app.command("eval")
 def evaluate(
-    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz from --save-real-stats."),
-    fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated videos."),
-    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad."),
-    num: int = typer.Option(2048, "--num", "--num-clips", help="Clips per set (--num-clips under torchrun, whose own options claim the prefix --num)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the real-clip selection."),
-    clip_stride: int = typer.Option(1, "--clip-stride", help="Frames between consecutive 16-frame windows."),
-    protocol: str = typer.Option("mmdiffusion", "--protocol", help="Evaluation protocol (mmdiffusion)."),
-    letterbox_antialias: str = typer.Option("on", "--letterbox-antialias", help="on or off (torchvision <= 0.16 behaviour)."),
-    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Use all clips when a set has fewer than --num."),
-    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="Path to i3d_pretrained_400.pt."),
-    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="Path to AudioCLIP-Full-Training.pt."),
-    save_real_stats: Optional[Path] = typer.Option(None, "--save-real-stats", help="Save the real features to this .npz."),
-    model: Optional[str] = typer.Option(None, "--model", help="Generate the fake set now from this checkpoint."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Clips to generate with --model [default: --num]."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Generation batch size with --model."),
-    fake_out: Optional[Path] = typer.Option(None, "--fake-out", help="Keep the generated clips in this folder."),
-    device: str = typer.Option("auto", "--device"),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    real: Path = typer.Option(..., "--real", help="Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz written by --save-real-stats."),
+    fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated videos (or give --model to generate them now)."),
+    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded."),
+    num_clips: Optional[int] = typer.Option(None, "--num-clips", min=2, help="16-frame clips per set; a set with more is sampled with --seed [default: 2048]."),
+    num_old: Optional[int] = typer.Option(None, "--num", hidden=True, min=2, help="Old name of --num-clips."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the clip selection when a set has more than --num-clips clips."),
+    clip_stride: int = typer.Option(1, "--clip-stride", min=1, help="Frames between the starts of consecutive 16-frame clips of a video (the protocol uses 1)."),
+    protocol: Literal["mmdiffusion"] = typer.Option("mmdiffusion", "--protocol", help="Evaluation protocol: mmdiffusion (MM-Diffusion's evaluator)."),
+    letterbox_antialias: Literal["on", "off"] = typer.Option("on", "--letterbox-antialias", help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16)."),
+    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Use all clips of a set that has fewer than --num-clips (instead of stopping)."),
+    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
+    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
+    save_real_stats: Optional[Path] = typer.Option(None, "--save-real-stats", help="Save the real set's features to this .npz, for a later --real."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead of --fake."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Videos to generate with --model, 16 frames each [default: --num-clips]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Videos generated together with --model [default: 8]."),
+    fake_out: Optional[Path] = typer.Option(None, "--fake-out", help="Keep the videos generated with --model in this folder [default: a temporary folder]."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
+    offline: bool = typer.Option(False, "--offline", help="Never download: weights must be given or already in the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (no progress display)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """FVD, KVD and FAD of generated videos against real ones (MM-Diffusion protocol)."""
-    from .evaluate import EvalRequest, parse_metrics, run_eval
+    from .requests import EvalRequest, check_eval_request, parse_metrics
 
-    if protocol != "mmdiffusion":
-        _fail(f"unknown protocol {protocol!r}: only mmdiffusion is implemented")
-    if letterbox_antialias not in ("on", "off"):
-        _fail("--letterbox-antialias must be on or off")
-    result = _run(lambda: run_eval(EvalRequest(
-        real=real, fake=fake, metrics=parse_metrics(metrics), num=num, seed=seed, clip_stride=clip_stride,
-        letterbox_antialias=letterbox_antialias == "on", allow_fewer=allow_fewer, i3d_weights=i3d_weights,
-        audioclip_weights=audioclip_weights, save_real_stats=save_real_stats, device=device, offline=offline,
-        model=model, num_samples=num_samples, batch_size=batch_size, fake_out=fake_out, quiet=quiet or as_json,
-    ), Console(stderr=True)))
+    num_clips = _num_clips(num_clips, num_old)
+
+    def build() -> EvalRequest:
+        request = EvalRequest(
+            real=real, fake=fake, metrics=parse_metrics(metrics), num_clips=num_clips, seed=seed,
+            clip_stride=clip_stride, protocol=protocol, letterbox_antialias=letterbox_antialias == "on",
+            allow_fewer=allow_fewer, i3d_weights=i3d_weights, audioclip_weights=audioclip_weights,
+            save_real_stats=save_real_stats, device=device, offline=offline, model=model, num_samples=num_samples,
+            batch_size=batch_size, fake_out=fake_out, quiet=quiet or as_json,
+        )
+        check_eval_request(request)   # bad values fail here, before torch is imported
+        return request
+
+    request = _run(build)
+
+    def go() -> dict:
+        from .evaluate import run_eval
+
+        return run_eval(request, Console(stderr=True))
+
+    result = _run(go)
     if int(os.environ.get("RANK", "0")) != 0:   # under torchrun only rank 0 reports
         return
     if as_json:
@@ -305,31 +327,45 @@ def evaluate(
 
 @app.command()
 def drift(
-    fake: Path = typer.Option(..., "--fake", help="Folder of long generated videos."),
-    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz."),
-    window: int = typer.Option(16, "--window", help="Frames per window (16 for the protocol)."),
-    stride: int = typer.Option(8, "--stride", help="Frames between window positions."),
-    metrics: str = typer.Option("fvd,kvd,fad", "--metrics"),
-    num: int = typer.Option(2048, "--num", help="Real clips (all if fewer)."),
-    seed: int = typer.Option(0, "--seed"),
-    letterbox_antialias: str = typer.Option("on", "--letterbox-antialias"),
-    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights"),
-    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights"),
-    output: Path = typer.Option(Path("drift"), "--output", "-o", help="Writes OUTPUT.csv and OUTPUT.png."),
-    device: str = typer.Option("auto", "--device"),
-    offline: bool = typer.Option(False, "--offline"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    fake: Path = typer.Option(..., "--fake", help="Folder of long generated videos (at least 2, each 16 frames or more)."),
+    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz written by eval --save-real-stats."),
+    window: int = typer.Option(16, "--window", help="Frames per window: 16, the protocol's clip length (no other value is accepted)."),
+    stride: int = typer.Option(8, "--stride", min=1, help="Frames between window positions along the videos."),
+    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad, computed at every window position. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded."),
+    num_clips: Optional[int] = typer.Option(None, "--num-clips", min=2, help="Real clips to compare with, sampled with --seed when there are more (all of them if there are fewer) [default: 2048]."),
+    num_old: Optional[int] = typer.Option(None, "--num", hidden=True, min=2, help="Old name of --num-clips."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the real-clip selection when there are more than --num-clips."),
+    letterbox_antialias: Literal["on", "off"] = typer.Option("on", "--letterbox-antialias", help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16)."),
+    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
+    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
+    output: Path = typer.Option(Path("drift"), "--output", "-o", metavar="PATH", help="Writes PATH.csv and PATH.png (a .csv or .png ending of PATH is dropped first; an existing folder gets drift.csv and drift.png)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
+    offline: bool = typer.Option(False, "--offline", help="Never download: weights must be given or already in the cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Metrics over a sliding window along long generated videos, with a plot."""
-    from .evaluate import DriftRequest, parse_metrics, run_drift
+    from .requests import DriftRequest, check_drift_request, parse_metrics
 
-    if letterbox_antialias not in ("on", "off"):
-        _fail("--letterbox-antialias must be on or off")
-    out = _run(lambda: run_drift(DriftRequest(
-        fake=fake, real=real, window=window, stride=stride, num=num, seed=seed, metrics=parse_metrics(metrics),
-        letterbox_antialias=letterbox_antialias == "on", i3d_weights=i3d_weights,
-        audioclip_weights=audioclip_weights, device=device, offline=offline, output=output, quiet=quiet,
-    ), Console(stderr=True)))
+    num_clips = _num_clips(num_clips, num_old)
+
+    def build() -> DriftRequest:
+        request = DriftRequest(
+            fake=fake, real=real, window=window, stride=stride, num_clips=num_clips, seed=seed,
+            metrics=parse_metrics(metrics), letterbox_antialias=letterbox_antialias == "on",
+            i3d_weights=i3d_weights, audioclip_weights=audioclip_weights, device=device, offline=offline,
+            output=output, quiet=quiet,
+        )
+        check_drift_request(request)   # bad values fail here, before torch is imported
+        return request
+
+    request = _run(build)
+
+    def go() -> dict:
+        from .evaluate import run_drift
+
+        return run_drift(request, Console(stderr=True))
+
+    out = _run(go)
     typer.echo(f"protocol {out['protocol']}: {out['positions']} window positions over {out['videos']} videos")
     typer.echo(out["csv"])
     typer.echo(out["png"])

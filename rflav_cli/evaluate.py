@@ -2,7 +2,8 @@
 
 FVD, KVD and FAD are computed exactly as the MM-Diffusion evaluator does (see
 `rflav_cli.metrics.protocol`), with one deliberate change: the real-clip selection is seeded,
-so a run is reproducible.
+so a run is reproducible. Only the networks the asked metrics need are loaded: I3D for FVD and
+KVD, AudioCLIP for FAD.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import random
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,53 +22,98 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import FileFormatError
 from .media import probe
 from .metrics import protocol as P
 from .metrics.frechet import frechet_distance
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
-from .models.audioclip import load_audioclip_audio
-from .models.i3d import load_i3d
-from .errors import RflavError
+from .models.audioclip import EMBED_DIM, load_audioclip_audio
+from .models.i3d import NUM_CLASSES, load_i3d
+from .requests import (
+    EVAL_AUDIO_METRICS,
+    EVAL_METRICS as METRICS,
+    EVAL_VIDEO_METRICS,
+    DriftRequest,
+    EvalError,
+    EvalRequest,
+    EVAL_DEFAULT_BATCH_SIZE,
+    check_drift_request,
+    check_eval_request,
+    drift_output_paths,
+    is_stats_file,
+    parse_metrics,
+)
+
+__all__ = ["DriftRequest", "EvalError", "EvalRequest", "FeatureNets", "load_feature_nets", "parse_metrics",
+           "resolve_feature_weights", "run_drift", "run_eval"]
 
 PROTOCOL = "mmdiffusion"
-METRICS = ("fvd", "kvd", "fad")
 
 
-class EvalError(RflavError, ValueError):
-    """Bad evaluation input, reported as one line."""
+def needs_video(metrics: set[str] | tuple[str, ...]) -> bool:
+    """Whether the metrics need I3D video features (FVD, KVD)."""
+    return any(m in EVAL_VIDEO_METRICS for m in metrics)
+
+
+def needs_audio(metrics: set[str] | tuple[str, ...]) -> bool:
+    """Whether the metrics need AudioCLIP audio features (FAD)."""
+    return any(m in EVAL_AUDIO_METRICS for m in metrics)
+
+
+@dataclass
+class FeatureWeights:
+    """Weight files of the networks some metrics need (None: that network is not needed)."""
+
+    i3d: Path | None
+    audioclip: Path | None
+
+
+def resolve_feature_weights(metrics: set[str] | tuple[str, ...], *, i3d_path: str | None = None,
+                            audioclip_path: str | None = None, offline: bool = False) -> FeatureWeights:
+    """Find (or download) the weight files of the networks `metrics` need, and only those: a
+    missing file fails here, before any video is generated or decoded."""
+    return FeatureWeights(
+        i3d=i3d_weights(i3d_path, offline=offline) if needs_video(metrics) else None,
+        audioclip=audioclip_weights(audioclip_path, offline=offline) if needs_audio(metrics) else None,
+    )
 
 
 @dataclass
 class FeatureNets:
-    """The two feature extractors, ready on a device."""
+    """The feature extractors the metrics need, ready on a device (None: not needed)."""
 
-    video: Callable[[torch.Tensor], torch.Tensor]
+    video: Callable[[torch.Tensor], torch.Tensor] | None
     audio: Callable[[torch.Tensor], torch.Tensor] | None
     device: torch.device
 
 
 def load_feature_nets(
-    metrics: set[str], *, i3d_path: str | None = None, audioclip_path: str | None = None,
-    device: str = "auto", offline: bool = False,
+    metrics: set[str] | tuple[str, ...], *, i3d_path: str | None = None, audioclip_path: str | None = None,
+    device: str = "auto", offline: bool = False, weights: FeatureWeights | None = None,
 ) -> FeatureNets:
+    """I3D when FVD or KVD is asked, AudioCLIP's audio head when FAD is: the weight files of a
+    network that is not needed are never looked for."""
     from .pipeline import pick_device
 
+    if weights is None:
+        weights = resolve_feature_weights(metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline)
     dev = pick_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type == "cuda":  # TF32 moves I3D logits by ~1e-3; the protocol is float32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    i3d = load_i3d(i3d_weights(i3d_path, offline=offline)).to(dev)
+    video = None
+    if weights.i3d is not None:
+        i3d = load_i3d(weights.i3d).to(dev)
 
-    def video(x: torch.Tensor) -> torch.Tensor:
-        return i3d(x.to(dev))
+        def video(x: torch.Tensor) -> torch.Tensor:
+            return i3d(x.to(dev))
 
     audio = None
-    if "fad" in metrics:
-        net = load_audioclip_audio(audioclip_weights(audioclip_path, offline=offline)).to(dev)
-        audio = net
+    if weights.audioclip is not None:
+        audio = load_audioclip_audio(weights.audioclip).to(dev)
     return FeatureNets(video=video, audio=audio, device=dev)
 
 
@@ -82,12 +130,14 @@ class ClipSet:
 
 
 def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) -> ClipSet:
-    """Every 16-frame window (at `clip_stride`) of every video under `root`, in file order."""
+    """Every 16-frame window (at `clip_stride`) of every video under `root`, in file order.
+    `what` is the parameter that named the folder ("real" or "fake")."""
     if not root.is_dir():
-        raise EvalError(f"{what} {root}: no such folder")
+        raise EvalError(f"{{{what}}} {root}: no such folder", params=(what,))
     files = P.list_video_files(root)
     if not files:
-        raise EvalError(f"{what} {root}: no videos found (looked for {', '.join(sorted(P.VIDEO_EXTENSIONS))})")
+        raise EvalError(f"{{{what}}} {root}: no videos found (looked for "
+                        f"{', '.join('*.' + e for e in sorted(P.VIDEO_EXTENSIONS))})", params=(what,))
     clips: list[P.Clip] = []
     skipped: dict[str, list[str]] = {"unreadable": [], "shorter than 16 frames": []}
     no_audio = []
@@ -106,7 +156,11 @@ def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) 
         clips.extend(found)
     if no_audio:
         shown = ", ".join(no_audio[:3]) + (f" and {len(no_audio) - 3} more" if len(no_audio) > 3 else "")
-        raise EvalError(f"FAD needs audio but {len(no_audio)} {what} video(s) have none: {shown}")
+        raise EvalError(f"FAD needs audio but {len(no_audio)} {what} video(s) have none: {shown}; "
+                        "drop fad from {metrics} or remove them", params=("metrics",))
+    if not clips:
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in skipped.items() if v)
+        raise EvalError(f"{{{what}}} {root}: no 16-frame clip in its {len(files)} video(s) ({kinds})", params=(what,))
     return ClipSet(clips, files, {k: v for k, v in skipped.items() if v})
 
 
@@ -114,10 +168,12 @@ def select_batches(n_clips: int, num: int, *, seed: int, allow_fewer: bool, what
     """Loader batches for `num` clips: all in file order when every clip is used, else a seeded pick."""
     if n_clips < num:
         if not allow_fewer:
-            raise EvalError(f"{what} set has {n_clips} clips but --num is {num}: lower --num or pass --allow-fewer")
+            raise EvalError(f"{what} set has {n_clips} clips but {{num_clips}} is {num}: lower {{num_clips}} "
+                            "or pass {allow_fewer}", params=("num_clips", "allow_fewer"))
         num = n_clips
     if num < 2:
-        raise EvalError(f"{what} set has {n_clips} clip(s): at least 2 are needed")
+        raise EvalError(f"{what} set has {n_clips} clip(s): at least 2 are needed (add videos to {{{what}}})",
+                        params=(what,))
     return _batches(n_clips, num, None if n_clips == num else seed), num
 
 
@@ -149,14 +205,73 @@ def features_of(clip_set: ClipSet, batches: list[list[int]], num: int, nets: Fea
 
 
 def save_stats(path: Path, video: torch.Tensor, audio: torch.Tensor, meta: dict) -> None:
+    """Features of the real set as .npz: video (N, 400) and audio (N, 1024), each (N, 0) when
+    its metrics were not asked, and the settings they were computed with."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, video=video.numpy(), audio=audio.numpy(), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, video=video.numpy(), audio=audio.numpy(), meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _stats_fault(path: Path, problem: str) -> FileFormatError:
+    return FileFormatError(f"{{real}} {path} {problem}: recompute it with {{save_real_stats}}",
+                           params=("real", "save_real_stats"))
 
 
 def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    with np.load(path, allow_pickle=False) as data:
-        return torch.from_numpy(data["video"]), torch.from_numpy(data["audio"]), json.loads(str(data["meta"]))
+    """Video and audio features and settings saved by :func:`save_stats`, checked."""
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except unreadable as e:
+        raise _stats_fault(path, f"is not a readable .npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise _stats_fault(path, "holds a single array, not the statistics of rflav eval")
+    with loaded as data:
+        missing = [k for k in ("video", "audio", "meta") if k not in data.files]
+        if missing:
+            raise _stats_fault(path, f"is not a statistics file of rflav eval (no {', '.join(missing)})")
+        try:
+            video, audio, meta_text = data["video"], data["audio"], str(data["meta"])
+        except unreadable as e:   # a damaged member of the archive
+            raise _stats_fault(path, f"is damaged ({type(e).__name__}: {e})") from None
+    try:
+        meta = json.loads(meta_text)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise _stats_fault(path, "holds no readable settings (meta)")
+    for name, array, width in (("video", video, NUM_CLASSES), ("audio", audio, EMBED_DIM)):
+        if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] not in (0, width):
+            raise _stats_fault(path, f"holds {name} features of shape {array.shape} and type {array.dtype}, "
+                                     f"not float32 (N, {width})")
+        if not np.isfinite(array).all():
+            raise _stats_fault(path, f"holds non-finite {name} features")
+    if video.shape[0] != audio.shape[0] or video.shape[0] < 2:
+        raise _stats_fault(path, f"holds {video.shape[0]} video and {audio.shape[0]} audio feature rows "
+                                 "(two equal counts of at least 2 are needed)")
+    return torch.from_numpy(video), torch.from_numpy(audio), meta
+
+
+def real_stats(path: Path, metrics: set[str], antialias: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Saved real-set features that fit this evaluation: same protocol and letterbox setting,
+    and features for every asked metric."""
+    video, audio, meta = load_stats(path)
+    if meta.get("protocol") != PROTOCOL or meta.get("letterbox_antialias") != antialias:
+        shown = {True: "on", False: "off"}.get(meta.get("letterbox_antialias"), meta.get("letterbox_antialias"))
+        raise EvalError(f"{{real}} {path} was computed with protocol {meta.get('protocol')} and letterbox "
+                        f"antialias {shown}: recompute it with these settings or pass "
+                        f"{{letterbox_antialias}} {shown}", params=("real", "letterbox_antialias"))
+    if needs_video(metrics) and video.shape[1] == 0:
+        raise EvalError(f"{{real}} {path} holds no video features (it was saved without FVD and KVD): recompute "
+                        "it with fvd or kvd among {metrics}", params=("real", "metrics"))
+    if needs_audio(metrics) and audio.shape[1] == 0:
+        raise EvalError(f"{{real}} {path} holds no audio features (it was saved without FAD): recompute it "
+                        "with fad among {metrics}", params=("real", "metrics"))
+    return video, audio, meta
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,84 +279,42 @@ def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvalRequest:
-    real: Path
-    fake: Path | None = None
-    metrics: tuple[str, ...] = METRICS
-    num: int = 2048
-    seed: int = 0
-    clip_stride: int = 1
-    letterbox_antialias: bool = True
-    allow_fewer: bool = False
-    i3d_weights: str | None = None
-    audioclip_weights: str | None = None
-    save_real_stats: Path | None = None
-    device: str = "auto"
-    offline: bool = False
-    # --model mode: generate the fake set first
-    model: str | None = None
-    num_samples: int | None = None
-    batch_size: int = 8
-    gen_seed: int = 0
-    fake_out: Path | None = None
-    quiet: bool = False
-
-
-def parse_metrics(text: str) -> tuple[str, ...]:
-    names = tuple(m.strip().lower() for m in text.split(",") if m.strip())
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise EvalError(f"unknown metric {bad[0] if bad else text!r}: choose from fvd, kvd, fad")
-    return names
-
-
 def run_eval(req: EvalRequest, console=None) -> dict:
     """FVD / KVD / FAD of a fake set against a real set (folder or saved statistics)."""
     from rich.console import Console
 
+    check_eval_request(req)
     console = console or Console(stderr=True)
-    metrics = set(req.metrics)
-    if req.fake is None and req.model is None:
-        raise EvalError("give --fake DIR (generated videos) or --model CHECKPOINT (generate them now)")
-    if req.num < 2:
-        raise EvalError(f"--num must be at least 2, got {req.num}")
-    if req.clip_stride < 1:
-        raise EvalError(f"--clip-stride must be at least 1, got {req.clip_stride}")
-    real_is_stats = req.real.is_file() and req.real.suffix == ".npz"
-    if not real_is_stats and not req.real.is_dir():
-        raise EvalError(f"--real {req.real}: neither a folder of videos nor a statistics .npz file")
+    metrics = set(parse_metrics(req.metrics))
+    real_is_stats = is_stats_file(req.real)
+    # The weight files come first: a missing one fails before anything is generated or decoded.
+    weights = resolve_feature_weights(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
+                                      offline=req.offline)
+    need_audio = needs_audio(metrics)
+    result: dict = {"protocol": PROTOCOL, "letterbox_antialias": req.letterbox_antialias, "seed": req.seed,
+                    "clip_stride": req.clip_stride, "metrics": sorted(metrics, key=METRICS.index)}
+
+    # The real set is listed and checked before the fake set is generated or read.
+    real_set = None
+    if real_is_stats:
+        real_v, real_a, meta = real_stats(req.real, metrics, req.letterbox_antialias)
+        result["real"] = {"stats": str(req.real), "clips": int(real_v.shape[0]), "seed": meta.get("seed")}
+    else:
+        real_set = collect_clips(req.real, clip_stride=req.clip_stride, need_audio=need_audio, what="real")
+        real_batches, real_num = select_batches(len(real_set.clips), req.num_clips, seed=req.seed,
+                                                allow_fewer=req.allow_fewer, what="real")
 
     _init_distributed(req.device)
     fake_dir = req.fake
     generated = None
     if req.model is not None:
         fake_dir, generated = _generate_fake_set(req, console)
-
-    need_audio = "fad" in metrics
-    result: dict = {"protocol": PROTOCOL, "letterbox_antialias": req.letterbox_antialias, "seed": req.seed,
-                    "clip_stride": req.clip_stride}
-
-    # Both sets are listed and checked before any feature is computed.
-    real_set = None
-    if real_is_stats:
-        real_v, real_a, meta = load_stats(req.real)
-        if meta.get("protocol") != PROTOCOL or meta.get("letterbox_antialias") != req.letterbox_antialias:
-            raise EvalError(f"{req.real} was computed with protocol {meta.get('protocol')} and letterbox antialias "
-                            f"{meta.get('letterbox_antialias')}: recompute it with these settings")
-        if need_audio and real_a.shape[1] == 0:
-            raise EvalError(f"{req.real} holds no audio features: recompute it with FAD among the metrics")
-        result["real"] = {"stats": str(req.real), "clips": int(real_v.shape[0]), "seed": meta.get("seed")}
-    else:
-        real_set = collect_clips(req.real, clip_stride=req.clip_stride, need_audio=need_audio, what="real")
-        real_batches, real_num = select_batches(len(real_set.clips), req.num, seed=req.seed,
-                                                allow_fewer=req.allow_fewer, what="real")
     fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
-    fake_batches, fake_num = select_batches(len(fake_set.clips), req.num if req.model is None else len(fake_set.clips),
-                                            seed=req.seed, allow_fewer=req.allow_fewer, what="fake")
+    fake_batches, fake_num = select_batches(
+        len(fake_set.clips), req.num_clips if req.model is None else len(fake_set.clips),
+        seed=req.seed, allow_fewer=req.allow_fewer, what="fake")
 
-    nets = load_feature_nets(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
-                             device=req.device, offline=req.offline)
+    nets = load_feature_nets(metrics, weights=weights, device=req.device)
     if real_set is not None:
         real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, real_batches, real_num, nets,
                                         req.letterbox_antialias)
@@ -250,7 +323,8 @@ def run_eval(req: EvalRequest, console=None) -> dict:
         if req.save_real_stats:
             save_stats(req.save_real_stats, real_v, real_a, {"protocol": PROTOCOL, "seed": req.seed,
                                                              "letterbox_antialias": req.letterbox_antialias,
-                                                             "clip_stride": req.clip_stride, "num": real_num})
+                                                             "clip_stride": req.clip_stride, "num": real_num,
+                                                             "metrics": result["metrics"]})
             result["real"]["saved_stats"] = str(req.save_real_stats)
     fake_v, fake_a = _with_progress(console, req.quiet, "fake features", fake_set, fake_batches, fake_num, nets,
                                     req.letterbox_antialias)
@@ -326,21 +400,23 @@ def _world() -> tuple[int, int]:
 
 
 def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
-    from .generate import GenerateRequest, run_generate
+    from .requests import GenerateRequest
+    from .generate import run_generate
 
-    count = req.num_samples or req.num
+    count = req.num_samples or req.num_clips
     world, rank = _world()
     if req.fake_out is None and world > 1:
-        raise EvalError("with several processes, give --fake-out (a folder all of them can write)")
+        raise EvalError("with several processes, give {fake_out} (a folder all of them can write)",
+                        params=("fake_out",))
     folder = req.fake_out or Path(tempfile.mkdtemp(prefix="rflav-eval-fake-"))
     # Rank r generates a contiguous block of seeds; file names carry the seed, so blocks never clash.
     per = -(-count // world)
     first, last = rank * per, min(count, (rank + 1) * per)
     if last > first:
         run_generate(GenerateRequest(model=req.model, frames=P.CLIP_FRAMES, num_samples=last - first,
-                                     batch_size=req.batch_size, seed=req.gen_seed + first,
-                                     output=folder / f"rank{rank}", device=req.device,
-                                     quiet=req.quiet or rank != 0, offline=req.offline), console)
+                                     batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
+                                     seed=req.gen_seed + first, output=str(folder / f"rank{rank}") + "/",
+                                     device=req.device, quiet=req.quiet or rank != 0, offline=req.offline), console)
     if world > 1:
         import torch.distributed as dist
 
@@ -353,52 +429,50 @@ def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class DriftRequest:
-    fake: Path
-    real: Path
-    window: int = P.CLIP_FRAMES
-    stride: int = 8
-    num: int = 2048
-    seed: int = 0
-    metrics: tuple[str, ...] = METRICS
-    letterbox_antialias: bool = True
-    allow_fewer: bool = True
-    i3d_weights: str | None = None
-    audioclip_weights: str | None = None
-    device: str = "auto"
-    offline: bool = False
-    output: Path = Path("drift")
-    quiet: bool = False
-
-
 def run_drift(req: DriftRequest, console=None) -> dict:
     """Metrics of the set of windows at each position along long fake videos, against the real
     set, and each position's feature drift from the first window. Writes CSV (+ PNG)."""
     from rich.console import Console
 
+    check_drift_request(req)
     console = console or Console(stderr=True)
-    if req.window != P.CLIP_FRAMES:
-        raise EvalError(f"--window must be {P.CLIP_FRAMES} frames for the {PROTOCOL} protocol")
-    if req.stride < 1:
-        raise EvalError(f"--stride must be at least 1, got {req.stride}")
-    metrics = set(req.metrics)
-    real_result = run_eval_real_only(req, metrics, console)
-    real_v, real_a, nets = real_result
+    metrics = set(parse_metrics(req.metrics))
+    csv_path, png_path = drift_output_paths(req.output)
+    weights = resolve_feature_weights(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
+                                      offline=req.offline)
 
-    files = P.list_video_files(req.fake) if req.fake.is_dir() else []
+    files = P.list_video_files(req.fake)
     if not files:
-        raise EvalError(f"--fake {req.fake}: no videos found")
+        raise EvalError(f"{{fake}} {req.fake}: no videos found", params=("fake",))
     per_file = []
+    no_audio = []
     for f in files:
         try:
             clips = P.enumerate_clips([f], clip_stride=req.stride)
-        except Exception:
+        except Exception:  # a broken file is left out, as in eval
             continue
-        if clips:
+        if clips and needs_audio(metrics) and not probe(f).has_audio:
+            no_audio.append(str(f))
+        elif clips:
             per_file.append(clips)
+    if no_audio:
+        raise EvalError(f"FAD needs audio but {len(no_audio)} fake video(s) have none: {', '.join(no_audio[:3])}; "
+                        "drop fad from {metrics} or remove them", params=("metrics",))
     if len(per_file) < 2:
-        raise EvalError(f"--fake {req.fake}: drift needs at least 2 readable videos of 16+ frames, found {len(per_file)}")
+        raise EvalError(f"{{fake}} {req.fake}: drift needs at least 2 readable videos of {P.CLIP_FRAMES}+ frames, "
+                        f"found {len(per_file)}", params=("fake",))
+
+    if is_stats_file(req.real):
+        real_v, real_a, _ = real_stats(req.real, metrics, req.letterbox_antialias)
+        nets = load_feature_nets(metrics, weights=weights, device=req.device)
+    else:
+        real_set = collect_clips(req.real, clip_stride=1, need_audio=needs_audio(metrics), what="real")
+        batches, num = select_batches(len(real_set.clips), req.num_clips, seed=req.seed,
+                                      allow_fewer=req.allow_fewer, what="real")
+        nets = load_feature_nets(metrics, weights=weights, device=req.device)
+        real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, batches, num, nets,
+                                        req.letterbox_antialias)
+
     positions = min(len(c) for c in per_file)
     rows = []
     first_v = first_a = None
@@ -408,40 +482,30 @@ def run_drift(req: DriftRequest, console=None) -> dict:
         batches = _batches(n, n, None)
         v, a = _with_progress(console, req.quiet, f"window {p + 1}/{positions}", clip_set, batches, n, nets,
                               req.letterbox_antialias)
-        if first_v is None:
-            first_v, first_a = v.mean(0), (a.mean(0) if a.numel() else None)
+        if p == 0:
+            first_v = v.mean(0) if v.numel() else None
+            first_a = a.mean(0) if a.numel() else None
         row = {"position": p, "start_frame": p * req.stride, "start_s": p * req.stride / P.EVAL_FPS, "videos": n,
                **_scores(metrics, v, a, real_v, real_a)}
-        row["video_feature_drift"] = float(torch.linalg.vector_norm(v.mean(0) - first_v))
+        if first_v is not None:
+            row["video_feature_drift"] = float(torch.linalg.vector_norm(v.mean(0) - first_v))
         if first_a is not None:
             row["audio_feature_drift"] = float(torch.linalg.vector_norm(a.mean(0) - first_a))
         rows.append(row)
 
-    req.output.parent.mkdir(parents=True, exist_ok=True)
-    csv_path = req.output.with_suffix(".csv")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    png_path = plot_drift(rows, req.output.with_suffix(".png"))
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, csv_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    plot_drift(rows, png_path)
     return {"protocol": PROTOCOL, "csv": str(csv_path), "png": str(png_path), "positions": positions,
             "videos": len(per_file), "rows": rows}
-
-
-def run_eval_real_only(req: DriftRequest, metrics: set[str], console):
-    nets = load_feature_nets(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
-                             device=req.device, offline=req.offline)
-    if req.real.is_file() and req.real.suffix == ".npz":
-        real_v, real_a, _ = load_stats(req.real)
-        return real_v, real_a, nets
-    real_set = collect_clips(req.real, clip_stride=1, need_audio="fad" in metrics, what="real")
-    batches, num = select_batches(len(real_set.clips), req.num, seed=req.seed, allow_fewer=req.allow_fewer,
-                                  what="real")
-    real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, batches, num, nets,
-                                    req.letterbox_antialias)
-    return real_v, real_a, nets
 
 
 def plot_drift(rows: list[dict], path: Path) -> Path:
@@ -467,9 +531,12 @@ def plot_drift(rows: list[dict], path: Path) -> Path:
     fig.suptitle(f"Drift along the videos ({PROTOCOL} protocol, 16-frame windows)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 

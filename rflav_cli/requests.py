@@ -606,3 +606,195 @@ def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, 
     if missing_audio not in MISSING_AUDIO_CHOICES:
         raise UsageError(f"unknown {{missing_audio}} {missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
                          params=("missing_audio",))
+
+
+# ----------------------------------------------------------------------------------------
+# rflav eval and rflav drift
+# ----------------------------------------------------------------------------------------
+
+from collections.abc import Sequence  # noqa: E402
+
+from .errors import RflavError as _RflavError  # noqa: E402
+
+EVAL_PROTOCOLS = ("mmdiffusion",)
+EVAL_METRICS = ("fvd", "kvd", "fad")
+EVAL_VIDEO_METRICS = ("fvd", "kvd")     # computed from I3D features
+EVAL_AUDIO_METRICS = ("fad",)           # computed from AudioCLIP features
+EVAL_CLIP_FRAMES = 16                   # metrics.protocol.CLIP_FRAMES (that module imports torch)
+EVAL_DEFAULT_NUM_CLIPS = 2048
+EVAL_DEFAULT_BATCH_SIZE = 8
+STATS_SUFFIX = ".npz"
+_EVAL_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class EvalError(_RflavError, ValueError):
+    """Bad evaluation input (a set, a statistics file, the flags), reported as one line."""
+
+
+def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Metric names from a comma list ("fvd,fad") or a sequence: lower-cased, in the given order,
+    each once."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        if not name:
+            continue
+        if name not in EVAL_METRICS:
+            raise UsageError(f"unknown metric {name!r} in {{metrics}}: choose from {', '.join(EVAL_METRICS)}",
+                             params=("metrics",))
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UsageError(f"{{metrics}} names no metric: give a comma list of {', '.join(EVAL_METRICS)}",
+                         params=("metrics",))
+    return tuple(names)
+
+
+@dataclass
+class EvalRequest:
+    """Everything `rflav eval` can be asked; defaults match the CLI's."""
+
+    real: Path                              # folder of real videos, or a statistics .npz
+    fake: Path | None = None                # folder of generated videos (or model, below)
+    metrics: tuple[str, ...] = EVAL_METRICS
+    num_clips: int = EVAL_DEFAULT_NUM_CLIPS
+    seed: int = 0                           # seed of the clip selection when a set has more clips
+    clip_stride: int = 1
+    protocol: str = "mmdiffusion"
+    letterbox_antialias: bool = True
+    allow_fewer: bool = False
+    i3d_weights: str | None = None
+    audioclip_weights: str | None = None
+    save_real_stats: Path | None = None
+    device: str = "auto"
+    offline: bool = False
+    # Generate the fake set first from this checkpoint (instead of fake):
+    model: str | None = None
+    num_samples: int | None = None          # None: num_clips
+    batch_size: int | None = None           # None: EVAL_DEFAULT_BATCH_SIZE
+    gen_seed: int = 0
+    fake_out: Path | None = None            # None: a temporary folder
+    quiet: bool = False
+
+
+@dataclass
+class DriftRequest:
+    """Everything `rflav drift` can be asked; defaults match the CLI's."""
+
+    fake: Path                              # folder of long generated videos
+    real: Path                              # folder of real videos, or a statistics .npz
+    window: int = EVAL_CLIP_FRAMES
+    stride: int = 8
+    num_clips: int = EVAL_DEFAULT_NUM_CLIPS
+    seed: int = 0
+    metrics: tuple[str, ...] = EVAL_METRICS
+    letterbox_antialias: bool = True
+    allow_fewer: bool = True
+    i3d_weights: str | None = None
+    audioclip_weights: str | None = None
+    device: str = "auto"
+    offline: bool = False
+    output: Path = Path("drift")
+    quiet: bool = False
+
+
+def _at_least(value: int, minimum: int, param: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{{{param}}} must be an integer of at least {minimum}, got {value!r}", params=(param,))
+
+
+def is_stats_file(path: Path) -> bool:
+    """Whether `path` names saved real-set statistics (an existing .npz file)."""
+    return Path(path).is_file() and Path(path).suffix.lower() == STATS_SUFFIX
+
+
+def _check_real(real: Path) -> None:
+    path = Path(real)
+    if path.is_dir() or is_stats_file(path):
+        return
+    what = "is a file but not a statistics .npz" if path.exists() else "no such folder or file"
+    raise UsageError(f"{{real}} {real}: {what}: give a folder of real videos or a .npz written by "
+                     "{save_real_stats}", params=("real", "save_real_stats"))
+
+
+def _check_common(metrics: Sequence[str], device: str, seed: int, num_clips: int) -> None:
+    parse_metrics(metrics)
+    _at_least(num_clips, 2, "num_clips")
+    _at_least(seed, 0, "seed")
+    if not _EVAL_DEVICE_RE.fullmatch(device):
+        raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+
+
+def check_eval_request(req: EvalRequest) -> None:
+    """Every check of an eval request that needs neither torch nor the videos: bad values and
+    flags that exclude each other fail here with one line."""
+    if req.protocol not in EVAL_PROTOCOLS:
+        raise UsageError(f"unknown {{protocol}} {req.protocol!r}: only {', '.join(EVAL_PROTOCOLS)} is implemented",
+                         params=("protocol",))
+    _check_common(req.metrics, req.device, req.seed, req.num_clips)
+    _at_least(req.clip_stride, 1, "clip_stride")
+    _check_real(req.real)
+    if req.fake is not None and req.model is not None:
+        raise UsageError("give either {fake} (generated videos) or {model} (a checkpoint to generate them from), "
+                         "not both", params=("fake", "model"))
+    if req.fake is None and req.model is None:
+        raise UsageError("give {fake} (a folder of generated videos) or {model} (a checkpoint to generate them "
+                         "from now)", params=("fake", "model"))
+    if req.fake is not None and not Path(req.fake).is_dir():
+        what = "is a file: give the folder that holds the generated videos" if Path(req.fake).exists() \
+            else "no such folder"
+        raise UsageError(f"{{fake}} {req.fake}: {what}", params=("fake",))
+    if req.model is None:
+        for param in ("num_samples", "batch_size", "fake_out"):
+            if getattr(req, param) is not None:
+                raise UsageError(f"{{{param}}} only applies with {{model}} (generating the fake set)",
+                                 params=(param, "model"))
+    else:
+        if req.num_samples is not None:
+            _at_least(req.num_samples, 2, "num_samples")
+        if req.batch_size is not None:
+            _at_least(req.batch_size, 1, "batch_size")
+        if req.fake_out is not None and Path(req.fake_out).exists() and not Path(req.fake_out).is_dir():
+            raise UsageError(f"{{fake_out}} {req.fake_out} is a file: give a folder", params=("fake_out",))
+    if req.save_real_stats is not None:
+        stats = Path(req.save_real_stats)
+        if is_stats_file(req.real):
+            raise UsageError(f"{{real}} {req.real} already is a statistics file: {{save_real_stats}} saves the "
+                             "features of a folder of real videos", params=("real", "save_real_stats"))
+        if stats.suffix.lower() != STATS_SUFFIX:
+            raise UsageError(f"{{save_real_stats}} {stats}: the name must end in {STATS_SUFFIX} (so that {{real}} "
+                             "recognises it)", params=("save_real_stats", "real"))
+        if stats.is_dir():
+            raise UsageError(f"{{save_real_stats}} {stats} is a folder: give a file name ending in {STATS_SUFFIX}",
+                             params=("save_real_stats",))
+
+
+def drift_output_paths(output: Path) -> tuple[Path, Path]:
+    """The CSV and PNG that drift writes for `output`: OUTPUT.csv and OUTPUT.png, where a .csv or
+    .png ending of OUTPUT is dropped first (any other ending stays part of the name), or
+    drift.csv and drift.png inside OUTPUT when it is an existing folder."""
+    out = Path(output).expanduser()
+    if out.is_dir():
+        out = out / "drift"
+    elif out.suffix.lower() in (".csv", ".png"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ".csv"), out.with_name(out.name + ".png")
+
+
+def check_drift_request(req: DriftRequest) -> None:
+    """Every check of a drift request that needs neither torch nor the videos."""
+    _check_common(req.metrics, req.device, req.seed, req.num_clips)
+    if req.window != EVAL_CLIP_FRAMES:
+        raise UsageError(f"{{window}} must be {EVAL_CLIP_FRAMES} frames for the mmdiffusion protocol, got "
+                         f"{req.window}", params=("window",))
+    _at_least(req.stride, 1, "stride")
+    _check_real(req.real)
+    if not Path(req.fake).is_dir():
+        what = "is a file: give the folder that holds the long generated videos" if Path(req.fake).exists() \
+            else "no such folder"
+        raise UsageError(f"{{fake}} {req.fake}: {what}", params=("fake",))
+    for path in drift_output_paths(req.output):
+        if path.is_dir():
+            raise UsageError(f"{{output}} would write {path}, which is a folder: choose another {{output}}",
+                             params=("output",))

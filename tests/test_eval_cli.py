@@ -9,25 +9,46 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import formula_weights
+import tiny
 from conftest import FIXTURES
 from rflav_cli.cli import app
+from rflav_cli.hub import read_side_file, write_side_file
 from rflav_cli.media import find_ffmpeg
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save(formula_weights.formula_state_dict(FIXTURES / "i3d_keys.tsv"), folder / "i3d_pretrained_400.pt")
+def i3d_file(tmp_path_factory):
+    """I3D formula weights alone, in a folder of their own."""
+    path = tmp_path_factory.mktemp("i3d") / "i3d_pretrained_400.pt"
+    torch.save(formula_weights.formula_state_dict(FIXTURES / "i3d_keys.tsv"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def audioclip_file(tmp_path_factory):
+    """AudioCLIP formula weights alone, in a folder of their own."""
+    path = tmp_path_factory.mktemp("audioclip") / "AudioCLIP-Full-Training.pt"
     audio = formula_weights.formula_state_dict(FIXTURES / "audioclip_audio_keys.tsv")
     audio["text.token_embedding.weight"] = torch.zeros(2, 2)   # other towers in the file are ignored
-    torch.save(audio, folder / "AudioCLIP-Full-Training.pt")
-    return ["--i3d-weights", str(folder / "i3d_pretrained_400.pt"),
-            "--audioclip-weights", str(folder / "AudioCLIP-Full-Training.pt")]
+    torch.save(audio, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(i3d_file, audioclip_file):
+    return ["--i3d-weights", str(i3d_file), "--audioclip-weights", str(audioclip_file)]
+
+
+@pytest.fixture
+def no_cached_weights(tmp_path, monkeypatch):
+    """An empty weights cache: with --offline, only weights given by path can be found."""
+    monkeypatch.setenv("RFLAV_CACHE", str(tmp_path / "empty-cache"))
 
 
 def make_video(path, pattern: str, tone: float, seconds: float, audio: bool = True):
@@ -54,50 +75,96 @@ def run(*args):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def test_eval_json_stats_and_identical_sets(sets, weights, tmp_path):
-    stats = tmp_path / "real.npz"
-    common = ["eval", "--num", "2", "--clip-stride", "4", "--device", "cpu", "--json", *weights]
-    result = run(*common, "--real", str(sets / "real"), "--fake", str(sets / "fake"), "--save-real-stats", str(stats))
+COMMON = ["eval", "--num-clips", "2", "--clip-stride", "4", "--device", "cpu", "--json"]
+
+
+@pytest.fixture(scope="module")
+def full(sets, weights, tmp_path_factory):
+    """All three metrics of the fake set against the real folder, with the real features saved."""
+    stats = tmp_path_factory.mktemp("stats") / "real.npz"
+    result = run(*COMMON, *weights, "--real", str(sets / "real"), "--fake", str(sets / "fake"),
+                 "--save-real-stats", str(stats))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    return json.loads(result.stdout), stats
+
+
+def test_eval_json_stats_and_identical_sets(sets, weights, full):
+    out, stats = full
     assert out["protocol"] == "mmdiffusion" and out["letterbox_antialias"] is True
     assert out["real"]["clips"] == 2 and out["fake"]["clips"] == 2
     assert all(math.isfinite(out[k]) and out[k] != 0 for k in ("fvd", "kvd", "fad"))
-    # The saved real features give the same numbers.
-    again = json.loads(run(*common, "--real", str(stats), "--fake", str(sets / "fake")).stdout)
+    # The saved real features give the same numbers (same features, same computation).
+    again = json.loads(run(*COMMON, *weights, "--real", str(stats), "--fake", str(sets / "fake")).stdout)
     for key in ("fvd", "kvd", "fad"):
         assert again[key] == pytest.approx(out[key], rel=1e-6)
     # A set against itself: FVD and FAD nearly vanish (two clips in 400 and 1024 dimensions leave
     # float32 square-root noise of ~0.1 %).
-    same = json.loads(run(*common, "--real", str(stats), "--fake", str(sets / "real")).stdout)
+    same = json.loads(run(*COMMON, *weights, "--real", str(stats), "--fake", str(sets / "real")).stdout)
     assert abs(same["fvd"]) < 1e-3 * out["fvd"]
     assert abs(same["fad"]) < 1e-2 * out["fad"]
+
+
+def test_fad_alone_needs_no_i3d_weights(sets, audioclip_file, i3d_file, full, no_cached_weights, tmp_path):
+    # No I3D weights anywhere (empty cache, downloads off): FAD runs on the AudioCLIP weights alone.
+    stats = tmp_path / "audio-only.npz"
+    result = run(*COMMON, "--metrics", "fad", "--offline", "--audioclip-weights", str(audioclip_file),
+                 "--real", str(sets / "real"), "--fake", str(sets / "fake"), "--save-real-stats", str(stats))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["metrics"] == ["fad"] and "fvd" not in out and "kvd" not in out
+    assert out["fad"] == pytest.approx(full[0]["fad"], rel=1e-6)   # the same audio features as with all three
+    with np.load(stats) as saved:
+        assert saved["video"].shape == (2, 0) and saved["audio"].shape == (2, 1024)
+    # Those statistics cannot serve FVD: one line saying how to recompute them.
+    refused = run(*COMMON, "--metrics", "fvd", "--offline", "--real", str(stats), "--fake", str(sets / "fake"),
+                  "--i3d-weights", str(i3d_file))
+    assert refused.exit_code == 2, refused.output
+    assert "holds no video features" in refused.stderr and "--metrics" in refused.stderr
+
+
+def test_fvd_and_kvd_need_no_audioclip_weights(sets, i3d_file, full, no_cached_weights):
+    result = run(*COMMON, "--metrics", "fvd,kvd", "--offline", "--i3d-weights", str(i3d_file),
+                 "--real", str(sets / "real"), "--fake", str(sets / "fake"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["metrics"] == ["fvd", "kvd"] and "fad" not in out
+    assert out["fvd"] == pytest.approx(full[0]["fvd"], rel=1e-6)
+    assert out["kvd"] == pytest.approx(full[0]["kvd"], rel=1e-6)
 
 
 def test_too_few_clips_is_refused_unless_allowed(sets, weights):
     args = ["eval", "--real", str(sets / "real"), "--fake", str(sets / "fake"), "--clip-stride", "4",
             "--metrics", "fvd", "--device", "cpu", *weights]
-    refused = run(*args, "--num", "3")
-    assert refused.exit_code == 2 and "real set has 2 clips but --num is 3" in refused.stderr
+    refused = run(*args, "--num-clips", "3")
+    assert refused.exit_code == 2 and "real set has 2 clips but --num-clips is 3" in refused.stderr
+    # --num is the old name of --num-clips, kept for one release (and hidden from -h).
     allowed = run(*args, "--num", "3", "--allow-fewer", "--json")
     assert allowed.exit_code == 0 and json.loads(allowed.stdout)["real"]["clips"] == 2
+    assert "--num is now --num-clips" in allowed.stderr
+    help_text = run("eval", "-h").stdout
+    assert "--num-clips" in help_text and "--num " not in help_text and "--num," not in help_text
 
 
 def test_fad_needs_audio_and_names_the_file(sets, weights, tmp_path):
     (tmp_path / "fake").mkdir()
     make_video(tmp_path / "fake" / "mute.mp4", "testsrc", 0, 2.0, audio=False)
     make_video(tmp_path / "fake" / "ok.mp4", "testsrc", 300, 2.0)
-    result = run("eval", "--real", str(sets / "real"), "--fake", str(tmp_path / "fake"), "--num", "2",
+    result = run("eval", "--real", str(sets / "real"), "--fake", str(tmp_path / "fake"), "--num-clips", "2",
                  "--clip-stride", "4", "--device", "cpu", *weights)
     assert result.exit_code == 2 and "mute.mp4" in result.stderr and "FAD" in result.stderr
 
 
-def test_missing_weights_offline(sets, tmp_path, monkeypatch):
-    monkeypatch.setenv("RFLAV_CACHE", str(tmp_path / "empty"))
-    result = run("eval", "--real", str(sets / "real"), "--fake", str(sets / "fake"), "--num", "2", "--offline",
-                 "--device", "cpu")
+@pytest.mark.parametrize("metrics,needed,not_needed", [
+    ("fvd,kvd,fad", "i3d_pretrained_400.pt", None),
+    ("fad", "AudioCLIP-Full-Training.pt", "i3d_pretrained_400.pt"),
+    ("kvd", "i3d_pretrained_400.pt", "AudioCLIP-Full-Training.pt"),
+])
+def test_missing_weights_offline(sets, no_cached_weights, metrics, needed, not_needed):
+    result = run("eval", "--real", str(sets / "real"), "--fake", str(sets / "fake"), "--num-clips", "2", "--offline",
+                 "--device", "cpu", "--metrics", metrics)
     assert result.exit_code == 2
-    assert "i3d_pretrained_400.pt" in result.stderr and "Traceback" not in result.output
+    assert needed in result.stderr and "Traceback" not in result.output
+    assert not_needed is None or not_needed not in result.stderr
 
 
 def test_drift_writes_csv_and_png(sets, weights, tmp_path):
@@ -106,7 +173,7 @@ def test_drift_writes_csv_and_png(sets, weights, tmp_path):
         make_video(tmp_path / "long" / f"{i}.mp4", pattern, 300 + 100 * i, 3.2)
     out = tmp_path / "drift"
     result = run("drift", "--fake", str(tmp_path / "long"), "--real", str(sets / "real"), "--stride", "8",
-                 "--num", "2", "--device", "cpu", "--output", str(out), "--quiet", *weights)
+                 "--num-clips", "2", "--device", "cpu", "--output", str(out), "--quiet", *weights)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [int(r["start_frame"]) for r in rows] == [0, 8, 16]     # 32 frames, 16-frame windows, stride 8
@@ -114,6 +181,99 @@ def test_drift_writes_csv_and_png(sets, weights, tmp_path):
     assert float(rows[0]["video_feature_drift"]) == 0.0
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("metrics,columns", [
+    ("fad", {"fad", "audio_feature_drift"}),
+    ("fvd,kvd", {"fvd", "kvd", "video_feature_drift"}),
+])
+def test_drift_loads_only_the_networks_its_metrics_need(sets, i3d_file, audioclip_file, no_cached_weights,
+                                                        tmp_path, metrics, columns):
+    (tmp_path / "long").mkdir()
+    for i, pattern in enumerate(("testsrc", "smptebars")):
+        make_video(tmp_path / "long" / f"{i}.mp4", pattern, 300 + 100 * i, 1.7)   # one window position
+    given = ["--audioclip-weights", str(audioclip_file)] if metrics == "fad" else ["--i3d-weights", str(i3d_file)]
+    # A .csv ending of --output names the CSV; the PNG goes beside it.
+    result = run("drift", "--fake", str(tmp_path / "long"), "--real", str(sets / "real"), "--num-clips", "2",
+                 "--metrics", metrics, "--offline", "--device", "cpu", "-o", str(tmp_path / "d.csv"), "-q", *given)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "d.csv")))
+    assert len(rows) == 1 and set(rows[0]) == {"position", "start_frame", "start_s", "videos"} | columns
+    assert all(math.isfinite(float(rows[0][c])) for c in columns)
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_model_generates_and_needs_only_the_asked_networks(sets, audioclip_file, no_cached_weights, tmp_path):
+    # A tiny local checkpoint whose rflav.json names a local VAE: nothing is downloaded.
+    model = tiny.build_tiny_model(tmp_path / "model")
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    write_side_file(model, {**read_side_file(model), "autoencoder": str(vae)})
+    generated = tmp_path / "generated"
+    result = run("eval", "--model", str(model), "--num-samples", "2", "--fake-out", str(generated),
+                 "--real", str(sets / "real"), "--num-clips", "2", "--clip-stride", "4", "--metrics", "fad",
+                 "--offline", "--device", "cpu", "--json", "--audioclip-weights", str(audioclip_file))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert sorted(p.name for p in generated.rglob("*.mp4")) == ["model-seed0.mp4", "model-seed1.mp4"]
+    assert out["fake"]["clips"] == 2 and out["fake"]["generated"]["samples"] == 2
+    assert math.isfinite(out["fad"]) and "fvd" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--metrics", "fvd,xyz"], "unknown metric 'xyz' in --metrics"),
+    (["eval", "--metrics", " , "], "--metrics names no metric"),
+    (["eval", "--letterbox-antialias", "maybe"], "--letterbox-antialias"),
+    (["eval", "--protocol", "stylegan-v"], "--protocol"),
+    (["eval", "--num-clips", "1"], "--num-clips"),
+    (["eval", "--clip-stride", "0"], "--clip-stride"),
+    (["eval", "--num-samples", "4"], "--num-samples only applies with --model"),
+    (["eval", "--model", "dance"], "give either --fake"),
+    (["eval", "--num", "3", "--num-clips", "4"], "--num is the old name of --num-clips"),
+    (["eval", "--save-real-stats", "real.txt"], "must end in .npz"),
+    (["eval", "--device", "gpu"], "unknown --device 'gpu'"),
+    (["drift", "--window", "8"], "--window must be 16 frames"),
+    (["drift", "--stride", "0"], "--stride"),
+    (["drift", "--metrics", "fid"], "unknown metric 'fid'"),
+])
+def test_bad_flags_fail_in_one_line_before_torch_is_imported(tmp_path, args, message):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    full_args = [*args, "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
+    code = (
+        "import sys, json\n"
+        "from typer.testing import CliRunner\n"
+        "from rflav_cli.cli import app\n"
+        f"r = CliRunner().invoke(app, {full_args!r})\n"
+        "print(json.dumps([r.exit_code, r.stderr, 'torch' in sys.modules]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    exit_code, stderr, torch_imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert exit_code == 2 and message in stderr, stderr
+    assert not torch_imported
+
+
+def test_damaged_statistics_files_are_one_line_errors(sets, weights, full, tmp_path):
+    good = full[1].read_bytes()
+    cases = {
+        "random.npz": os.urandom(4096),
+        "truncated.npz": good[: len(good) // 2],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    np.savez(tmp_path / "shapes.npz", video=np.zeros((2, 7), np.float32), audio=np.zeros((2, 1024), np.float32),
+             meta=np.array(json.dumps({"protocol": "mmdiffusion", "letterbox_antialias": True})))
+    np.savez(tmp_path / "other.npz", features=np.zeros((2, 400), np.float32))
+    expected = {"random.npz": "not a readable .npz", "truncated.npz": "not a readable .npz",
+                "shapes.npz": "video features of shape (2, 7)", "other.npz": "no video, audio, meta"}
+    for name, message in expected.items():
+        result = run(*COMMON, *weights, "--real", str(tmp_path / name), "--fake", str(sets / "fake"))
+        assert result.exit_code == 2, (name, result.output)
+        line = result.stderr.strip()
+        assert "\n" not in line and str(tmp_path / name) in line and message in line, (name, line)
+        assert "--save-real-stats" in line
+    # Statistics computed with the other letterbox setting are refused, saying which setting.
+    off = run(*COMMON, *weights, "--real", str(full[1]), "--fake", str(sets / "fake"), "--letterbox-antialias", "off")
+    assert off.exit_code == 2 and "letterbox antialias on" in off.stderr
 
 
 def test_two_process_eval_gives_the_single_process_numbers(weights, tmp_path):

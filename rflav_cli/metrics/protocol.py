@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..media import MediaError, find_ffmpeg, probe
+from ..requests import EvalError
 from .frechet import frechet_distance
 from .kernel import polynomial_mmd
 
@@ -168,7 +170,7 @@ def enumerate_clips(
     short for one window contribute nothing.
     """
     if clip_stride < 1:
-        raise ValueError(f"clip_stride must be >= 1, got {clip_stride}")
+        raise UsageError(f"{{clip_stride}} must be at least 1, got {clip_stride}", params=("clip_stride",))
     clips: list[Clip] = []
     for path in map(Path, paths):
         info = probe(path)
@@ -202,9 +204,9 @@ def loader_batches(
     last batch are computed, then everything is truncated to ``num``.
     """
     if n_clips < 1:
-        raise ValueError("no clips to evaluate")
+        raise EvalError("no clips to evaluate: the set holds no 16-frame clip")
     if num < 2:
-        raise ValueError(f"num must be >= 2, got {num}")
+        raise UsageError(f"{{num}} must be at least 2, got {num}", params=("num",))
     order = list(range(n_clips))
     if seed is not None:
         random.Random(seed).shuffle(order)
@@ -218,10 +220,10 @@ def loader_batches(
             batches.append(batch)
             covered += len(batch)
     if any(len(b) == 1 for b in batches):
-        raise ValueError(
+        raise EvalError(
             f"{n_clips} clips in batches of {batch_size} leave a batch of one clip, which the "
             "audio network (BatchNorm on batch statistics) cannot process: change the number "
-            "of clips or num"
+            "of clips or {num}", params=("num",)
         )
     return batches
 
@@ -521,7 +523,7 @@ def compute_features(
     clips: Sequence[Clip],
     batches: Sequence[Sequence[int]],
     num: int,
-    video_features: Callable[[torch.Tensor], torch.Tensor],
+    video_features: Callable[[torch.Tensor], torch.Tensor] | None,
     audio_features: Callable[[torch.Tensor], torch.Tensor] | None,
     *,
     antialias: bool = True,
@@ -537,21 +539,25 @@ def compute_features(
     loader batch as the evaluator hands it to AudioCLIP: float64 (B, 70560) waveforms in
     [-1, 1], which the network rescales itself (:func:`scale_audio`); with
     ``scale_audio_input`` it gets float32 (B, 70560) already rescaled instead.
-    ``progress(done, total)`` is called after each audio batch. Without ``audio_features``
-    no audio is read and the audio features come back empty, (num, 0).
+    ``progress(done, total)`` is called after each audio batch. Without ``video_features``
+    no frame is decoded and the video features come back empty, (num, 0); without
+    ``audio_features`` no audio is read and the audio features come back empty, (num, 0).
     """
-    needed = sorted({i for b in batches for i in b})
-    video_out: dict[int, torch.Tensor] = {}
-    for start in range(0, len(needed), 64):  # bounded memory: 64 clips of 64×64 at a time
-        chunk = needed[start:start + 64]
-        videos = read_clip_videos([clips[i] for i in chunk], antialias=antialias)
-        for s in range(0, len(chunk), video_batch):
-            with torch.no_grad():
-                feats = video_features(i3d_input(torch.stack(videos[s:s + video_batch])))
-            for j, f in zip(chunk[s:s + video_batch], feats):
-                video_out[j] = f.detach().float().cpu()
     order = [i for b in batches for i in b][:num]
-    video = torch.stack([video_out[i] for i in order])
+    if video_features is None:
+        video = torch.zeros(len(order), 0)
+    else:
+        needed = sorted({i for b in batches for i in b})
+        video_out: dict[int, torch.Tensor] = {}
+        for start in range(0, len(needed), 64):  # bounded memory: 64 clips of 64×64 at a time
+            chunk = needed[start:start + 64]
+            videos = read_clip_videos([clips[i] for i in chunk], antialias=antialias)
+            for s in range(0, len(chunk), video_batch):
+                with torch.no_grad():
+                    feats = video_features(i3d_input(torch.stack(videos[s:s + video_batch])))
+                for j, f in zip(chunk[s:s + video_batch], feats):
+                    video_out[j] = f.detach().float().cpu()
+        video = torch.stack([video_out[i] for i in order])
     if audio_features is None:
         return video, torch.zeros(len(order), 0)
     audio_rows: list[torch.Tensor] = []
