@@ -3,7 +3,8 @@ many (torchrun + DistributedDataParallel), with EMA weights, resumable atomic ch
 
 A run folder holds `checkpoint-STEP/` folders in the release layout (EMA weights in
 `model.safetensors`, `config.json`, `vocoder/`, `rflav.json`) plus `training_state/` (raw
-weights, EMA, optimizer, step, data position), and `latest` → the newest complete one.
+weights, EMA, optimizer, step, data position), and `latest` → the newest complete one. `.lock`
+is held by the process that trains into the folder.
 Everything random is derived from (seed, step, rank), so stopping at step N and resuming gives
 the same weights as an uninterrupted run.
 """
@@ -23,14 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .config import FLAV_SIZES, FPS, LATENT_CHANNELS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
 from .flow import flow_matching_loss, sample_training_levels
 from .hub import PRESETS, VOCODER_FILES, ResolveError, local_folder, read_side_file, resolve_model, write_side_file
-from .models.checkpoint import creation_mode, save_safetensors
+from .models.checkpoint import creation_mode, load_safetensors, read_json_object, save_safetensors
 from .models.flav import FLAV, FLAVConfig
 from .errors import FileFormatError
 from .requests import (TrainConfig, TrainError, TrainFile, cache_file, check_train_config, check_vocoder_folder,
@@ -235,15 +235,7 @@ def _vocoder_folder(cfg: TrainConfig) -> Path | None:
                          f"(or run 'rflav download {preset.name}' while online)", params=("vocoder",)) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FileFormatError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged; delete it to "
-                              "resume from the one before") from None
-    if not isinstance(data, dict):
-        raise FileFormatError(f"{path} must hold a JSON object: the checkpoint is damaged")
-    return data
+_DAMAGED = "the checkpoint is damaged: delete it to resume from the one before, or train into another folder"
 
 
 @contextmanager
@@ -286,7 +278,8 @@ def _cache_header(data: Path) -> tuple[Path, dict] | None:
 
     for candidate in (data, data / "train"):
         if is_latent_cache(candidate):
-            return candidate / "index.json", _read_json(candidate / "index.json")
+            return candidate / "index.json", read_json_object(candidate / "index.json", "latent cache index",
+                                                              fix="run `rflav prepare` again")
     return None
 
 
@@ -299,7 +292,8 @@ def _new_run_config(cfg: TrainConfig):
         files.append(read_model_config(cfg.model_config))
     if cfg.init:
         source = resolve_model(cfg.init, need_vocoder=False)
-        files.append(checkpoint_file(f"the checkpoint {cfg.init}", _read_json(source.folder / "config.json"),
+        config = read_json_object(source.folder / "config.json", "model config")
+        files.append(checkpoint_file(f"the checkpoint {cfg.init}", config,
                                      read_side_file(source.folder), source.audio_scale))
     cache = _cache_header(Path(cfg.data))
     if cache is not None:
@@ -324,11 +318,11 @@ def train(cfg: TrainConfig, console=None, stop=None, name_of: Callable[[str], st
     state: dict = {}
     init_source = None
     if resume is not None:
-        state = _read_json(resume / STATE_DIR / "state.json")
+        state = read_json_object(resume / STATE_DIR / "state.json", "training state", fix=_DAMAGED)
         if not isinstance(state.get("step"), int) or not isinstance(state.get("audio_scale"), (int, float)):
-            raise FileFormatError(f"{resume / STATE_DIR / 'state.json'} lacks the step or the audio scale: the "
-                                  "checkpoint is damaged; delete it to resume from the one before")
-        saved_model = _read_json(resume / "config.json")
+            raise FileFormatError(f"{resume / STATE_DIR / 'state.json'} (training state) lacks the step or the "
+                                  f"audio scale: {_DAMAGED}")
+        saved_model = read_json_object(resume / "config.json", "model config", fix=_DAMAGED)
         cfg, changes = resume_train_config(cfg, state.get("config", {}), saved_model, state["audio_scale"],
                                            str(run_dir))
         step = int(state["step"])
@@ -352,6 +346,8 @@ def train(cfg: TrainConfig, console=None, stop=None, name_of: Callable[[str], st
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(d)
     with _run_lock(run_dir, console, enabled=d.main):
+        if d.main and latest_checkpoint(run_dir) != resume:   # another run saved since we looked
+            raise TrainError(f"{run_dir} got a new checkpoint while this run was starting: run the command again")
         return _train(cfg, run_dir, resume, state, init_source, vocoder_folder, device, d, console, stop)
 
 
@@ -381,10 +377,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: Path | None, state: dict, in
 
     # Model: resumed, or the released / given weights to fine-tune, or new.
     if resume is not None:
-        config = FLAVConfig.from_dict(_read_json(resume / "config.json"))
+        config = FLAVConfig.from_dict(read_json_object(resume / "config.json", "model config", fix=_DAMAGED))
         config.grad_ckpt = cfg.grad_ckpt
         model = FLAV(config)
-        model.load_state_dict(load_file(str(resume / STATE_DIR / "model.safetensors")))
+        model.load_state_dict(load_safetensors(resume / STATE_DIR / "model.safetensors", "training weights",
+                                               fix=_DAMAGED))
     elif init_source is not None:
         model = FLAV.from_pretrained(init_source.folder)
         model.config.grad_ckpt = cfg.grad_ckpt
@@ -400,11 +397,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: Path | None, state: dict, in
 
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if resume is not None:
-        ema = {k: v.to(device) for k, v in load_file(str(resume / STATE_DIR / "ema.safetensors")).items()}
+        saved_ema = load_safetensors(resume / STATE_DIR / "ema.safetensors", "EMA weights", fix=_DAMAGED)
+        ema = {k: v.to(device) for k, v in saved_ema.items()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / STATE_DIR / "optimizer.pt", weights_only=True, map_location=device))
+        optimizer.load_state_dict(_optimizer_state(resume / STATE_DIR / "optimizer.pt", device))
         for group in optimizer.param_groups:    # the saved state holds the old ones; a resume may change them
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -500,6 +498,18 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: Path | None, state: dict, in
         loader.close()
     _barrier(d)
     return last_written
+
+
+def _optimizer_state(path: Path, device: torch.device) -> dict:
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} (optimizer state) is missing: {_DAMAGED}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign pickles fail in many ways
+        raise FileFormatError(f"{path} (optimizer state) cannot be read ({type(exc).__name__}): {_DAMAGED}") from None
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise FileFormatError(f"{path} (optimizer state) is not an optimizer state: {_DAMAGED}")
+    return state
 
 
 def _save(run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d: Dist, side, vocoder_folder,

@@ -374,3 +374,22 @@ def test_broken_model_config_is_one_line(data, tmp_path):
         result = _invoke(["train", str(data), "-o", str(tmp_path / "run"), "--model-config", str(bad)])
         assert result.exit_code == 2, result.output
         assert expected in _error(result) and str(bad) in _error(result)
+
+
+def test_damaged_training_state_is_one_line(two_step_run, data, tmp_path):
+    run = _copy(two_step_run, tmp_path)
+    state = run / "latest" / "training_state" / "state.json"
+    state.write_text('{"step": 2,')
+    result = _invoke(["train", str(data), "-o", str(run), "--max-steps", "3"])
+    assert result.exit_code == 2, result.output
+    assert str(state.resolve()) in _error(result) and "not valid JSON" in _error(result)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors", "optimizer.pt"])
+def test_damaged_training_weights_are_one_line(two_step_run, data, tmp_path, name):
+    run = _copy(two_step_run, tmp_path)
+    damaged = run / "latest" / "training_state" / name
+    damaged.write_bytes(damaged.read_bytes()[:200])        # a truncated copy
+    result = _invoke(["train", str(data), "-o", str(run), "--max-steps", "3"])
+    assert result.exit_code == 2, result.output
+    assert str(damaged.resolve()) in _error(result) and "delete it to resume from the one before" in _error(result)
