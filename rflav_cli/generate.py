@@ -23,7 +23,7 @@ from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
 from .hub import PRESETS
-from .media import MediaError, VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
+from .media import VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
 from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, compile_failure_reason,
                        is_compile_error, pick_device, pick_dtype)
 from .requests import (GenerateRequest, check_generate_request, generate_frame_count, generate_model_and_label,

@@ -354,7 +354,8 @@ def _vocoder_of(resolved: ResolvedModel, side: dict, griffin_lim: bool, revision
             what = f"{folder} has no vocoder/ ({', '.join(names)}) and its {SIDE_FILE} does not say " \
                    f"\"vocoder\": \"{GRIFFIN_LIM}\""
         else:
-            missing = [n for n in names if not (folder / "vocoder" / n).is_file()]
+            missing = [n + (" (a folder, not a file)" if (folder / "vocoder" / n).exists() else "")
+                       for n in names if not (folder / "vocoder" / n).is_file()]
             what = f"{folder / 'vocoder'} is incomplete: it lacks {', '.join(missing)}"
         raise ResolveError(f"{what}: copy the vocoder/ of the run it came from into it, or {way_out}",
                            params=("griffin_lim",))
