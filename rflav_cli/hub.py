@@ -46,14 +46,23 @@ from huggingface_hub.utils import (
 from .errors import RflavError
 
 
+# Checkpoints that ship inside the package, one folder each (release layout plus rflav.json).
+PACKAGED_DIR = Path(__file__).parent / "weights"
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A released checkpoint known by a short name."""
+    """A checkpoint known by a short name: released on the Hub, or shipped with the package
+    (``repo_id`` None; its folder is ``PACKAGED_DIR / name`` and its rflav.json has the rest)."""
 
     name: str
-    repo_id: str
-    audio_scale: float
+    repo_id: str | None
+    audio_scale: float | None
     description: str
+
+    @property
+    def packaged_folder(self) -> Path | None:
+        return PACKAGED_DIR / self.name if self.repo_id is None else None
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,6 +77,12 @@ PRESETS: dict[str, Preset] = {
         repo_id="MaverickAlex/R-FLAV-B-1-LS",
         audio_scale=3.0951129410195515,
         description="Landscape videos with ambient sound",
+    ),
+    "ball": Preset(
+        name="ball",
+        repo_id=None,
+        audio_scale=None,
+        description="A bouncing ball whose tone follows its height (small, ships with rflav, works offline)",
     ),
 }
 
@@ -436,6 +451,10 @@ def resolve_model(name: str, revision: str | None = None, offline: bool | None =
     files = MODEL_FILES if need_vocoder else MODEL_CORE_FILES
     preset = PRESETS.get(name)
     path = Path(name).expanduser()
+    if preset is not None and preset.packaged_folder is not None:
+        resolved = resolve_model(str(preset.packaged_folder), need_vocoder=need_vocoder)
+        resolved.source, resolved.preset = f"{preset.name} (ships with rflav)", preset.name
+        return resolved
     if preset is None and path.is_dir():
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -552,12 +571,15 @@ def download(which: str = "dance", to: str | Path | None = None, revision: str |
     to the model repos only. Returns the folders, models first, the VAE last. A folder whose
     download fails is left as it was before the call (folders completed before it stay).
     """
+    hosted = [name for name, preset in PRESETS.items() if preset.repo_id is not None]
     if which == "all":
-        presets = list(PRESETS.values())
-    elif which in PRESETS:
+        presets = [PRESETS[name] for name in hosted]
+    elif which in hosted:
         presets = [PRESETS[which]]
+    elif which in PRESETS:
+        raise ResolveError(f"'{which}' ships with rflav: there is nothing to download")
     else:
-        raise ResolveError(f"unknown checkpoint '{which}': choose one of {', '.join([*PRESETS, 'all'])}")
+        raise ResolveError(f"unknown checkpoint '{which}': choose one of {', '.join([*hosted, 'all'])}")
     local_only = _env_offline() if offline is None else offline
     root = Path(to).expanduser().resolve() if to is not None else None
     folders: list[Path] = []

@@ -242,3 +242,26 @@ def test_receptive_field_bounds_influence() -> None:
         # Frame t depends on t-left … t+right, so frame 40 reaches 40-right … 40+left.
         assert frames.min() >= 40 - right and frames.max() <= 40 + left
         assert frames.min() < 40 < frames.max()
+
+
+@pytest.mark.parametrize("hz", [300.0, 1000.0, 1500.0])
+def test_griffin_lim_keeps_the_pitch_of_a_tone(hz: float) -> None:
+    """Checkpoints without a neural vocoder sound through Griffin-Lim, streamed frame by frame as
+    generation does: a pure tone comes back with its frequency (the spectral peak of each
+    0.1 s frame within one FFT bin of 10 Hz)."""
+    from rflav_cli.audio import log_mel
+    from rflav_cli.config import SAMPLE_RATE, SAMPLES_PER_FRAME
+    from rflav_cli.models.vocoder import GriffinLim
+
+    seconds = 2
+    t = torch.arange(seconds * SAMPLE_RATE) / SAMPLE_RATE
+    mel = log_mel(0.5 * torch.sin(2 * torch.pi * hz * t))
+    mel = mel.reshape(1, mel.shape[-2], mel.shape[-1])
+    stream = StreamingVocoder(GriffinLim(mel.shape[1]))
+    chunks = [stream.push(mel[..., i:i + 10]) for i in range(0, mel.shape[-1], 10)] + [stream.flush()]
+    wav = torch.cat([c for c in chunks if c.numel()], dim=-1)[0]
+    assert wav.shape[-1] == seconds * SAMPLE_RATE
+    frames = wav[SAMPLES_PER_FRAME: -SAMPLES_PER_FRAME].reshape(-1, SAMPLES_PER_FRAME)
+    spectrum = torch.fft.rfft(frames * torch.hann_window(SAMPLES_PER_FRAME), dim=-1).abs()
+    peaks = spectrum.argmax(dim=-1).float() * SAMPLE_RATE / SAMPLES_PER_FRAME
+    assert torch.all((peaks - hz).abs() <= SAMPLE_RATE / SAMPLES_PER_FRAME), peaks
