@@ -277,7 +277,9 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 except KeyboardInterrupt:   # a second Ctrl-C: keep what is written, at once
                     interrupted = True
                 except Exception as err:
-                    failed = True   # a failed run leaves no file behind, short or not
+                    # A failed clip leaves no file behind, short or not; an endless stream keeps
+                    # (finalised) what it made before the failure: that may be hours of video.
+                    failed = num_frames is not None
                     if not (pipe.compile and is_compile_error(err)):
                         raise
                     if req.compile or written:

@@ -170,6 +170,14 @@ def _flag_for(files: list[str]) -> str:
     return "--vae" if any(f.endswith("diffusion_pytorch_model.safetensors") for f in files) else "--model"
 
 
+def _packaged_hint(repo_id: str) -> str:
+    """For a released checkpoint: the packaged one that needs no download, to try meanwhile."""
+    if not any(p.repo_id == repo_id for p in PRESETS.values()):
+        return ""
+    packaged = [name for name, p in PRESETS.items() if p.packaged_folder is not None]
+    return f" ('--class {packaged[0]}' works without a download)" if packaged else ""
+
+
 def _download_hint(repo_id: str) -> str:
     for preset in PRESETS.values():
         if preset.repo_id == repo_id:
@@ -291,6 +299,7 @@ def _unreachable(problem: str, repo_id: str, filename: str, flag: str) -> Resolv
     return ResolveError(
         f"cannot get {filename} from {repo_id} ({problem}; not in the Hugging Face cache either): "
         f"check the network connection or HF_ENDPOINT{wait}, or pass a local folder with {flag} PATH"
+        f"{_packaged_hint(repo_id)}"
     )
 
 
@@ -302,7 +311,7 @@ def _explain(exc: Exception, repo_id: str, filename: str, offline: bool, revisio
     if isinstance(exc, LocalEntryNotFoundError):
         if offline or isinstance(exc.__cause__, OfflineModeIsEnabled):
             why = "offline and not in the Hugging Face cache"
-            fix = f"{_download_hint(repo_id)}, or {local}"
+            fix = f"{_download_hint(repo_id)}, or {local}{_packaged_hint(repo_id)}"
         else:
             why = "the Hub could not be reached and it is not in the Hugging Face cache"
             fix = f"check the network connection (or HF_ENDPOINT), or {local}"

@@ -247,6 +247,29 @@ def test_a_failure_mid_run_leaves_no_partial_file_or_fifo_folder(ckpt, tmp_path,
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_failing_endless_stream_keeps_what_it_made(ckpt, tmp_path, monkeypatch):
+    """--forever has no length to fall short of: a failure keeps the stream so far, finalised."""
+    from rflav_cli.pipeline import Generation
+
+    produce = Generation._produce_one
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("a bug after a while")
+        produce(self)
+
+    monkeypatch.setattr(Generation, "_produce_one", failing)
+    out = tmp_path / "stream.mp4"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--forever",
+                "-o", str(out), *FAST)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                            "stream=nb_read_frames", "-of", "csv=p=0", str(out)], capture_output=True, text=True)
+    assert probe.returncode == 0 and int(probe.stdout) >= 1
+
+
 # ---------------------------------------------------------------------------------------- --output
 
 
