@@ -16,6 +16,7 @@ import torchvision.transforms as T
 from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
+import rounding_bounds as rb
 from rflav_cli.media import MediaError, find_ffmpeg
 from rflav_cli.metrics import protocol as P
 from rflav_cli.metrics.frechet import frechet_distance
@@ -110,17 +111,25 @@ def test_uint8_round_trip_truncates():
     assert torch.equal(P.uint8_round_trip(u), expected)
 
 
-def test_i3d_input_matches_evaluator_preprocessing():
+I3D_INPUT_TOL = rb.I3D_INPUT_TOL   # see rounding_bounds
+
+
+def test_i3d_input_matches_evaluator_preprocessing(monkeypatch):
     tensors = load_file(str(FIXTURES / "i3d_formula.safetensors"))
     pre_meta = json.loads((FIXTURES / "i3d_formula.json").read_text())["preprocessed"]
     pre = P.i3d_input(tensors["video_uint8"])
     assert pre.dtype == torch.float32 and tuple(pre.shape) == (2, 3, 16, 224, 224)
     torch.testing.assert_close(pre[0, :, 0, 0:8, 0:8], tensors["pre_clip0_c_t0_r0-8_c0-8"],
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=I3D_INPUT_TOL)
     torch.testing.assert_close(pre[1, :, 15, 108:116, 108:116],
-                               tensors["pre_clip1_c_t15_r108-116_c108-116"], rtol=0, atol=1e-6)
-    assert pre[0].double().mean().item() == pytest.approx(pre_meta["clip0_mean"], abs=1e-7)
-    assert pre[0].double().std().item() == pytest.approx(pre_meta["clip0_std_unbiased"], rel=1e-6)
+                               tensors["pre_clip1_c_t15_r108-116_c108-116"], rtol=0, atol=I3D_INPUT_TOL)
+    assert pre[0].double().mean().item() == pytest.approx(pre_meta["clip0_mean"], abs=I3D_INPUT_TOL)
+    assert pre[0].double().std().item() == pytest.approx(pre_meta["clip0_std_unbiased"], abs=I3D_INPUT_TOL)
+    # Another resize convention (corner-aligned sampling) is far outside the tolerance.
+    interpolate = P.F.interpolate
+    monkeypatch.setattr(P.F, "interpolate", lambda *a, **k: interpolate(*a, **{**k, "align_corners": True}))
+    other = P.i3d_input(tensors["video_uint8"][:1])
+    assert (other[0, :, 0, 0:8, 0:8] - tensors["pre_clip0_c_t0_r0-8_c0-8"]).abs().max() > 100 * I3D_INPUT_TOL
     wide = P.i3d_input(torch.zeros(1, 16, 3, 48, 64, dtype=torch.uint8))
     assert tuple(wide.shape) == (1, 3, 16, 224, 224) and wide.eq(-1).all()
 
@@ -226,7 +235,10 @@ def test_compute_features_order_batches_and_inputs(tmp_path):
     assert audio[:, 1].tolist() == [8.0] * 8 + [7.0] * 7 + [8.0] * 5
     first = P.clip_audio(clips[order[0]])
     assert audio_calls[0].dtype == torch.float64 and tuple(audio_calls[0].shape) == (8, 70560)
-    assert audio[0, 0].item() == pytest.approx(first.mean(), rel=1e-9)
+    # Two float64 means of the same 70,560 samples, summed in different orders: within
+    # n·unit·mean|x| of each other (a sine's mean is near 0, so no relative tolerance).
+    mean_bound = len(first) * rb.UNIT64 * np.abs(first).mean()
+    assert abs(audio[0, 0].item() - first.mean()) <= mean_bound
     scaled_calls: list[torch.Tensor] = []
     P.compute_features(clips, [[0, 1]], 2, video_features,
                        lambda x: scaled_calls.append(x) or x[:, :3], scale_audio_input=True)
@@ -234,14 +246,35 @@ def test_compute_features_order_batches_and_inputs(tmp_path):
 
 
 def test_scores_from_saved_features(e2e):
+    """Our scores and the evaluator's recorded ones, from the evaluator's own features: both are
+    float32 roundings of the exact values (the same algorithms in float64), each within the
+    bounds of rounding_bounds; the letterbox setting, a real protocol difference, is far outside."""
     tensors, meta = e2e
+    exact, bounds = {}, {}
+    for suffix in ("", "_noaa"):
+        fake, real = tensors[f"fake.i3d_logits{suffix}"], tensors[f"real.i3d_logits{suffix}"]
+        exact["fvd" + suffix] = frechet_distance(fake, real, dtype=torch.float64).item()
+        bounds["fvd" + suffix] = rb.frechet_bound(fake, real)
+        exact["kvd" + suffix] = rb.kvd_variant(fake, real)
+        bounds["kvd" + suffix] = rb.kvd_bound(fake, real)
+    fake, real = tensors["fake.audio_emb"], tensors["real.audio_emb"]
+    exact["fad"] = P.FAD_SCALE * frechet_distance(fake, real, dtype=torch.float64).item()
+    bounds["fad"] = P.FAD_SCALE * rb.frechet_bound(fake, real)
+
     got = P.mmdiffusion_scores(tensors["fake.i3d_logits"], tensors["real.i3d_logits"],
                                tensors["fake.audio_emb"], tensors["real.audio_emb"])
     want = meta["metric"]
-    # README §4 tolerances; KVD tighter, as the features here are the evaluator's own.
-    assert got["fvd"] == pytest.approx(want["fvd"], rel=1e-3)
-    assert got["kvd"] == pytest.approx(want["kvd"], abs=2e-7)
-    assert got["fad"] == pytest.approx(want["fad"], rel=1e-4)
+    for key in ("fvd", "kvd", "fad"):
+        assert abs(got[key] - exact[key]) <= bounds[key], key
+        assert abs(want[key] - exact[key]) <= bounds[key], key
     fake, real = tensors["fake.i3d_logits_noaa"], tensors["real.i3d_logits_noaa"]
-    assert frechet_distance(fake, real).item() == pytest.approx(meta["metric_noaa"]["fvd"], rel=1e-3)
-    assert polynomial_mmd(fake, real) == pytest.approx(meta["metric_noaa"]["kvd"], abs=2e-7)
+    noaa = {"fvd": frechet_distance(fake, real).item(), "kvd": polynomial_mmd(fake, real)}
+    for key in ("fvd", "kvd"):
+        assert abs(noaa[key] - exact[key + "_noaa"]) <= bounds[key + "_noaa"], key
+        assert abs(meta["metric_noaa"][key] - exact[key + "_noaa"]) <= bounds[key + "_noaa"], key
+        # Antialiased or not: the two protocols differ by 15 (FVD) and 70 (KVD) times the bounds.
+        assert abs(exact[key] - exact[key + "_noaa"]) > 5 * (bounds[key] + bounds[key + "_noaa"]), key
+    # KVD's own protocol changes (biased estimator, degree, gamma) are far outside too.
+    fake, real = tensors["fake.i3d_logits"], tensors["real.i3d_logits"]
+    for change in ({"biased": True}, {"degree": 2}, {"gamma": 1.1 / fake.shape[1]}):
+        assert abs(rb.kvd_variant(fake, real, **change) - exact["kvd"]) > 5 * bounds["kvd"], change

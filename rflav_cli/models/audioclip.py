@@ -83,6 +83,25 @@ class BatchStatNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
+def _linspace(start: float, end: float, steps: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.linspace`` as its vectorised CPU kernel computes it, on every CPU.
+
+    That kernel rounds each point once, as a fused multiply-add: ``start + step·i`` for the
+    first half and ``end − step·(steps − 1 − i)`` for the rest, with ``step`` rounded to
+    ``dtype``. The scalar kernel (CPUs without AVX2) rounds twice and moves 40 % of the float32
+    points by one unit, which the phases ``fc·t`` (up to ~3200 rad) turn into other filter
+    taps. Here the products and sums are exact in float64 (a 24-bit step times an index below
+    2**28, added to ±1), then rounded once to ``dtype``.
+    """
+    if dtype == torch.float64 or steps < 2:
+        return torch.linspace(start, end, steps, dtype=dtype, device=device)
+    step = torch.tensor(end - start, dtype=dtype) / (steps - 1)
+    index = torch.arange(steps, dtype=torch.float64)
+    rising = start + step.double() * index
+    falling = end - step.double() * (steps - 1 - index)
+    return torch.where(index < steps // 2, rising, falling).to(dtype).to(device)
+
+
 class FBSPFilterbank(nn.Module):
     """Learnable complex filterbank ("Frequency B-Spline"), one sinc-windowed complex
     exponential per output bin, parametrised by centre ``fc``, bandwidth ``fb`` and shape ``m``."""
@@ -100,7 +119,7 @@ class FBSPFilterbank(nn.Module):
         # float32 throughout on purpose: the rounding of fc·t (phases up to ~3200 rad) is part
         # of the reference numbers. Shapes mirror the reference so that the same elements take
         # the same (vectorised or scalar) code paths.
-        t = math.pi * torch.linspace(-1.0, 1.0, in_features, dtype=dtype, device=device).reshape(1, -1) + _FBSP_EPS
+        t = math.pi * _linspace(-1.0, 1.0, in_features, dtype, device).reshape(1, -1) + _FBSP_EPS
         m, fb, fc = (p.to(device).reshape(-1, 1) for p in (self.m, self.fb, self.fc))
         carrier_re, carrier_im = torch.cos(fc * t), -torch.sin(fc * t)
         arg = fb * t / (m + _FBSP_EPS)
