@@ -78,7 +78,7 @@ def root(
 
 @app.command()
 def generate(
-    label: Optional[str] = typer.Option(None, "--class", "-c", help="Alone: the preset to run (dance, landscape). With --model: a class of that class-conditional checkpoint (name or index)."),
+    label: Optional[str] = typer.Option(None, "--class", "-c", help="Alone: the preset to run (dance, landscape, or ball: small, no download). With --model: a class of that class-conditional checkpoint (name or index)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, model.safetensors, vocoder/, rflav.json) [default: dance]."),
     vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else stabilityai/sd-vae-ft-ema]."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of --model; not for local folders."),
@@ -163,7 +163,7 @@ def train(
     size: Optional[str] = typer.Option(None, "--size", help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config or --init gives the model]."),
     old_size: Optional[str] = typer.Option(None, "--model", hidden=True, help="Old name of --size (train only)."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and latent_size set --window and --image-size."),
-    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: dance, landscape, a repo id or a checkpoint folder (its window, size and audio scale are kept)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: a preset (dance, landscape, ball), a repo id or a checkpoint folder (its window, size and audio scale are kept)."),
     autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, or what a latent cache or --init says]."),
     vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim [default: the dance checkpoint's, fetched once]."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: 256, or what --model-config, --init or a latent cache says]."),
