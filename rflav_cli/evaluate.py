@@ -12,10 +12,12 @@ import csv
 import json
 import os
 import random
+import shutil
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +34,12 @@ from .models.audioclip import EMBED_DIM, load_audioclip_audio
 from .models.i3d import NUM_CLASSES, load_i3d
 from .requests import (
     EVAL_AUDIO_METRICS,
+    EVAL_DEFAULT_BATCH_SIZE,
     EVAL_METRICS as METRICS,
     EVAL_VIDEO_METRICS,
     DriftRequest,
     EvalError,
     EvalRequest,
-    EVAL_DEFAULT_BATCH_SIZE,
     check_drift_request,
     check_eval_request,
     drift_output_paths,
@@ -305,36 +307,37 @@ def run_eval(req: EvalRequest, console=None) -> dict:
                                                 allow_fewer=req.allow_fewer, what="real")
 
     _init_distributed(req.device)
-    fake_dir = req.fake
-    generated = None
-    if req.model is not None:
-        fake_dir, generated = _generate_fake_set(req, console)
-    fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
-    fake_batches, fake_num = select_batches(
-        len(fake_set.clips), req.num_clips if req.model is None else len(fake_set.clips),
-        seed=req.seed, allow_fewer=req.allow_fewer, what="fake")
+    with _fake_folder(req, console) as (fake_dir, generated):
+        fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
+        fake_batches, fake_num = select_batches(
+            len(fake_set.clips), req.num_clips if req.model is None else len(fake_set.clips),
+            seed=req.seed, allow_fewer=req.allow_fewer, what="fake")
 
-    nets = load_feature_nets(metrics, weights=weights, device=req.device)
-    if real_set is not None:
-        real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, real_batches, real_num, nets,
+        nets = load_feature_nets(metrics, weights=weights, device=req.device)
+        if real_set is not None:
+            real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, real_batches, real_num, nets,
+                                            req.letterbox_antialias)
+            result["real"] = {"folder": str(req.real), "videos": len(real_set.files),
+                              "clips_available": len(real_set.clips), "clips": real_num,
+                              "skipped": {k: len(v) for k, v in real_set.skipped.items()}}
+            if req.save_real_stats:
+                save_stats(req.save_real_stats, real_v, real_a, {"protocol": PROTOCOL, "seed": req.seed,
+                                                                 "letterbox_antialias": req.letterbox_antialias,
+                                                                 "clip_stride": req.clip_stride, "num": real_num,
+                                                                 "metrics": result["metrics"]})
+                result["real"]["saved_stats"] = str(req.save_real_stats)
+        fake_v, fake_a = _with_progress(console, req.quiet, "fake features", fake_set, fake_batches, fake_num, nets,
                                         req.letterbox_antialias)
-        result["real"] = {"folder": str(req.real), "videos": len(real_set.files), "clips_available": len(real_set.clips),
-                          "clips": real_num, "skipped": {k: len(v) for k, v in real_set.skipped.items()}}
-        if req.save_real_stats:
-            save_stats(req.save_real_stats, real_v, real_a, {"protocol": PROTOCOL, "seed": req.seed,
-                                                             "letterbox_antialias": req.letterbox_antialias,
-                                                             "clip_stride": req.clip_stride, "num": real_num,
-                                                             "metrics": result["metrics"]})
-            result["real"]["saved_stats"] = str(req.save_real_stats)
-    fake_v, fake_a = _with_progress(console, req.quiet, "fake features", fake_set, fake_batches, fake_num, nets,
-                                    req.letterbox_antialias)
-    result["fake"] = {"folder": str(fake_dir), "videos": len(fake_set.files), "clips_available": len(fake_set.clips),
-                      "clips": fake_num, "skipped": {k: len(v) for k, v in fake_set.skipped.items()}}
-    if generated is not None:
-        result["fake"]["generated"] = generated
+        result["fake"] = {"folder": str(fake_dir), "videos": len(fake_set.files),
+                          "clips_available": len(fake_set.clips), "clips": fake_num,
+                          "skipped": {k: len(v) for k, v in fake_set.skipped.items()}}
+        if generated is not None:
+            result["fake"]["generated"] = generated
+            if req.fake_out is None:
+                result["fake"]["folder"] = None   # generated into a temporary folder, removed afterwards
 
-    result.update(_scores(metrics, fake_v, fake_a, real_v, real_a))
-    return result
+        result.update(_scores(metrics, fake_v, fake_a, real_v, real_a))
+        return result
 
 
 def _scores(metrics: set[str], fake_v, fake_a, real_v, real_a) -> dict[str, float]:
@@ -397,6 +400,21 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+@contextmanager
+def _fake_folder(req: EvalRequest, console) -> Iterator[tuple[Path, dict | None]]:
+    """The fake set's folder: --fake, or the clips generated from --model, in --fake-out or in a
+    temporary folder that is removed afterwards, whatever happens."""
+    if req.model is None:
+        yield req.fake, None
+        return
+    fake_dir, generated = _generate_fake_set(req, console)
+    try:
+        yield fake_dir, generated
+    finally:
+        if req.fake_out is None:
+            shutil.rmtree(fake_dir, ignore_errors=True)
 
 
 def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:

@@ -225,6 +225,29 @@ def test_eval_model_generates_and_needs_only_the_asked_networks(sets, audioclip_
     assert math.isfinite(out["fad"]) and "fvd" not in out
 
 
+def test_clips_generated_into_a_temporary_folder_are_removed(monkeypatch, tmp_path):
+    from rflav_cli import evaluate
+
+    made = tmp_path / "rflav-eval-fake-1"
+
+    def generate(req, console):
+        made.mkdir()
+        (made / "model-seed0.mp4").write_bytes(b"clip")
+        return made, {"samples": 1}
+
+    monkeypatch.setattr(evaluate, "_generate_fake_set", generate)
+    request = evaluate.EvalRequest(real=tmp_path, model="model")
+    with pytest.raises(RuntimeError, match="stopped"):
+        with evaluate._fake_folder(request, None) as (folder, _):
+            assert folder == made and (folder / "model-seed0.mp4").is_file()
+            raise RuntimeError("stopped")   # a failure while the clips are evaluated
+    assert not made.exists()
+    kept = evaluate.EvalRequest(real=tmp_path, model="model", fake_out=made)
+    with evaluate._fake_folder(kept, None):
+        pass
+    assert (made / "model-seed0.mp4").is_file()   # --fake-out keeps them
+
+
 @pytest.mark.parametrize("args,message", [
     (["eval", "--metrics", "fvd,xyz"], "unknown metric 'xyz' in --metrics"),
     (["eval", "--metrics", " , "], "--metrics names no metric"),
