@@ -9,7 +9,7 @@ stride). The clips are not ours to commit, so this is a check script rather than
 
 It checks the clip windows and audio times, the decoded 64×64 clips and the audio windows
 bit for bit, then features and FVD / KVD / FAD for both letterbox antialias settings, in process
-and through `rflav eval --clip-stride 16 --num 15` with weight files in the original layouts,
+and through `rflav eval --clip-stride 16 --num-clips 15` with weight files in the original layouts,
 and prints our numbers next to the evaluator's.
 """
 
@@ -49,7 +49,7 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
 
 
 def via_cli(real_file: Path, fake_file: Path, meta: dict) -> bool:
-    """`rflav eval --clip-stride 16 --num 15` on the same files, with the formula weights written
+    """`rflav eval --clip-stride 16 --num-clips 15` on the same files, with the formula weights written
     in the original checkpoint layouts."""
     import subprocess
     import tempfile
@@ -65,7 +65,7 @@ def via_cli(real_file: Path, fake_file: Path, meta: dict) -> bool:
                    tmp / "AudioCLIP-Full-Training.pt")
         for antialias, key in (("on", "metric"), ("off", "metric_noaa")):
             cmd = [sys.executable, "-m", "rflav_cli", "eval", "--real", str(tmp / "real"), "--fake", str(tmp / "fake"),
-                   "--clip-stride", "16", "--num", "15", "--letterbox-antialias", antialias, "--device", "cpu",
+                   "--clip-stride", "16", "--num-clips", "15", "--letterbox-antialias", antialias, "--device", "cpu",
                    "--i3d-weights", str(tmp / "i3d_pretrained_400.pt"),
                    "--audioclip-weights", str(tmp / "AudioCLIP-Full-Training.pt"), "--json"]
             run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
