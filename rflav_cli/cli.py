@@ -11,7 +11,12 @@ from typing import Literal, Optional, TypeVar
 import typer
 from rich.console import Console
 
-from . import __version__
+from . import __version__, hub
+from .config import FLAV_SIZES
+from .errors import RflavError
+from .requests import (DriftRequest, EvalRequest, GenerateRequest, TrainConfig, check_drift_request,
+                       check_eval_request, check_generate_request, check_prepare_request, check_train_config,
+                       parse_metrics)
 
 app = typer.Typer(
     name="rflav",
@@ -38,8 +43,6 @@ _FLAGS = {"label": "--class", "audio_input": "--audio", "video_input": "--video"
 
 def _run(action: Callable[[], T]) -> T:
     """Run a command; expected failures become one line on stderr and exit code 2."""
-    from .errors import RflavError
-
     # Library errors, plus the OS's word on a path the user gave (no such file, no permission).
     expected: tuple[type[BaseException], ...] = (RflavError, FileNotFoundError, PermissionError)
     try:
@@ -111,7 +114,6 @@ def generate(
     says interrupted), says so on stderr and exits 130 (143 for SIGTERM); --forever ends that way
     with exit 0.
     """
-    from .requests import GenerateRequest, check_generate_request
 
     request = GenerateRequest(
         model=model, label=label, vae=vae, revision=revision, offline=offline, audio_scale=audio_scale,
@@ -149,9 +151,8 @@ def download(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model repo."),
 ) -> None:
     """Fetch checkpoints, vocoders and the SD-VAE ahead of time."""
-    from .hub import download as fetch
 
-    folders = _run(lambda: fetch(which, to=to, revision=revision))
+    folders = _run(lambda: hub.download(which, to=to, revision=revision))
     for folder in folders:
         typer.echo(str(folder))
 
@@ -183,10 +184,8 @@ def train(
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: off]."),
 ) -> None:
     """Train (or fine-tune) a rolling audio-video model; run under torchrun for several GPUs."""
-    from .requests import TrainConfig, check_train_config
 
     if old_size is not None:
-        from .config import FLAV_SIZES
 
         if size is not None:
             _fail("--model is the old name of --size: give only --size")
@@ -230,7 +229,6 @@ def prepare(
     device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
 ) -> None:
     """Encode every frame once (VAE posterior) and every soundtrack's mel, for fast training."""
-    from .requests import check_prepare_request
 
     if output is not None and old_output is not None:
         _fail("--out is the old name of --output: give only -o/--output")
@@ -289,7 +287,6 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """FVD, KVD and FAD of generated videos against real ones (MM-Diffusion protocol)."""
-    from .requests import EvalRequest, check_eval_request, parse_metrics
 
     num_clips = _num_clips(num_clips, num_old)
 
@@ -344,7 +341,6 @@ def drift(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Metrics over a sliding window along long generated videos, with a plot."""
-    from .requests import DriftRequest, check_drift_request, parse_metrics
 
     num_clips = _num_clips(num_clips, num_old)
 

@@ -6,24 +6,31 @@ bad value is reported in a fraction of a second instead of after the heavy impor
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE
+from .errors import FileFormatError, RflavError, UsageError
+from .hub import PRESETS, is_repo_id   # huggingface_hub, not torch
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")   # what --device accepts
+
 
 # ----------------------------------------------------------------------------------------
 # rflav generate
 # ----------------------------------------------------------------------------------------
 
-import math  # noqa: E402 - each subcommand's section keeps its own imports
-import os  # noqa: E402
-import re  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-from .config import FPS  # noqa: E402
-from .errors import UsageError  # noqa: E402
 
 GENERATE_DEFAULT_PRESET = "dance"
 GENERATE_DEFAULT_SECONDS = 10.0
 GENERATE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-_GENERATE_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MAX_SEED = 2**63 - 1   # torch generators take a signed 64-bit seed
 
 
@@ -90,7 +97,7 @@ def check_generate_request(req: GenerateRequest) -> None:
     if req.forever and req.num_samples > 1:
         raise UsageError("{forever} writes one stream: drop {num_samples}", params=("forever", "num_samples"))
     generate_frame_count(req, None)
-    if not _GENERATE_DEVICE_RE.fullmatch(req.device):
+    if not DEVICE_RE.fullmatch(req.device):
         raise UsageError(f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu",
                          params=("device",))
     if req.dtype not in GENERATE_DTYPES:
@@ -107,7 +114,6 @@ def check_generate_request(req: GenerateRequest) -> None:
 
 
 def _check_model(req: GenerateRequest) -> None:
-    from .hub import PRESETS, is_repo_id   # huggingface_hub, not torch
 
     if req.model is None or req.model in PRESETS:
         return
@@ -129,7 +135,6 @@ def generate_model_and_label(req: GenerateRequest) -> tuple[str, str | None]:
     """The checkpoint to load and the class to ask it for. `--class dance` alone means the
     dance preset; with --model it names a class of that checkpoint (`--model dance --class
     dance` is the preset too)."""
-    from .hub import PRESETS
 
     if req.model is None:
         if req.label is None:
@@ -212,21 +217,11 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
 # rflav train and rflav prepare
 # ----------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-from dataclasses import dataclass, fields, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
-from .config import FLAV_SIZES, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE  # noqa: E402
-from .errors import FileFormatError, RflavError, UsageError  # noqa: E402
 
 TRAIN_DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"   # hub.VAE_REPO_ID (hub imports huggingface_hub)
 TRAIN_WEIGHTINGS = ("logit_normal", "uniform")
 MISSING_AUDIO_CHOICES = ("skip", "silence")
-_TRAIN_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MODEL_KEYS = tuple(RELEASED_FLAV_CONFIG)          # the FLAV constructor keys of config.json
 _ARCHITECTURE_KEYS = tuple(k for k in _MODEL_KEYS if k != "grad_ckpt")
 
@@ -330,7 +325,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.missing_audio is not None and cfg.missing_audio not in MISSING_AUDIO_CHOICES:
         raise UsageError(f"unknown {{missing_audio}} {cfg.missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
                          params=("missing_audio",))
-    if cfg.device is not None and not _TRAIN_DEVICE_RE.fullmatch(cfg.device):
+    if cfg.device is not None and not DEVICE_RE.fullmatch(cfg.device):
         raise UsageError(f"unknown {{device}} {cfg.device!r}: use auto, cuda (or cuda:N), mps or cpu",
                          params=("device",))
     if cfg.size is not None and cfg.size not in FLAV_SIZES:
@@ -596,7 +591,7 @@ def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: di
 
 def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, device: str = "auto") -> None:
     """Checks of `rflav prepare` that need no torch (the VAE halves the image three times)."""
-    if not _TRAIN_DEVICE_RE.fullmatch(device):
+    if not DEVICE_RE.fullmatch(device):
         raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
     if image_size < VAE_DOWNSCALE or image_size % VAE_DOWNSCALE:
         raise UsageError(f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",
@@ -612,9 +607,7 @@ def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, 
 # rflav eval and rflav drift
 # ----------------------------------------------------------------------------------------
 
-from collections.abc import Sequence  # noqa: E402
 
-from .errors import RflavError as _RflavError  # noqa: E402
 
 EVAL_PROTOCOLS = ("mmdiffusion",)
 EVAL_METRICS = ("fvd", "kvd", "fad")
@@ -624,10 +617,9 @@ EVAL_CLIP_FRAMES = 16                   # metrics.protocol.CLIP_FRAMES (that mod
 EVAL_DEFAULT_NUM_CLIPS = 2048
 EVAL_DEFAULT_BATCH_SIZE = 8
 STATS_SUFFIX = ".npz"
-_EVAL_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-class EvalError(_RflavError, ValueError):
+class EvalError(RflavError, ValueError):
     """Bad evaluation input (a set, a statistics file, the flags), reported as one line."""
 
 
@@ -722,7 +714,7 @@ def _check_common(metrics: Sequence[str], device: str, seed: int, num_clips: int
     parse_metrics(metrics)
     _at_least(num_clips, 2, "num_clips")
     _at_least(seed, 0, "seed")
-    if not _EVAL_DEVICE_RE.fullmatch(device):
+    if not DEVICE_RE.fullmatch(device):
         raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
 
 

@@ -110,7 +110,8 @@ def make_folder(folder: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_presets_point_at_the_released_checkpoints() -> None:
-    assert set(PRESETS) == {"dance", "landscape"}
+    assert set(PRESETS) == {"dance", "landscape", "ball"}
+    assert PRESETS["ball"].repo_id is None and PRESETS["ball"].packaged_folder.is_dir()
     assert PRESETS["dance"].repo_id == DANCE
     assert PRESETS["dance"].audio_scale == 3.5009668382765917
     assert PRESETS["landscape"].repo_id == LANDSCAPE
@@ -341,6 +342,8 @@ def test_download_reports_what_is_missing(cache: Path, tmp_path: Path) -> None:
     assert VAE_REPO_ID in str(info.value)
     with pytest.raises(ResolveError, match="dance, landscape, all"):
         download("ballet")
+    with pytest.raises(ResolveError, match="'ball' ships with rflav: there is nothing to download"):
+        download("ball")
 
 
 # ---------------------------------------------------------------- Hub errors and offline switch
