@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
-from .config import LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLES_PER_FRAME, VAE_DOWNSCALE
+from .config import FPS, LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_DOWNSCALE
 from .flow import Guide, rolling_sample
 from .hub import (SIDE_FILE, VAE_REPO_ID, VOCODER_FILES, ResolvedModel, ResolveError, is_repo_id, local_folder,
                   read_side_file, resolve_model)
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
-from .errors import FileFormatError, RflavError
+from .errors import FileFormatError, RflavError, UsageError
+from .requests import GenerateRequest, generate_frame_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,6 +84,23 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise PipelineError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
     return DTYPES[name]
+
+
+def dtype_from_torch(torch_dtype: object, device: torch.device, param: str = "torch_dtype") -> torch.dtype:
+    """A precision given as a torch.dtype (the diffusers spelling), checked as `pick_dtype` checks
+    names; `param` is the parameter that gave it, for the message."""
+    names = {value: name for name, value in DTYPES.items()}
+    if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in names:
+        raise UsageError(f"unknown {{{param}}} {torch_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16",
+                         params=(param,))
+    return pick_dtype(names[torch_dtype], device)
+
+
+def vae_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The VAE follows the model's dtype on GPUs and on CPUs with native bf16 (twice as fast
+    there as fp32); elsewhere it stays in fp32."""
+    native = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16())
+    return dtype if native else torch.float32
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,6 +335,16 @@ class Generation:
             self._ready.append(AVFrame(index, video, np.ascontiguousarray(chunk, dtype=np.float32)))
 
 
+@dataclass
+class PipelineOutput:
+    """A whole generated clip per seed, as returned by calling a :class:`Pipeline`."""
+
+    frames: np.ndarray          # (B, T, H, W, 3) uint8
+    audio: np.ndarray           # (B, T * SAMPLES_PER_FRAME) float32 in [-1, 1], mono
+    fps: int = FPS
+    sample_rate: int = SAMPLE_RATE
+
+
 # ----------------------------------------------------------------------------------------
 # Pipeline
 # ----------------------------------------------------------------------------------------
@@ -404,8 +432,9 @@ class Pipeline:
         revision: str | None = None,
         offline: bool | None = None,
         audio_scale: float | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        torch_dtype: torch.dtype | None = None,
         compile: bool = False,
         overlap: bool = True,
         griffin_lim: bool = False,
@@ -417,7 +446,12 @@ class Pipeline:
         `griffin_lim` asks for it; a checkpoint whose vocoder files are missing is an error.
         `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
         waits a few seconds for compilation, every later one is faster.
-        `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample."""
+        `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
+        `device` is a name (auto, cpu, cuda, cuda:N, mps; None: auto) or a torch.device; the
+        precision is either `torch_dtype` (torch.float32, torch.bfloat16, torch.float16) or
+        `dtype` (auto, fp32, bf16, fp16; None: auto), not both."""
+        if dtype is not None and torch_dtype is not None:
+            raise UsageError("give either {dtype} or {torch_dtype}, not both", params=("dtype", "torch_dtype"))
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -427,18 +461,15 @@ class Pipeline:
                 "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json", params=("audio_scale",)
             )
         vocoder_folder, vocoder_source = _vocoder_of(resolved, side, griffin_lim, revision, offline)
-        torch_device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, torch_device)
+        torch_device = _device_of(device)
+        torch_dtype = (dtype_from_torch(torch_dtype, torch_device) if torch_dtype is not None
+                       else pick_dtype(dtype or "auto", torch_device))
         flav = FLAV.from_pretrained(resolved.folder, dtype=torch_dtype).to(torch_device)
         autoencoder, vae_id = None, "none"
         if not side.get("pixel_space"):
             vae_id = vae or resolved.autoencoder or VAE_REPO_ID
-            # The VAE follows the model's dtype on GPUs and on CPUs with native bf16 (twice as
-            # fast there as fp32); elsewhere it stays in fp32.
-            native = torch_device.type == "cuda" or (
-                torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_native_bf16())
-            vae_dtype = torch_dtype if native else torch.float32
-            autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype, revision=None).to(torch_device)
+            autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype_for(torch_device, torch_dtype),
+                                                        revision=None).to(torch_device)
         if vocoder_folder is not None:
             vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(vocoder_folder)
         else:
@@ -446,6 +477,60 @@ class Pipeline:
         return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
                    device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
                    vae_source=str(vae_id), vocoder_source=vocoder_source, compile=compile, overlap=overlap)
+
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move model, VAE and vocoder to `device` and/or the model to `dtype` (a torch.dtype,
+        also accepted as the only argument, as in ``pipe.to(torch.bfloat16)``); returns self.
+        Streams started before keep the old placement: call this between streams."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise UsageError("give one dtype: as the first argument or as {dtype}", params=("dtype",))
+            device, dtype = None, device
+        new_device = self.device if device is None else _device_of(device)
+        new_dtype = self.dtype if dtype is None else dtype_from_torch(dtype, new_device, "dtype")
+        if new_dtype == torch.float16 and new_device.type == "cpu":
+            pick_dtype("fp16", new_device)   # raises: fp16 does not run on CPU
+        if (new_device, new_dtype) == (self.device, self.dtype):
+            return self
+        self.model.to(new_device, new_dtype)
+        if self.vae is not None:
+            self.vae.to(new_device, vae_dtype_for(new_device, new_dtype))
+        self.vocoder.to(new_device)
+        if self.model.blocks_compiled:   # compiled graphs (CUDA graphs on GPUs) belong to the old placement
+            self.model.compile_blocks(compile_mode(new_device))
+        self.device, self.dtype = new_device, new_dtype
+        return self
+
+    def __call__(
+        self,
+        *,
+        seconds: float | None = None,
+        frames: int | None = None,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        steps: int = 2,
+        label: str | int | None = None,
+        cfg_scale: float = 1.0,
+        audio: np.ndarray | None = None,
+        video: Iterator[np.ndarray] | None = None,
+        guidance_scale: float | None = None,
+    ) -> PipelineOutput:
+        """Generate a whole clip per seed: `seconds` or `frames` (neither: the length of `audio`
+        when given, else 10 s) from `seed` (default 0) or one clip per seed of `seeds`.
+        The bounded form of :meth:`generate`, whose stream it collects."""
+        if seed is not None and seeds is not None:
+            raise UsageError("give either {seed} or {seeds}, not both", params=("seed", "seeds"))
+        seeds = [0 if seed is None else seed] if seeds is None else list(seeds)
+        if not seeds:
+            raise UsageError("{seeds} must hold at least one seed", params=("seeds",))
+        given_frames = None if audio is None else max(1, round(len(audio) / SAMPLE_RATE * FPS))
+        num_frames = generate_frame_count(GenerateRequest(seconds=seconds, frames=frames), given_frames)
+        stream = self.generate(num_frames=num_frames, seeds=seeds, steps=steps, label=label, cfg_scale=cfg_scale,
+                               audio=audio, video=video, guidance_scale=guidance_scale)
+        taken = list(stream)
+        return PipelineOutput(frames=np.stack([f.video for f in taken], axis=1),
+                              audio=np.concatenate([f.audio for f in taken], axis=1))
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -580,6 +665,15 @@ class Pipeline:
         return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
                           num_frames, given_video=given_video, given_audio=audio,
                           output_stream=torch.cuda.Stream(self.device) if self._overlaps else None)
+
+
+def _device_of(device: str | torch.device | None) -> torch.device:
+    """A device name or torch.device, checked to be available (None: auto)."""
+    if device is None:
+        return pick_device("auto")
+    if isinstance(device, torch.device):
+        return pick_device(device.type if device.type != "cuda" or device.index is None else str(device))
+    return pick_device(device)
 
 
 def _tee(frames: Iterator[np.ndarray]) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:
