@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import formula_weights  # noqa: E402
 from rflav_cli.metrics import protocol as P  # noqa: E402
-from rflav_cli.models.audioclip import AudioCLIPAudio  # noqa: E402
-from rflav_cli.models.i3d import InceptionI3d  # noqa: E402
+from rflav_cli.metrics.audioclip import AudioCLIPAudio  # noqa: E402
+from rflav_cli.metrics.i3d import InceptionI3d  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TOLERANCE = {"fvd": 1e-3, "kvd": 1e-3, "fad": 1e-4}   # relative, README §4 of the fixture

@@ -75,7 +75,7 @@ from .config import (
     WIN_LENGTH,
 )
 from .errors import RflavError
-from .models.checkpoint import creation_mode
+from .files import creation_mode
 
 __all__ = [
     "CACHE_INDEX",

@@ -23,15 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .errors import FileFormatError
+from .generate import run_generate
 from .media import probe
 from .metrics import protocol as P
+from .metrics.audioclip import EMBED_DIM, load_audioclip_audio
 from .metrics.frechet import frechet_distance
+from .metrics.i3d import NUM_CLASSES, load_i3d
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
-from .models.audioclip import EMBED_DIM, load_audioclip_audio
-from .models.i3d import NUM_CLASSES, load_i3d
+from .pipeline import pick_device
 from .requests import (
     EVAL_AUDIO_METRICS,
     EVAL_DEFAULT_BATCH_SIZE,
@@ -40,6 +45,7 @@ from .requests import (
     DriftRequest,
     EvalError,
     EvalRequest,
+    GenerateRequest,
     check_drift_request,
     check_eval_request,
     drift_output_paths,
@@ -96,8 +102,6 @@ def load_feature_nets(
 ) -> FeatureNets:
     """I3D when FVD or KVD is asked, AudioCLIP's audio head when FAD is: the weight files of a
     network that is not needed are never looked for."""
-    from .pipeline import pick_device
-
     if weights is None:
         weights = resolve_feature_weights(metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline)
     dev = pick_device(device)
@@ -283,8 +287,6 @@ def real_stats(path: Path, metrics: set[str], antialias: bool) -> tuple[torch.Te
 
 def run_eval(req: EvalRequest, console=None) -> dict:
     """FVD / KVD / FAD of a fake set against a real set (folder or saved statistics)."""
-    from rich.console import Console
-
     check_eval_request(req)
     console = console or Console(stderr=True)
     metrics = set(parse_metrics(req.metrics))
@@ -355,8 +357,6 @@ def _scores(metrics: set[str], fake_v, fake_a, real_v, real_a) -> dict[str, floa
 def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialias):
     """Features of a set; under torchrun each rank takes every world-th loader batch and rank 0
     puts them back in loader order (grouping into batches of 8 is unchanged, so is FAD)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     world, rank = _world()
     mine = list(range(rank, len(batches), world))
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -368,8 +368,6 @@ def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialia
             parts.append((b, v, a))
             progress.update(task, completed=done)
     if world > 1:
-        import torch.distributed as dist
-
         gathered: list = [None] * world
         dist.all_gather_object(gathered, parts)
         parts = [p for rank_parts in gathered for p in rank_parts]
@@ -383,10 +381,6 @@ def _init_distributed(device: str) -> None:
     """Join the torchrun group when launched by torchrun (feature extraction is sharded)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import torch.distributed as dist
-
-    from .pipeline import pick_device
-
     if not dist.is_initialized():
         cuda = pick_device(device).type == "cuda"
         if cuda:
@@ -395,8 +389,6 @@ def _init_distributed(device: str) -> None:
 
 
 def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -418,9 +410,6 @@ def _fake_folder(req: EvalRequest, console) -> Iterator[tuple[Path, dict | None]
 
 
 def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
-    from .requests import GenerateRequest
-    from .generate import run_generate
-
     count = req.num_samples or req.num_clips
     world, rank = _world()
     if req.fake_out is None and world > 1:
@@ -436,8 +425,6 @@ def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
                                      seed=req.gen_seed + first, output=str(folder / f"rank{rank}") + "/",
                                      device=req.device, quiet=req.quiet or rank != 0, offline=req.offline), console)
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     return folder, {"model": req.model, "samples": count, "seeds": [req.gen_seed, req.gen_seed + count - 1]}
 
@@ -450,8 +437,6 @@ def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
 def run_drift(req: DriftRequest, console=None) -> dict:
     """Metrics of the set of windows at each position along long fake videos, against the real
     set, and each position's feature drift from the first window. Writes CSV (+ PNG)."""
-    from rich.console import Console
-
     check_drift_request(req)
     console = console or Console(stderr=True)
     metrics = set(parse_metrics(req.metrics))

@@ -44,6 +44,7 @@ from huggingface_hub.utils import (
     enable_progress_bars,
 )
 from .errors import RflavError
+from .files import atomic_write  # torch-free: keeps this module light
 
 
 # Checkpoints that ship inside the package, one folder each (release layout plus rflav.json).
@@ -431,8 +432,6 @@ def read_side_file(folder: str | Path) -> dict[str, Any]:
 
 def write_side_file(folder: str | Path, data: dict[str, Any]) -> Path:
     """Write ``rflav.json`` into ``folder`` atomically and return its path."""
-    from .models.checkpoint import atomic_write   # torch-free: keeps this module light
-
     path = Path(folder) / SIDE_FILE
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -30,7 +30,7 @@ from . import __version__
 from .config import FLAV_SIZES, FPS, LATENT_CHANNELS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
 from .flow import flow_matching_loss, sample_training_levels
 from .hub import PRESETS, VOCODER_FILES, ResolveError, local_folder, read_side_file, resolve_model, write_side_file
-from .models.checkpoint import creation_mode, load_safetensors, read_json_object, save_safetensors
+from .files import creation_mode, load_safetensors, read_json_object, save_safetensors
 from .models.flav import FLAV, FLAVConfig
 from .errors import FileFormatError
 from .requests import (TrainConfig, TrainError, TrainFile, cache_file, check_train_config, check_vocoder_folder,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import formula_weights as fw
 import rounding_bounds as rb
 from rflav_cli.metrics import weights as wt
-from rflav_cli.models.audioclip import (
+from rflav_cli.metrics.audioclip import (
     AUDIOCLIP_PREFIX,
     AUDIOCLIP_SAMPLES,
     AudioCLIPAudio,
@@ -26,7 +26,7 @@ from rflav_cli.models.audioclip import (
     load_audioclip_audio,
     rescale_like_int16,
 )
-from rflav_cli.models.i3d import InceptionI3d, load_i3d, preprocess_for_i3d
+from rflav_cli.metrics.i3d import InceptionI3d, load_i3d, preprocess_for_i3d
 
 FIXTURES = Path(__file__).parent / "fixtures"
 I3D_TABLE = FIXTURES / "i3d_keys.tsv"

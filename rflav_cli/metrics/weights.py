@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import Tensor
 
-from ..models.checkpoint import creation_mode, load_tensor_file
 from ..errors import RflavError
+from ..files import creation_mode, load_tensor_file, state_dict_mismatch
 
 __all__ = [
     "CACHE_ENV",
@@ -173,11 +173,10 @@ def read_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
 def check_weights(model: torch.nn.Module, state: dict[str, Tensor], path: Path, description: str, *,
                   optional: Callable[[str], bool] = lambda key: False, shown_prefix: str = "") -> None:
     """Refuse ``state`` in one line unless it fits ``model`` (``optional`` keys may be absent)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not optional(k)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state, optional)
+    wrong = [k for k, _, _ in mismatch.misshaped]
+    if mismatch:
         parts = [f"{len(keys)} {label} (e.g. {shown_prefix}{keys[0]})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+                 for label, keys in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected),
+                                     ("wrong shape", wrong)) if keys]
         raise EvalWeightsError(f"{path} does not hold {description}: {'; '.join(parts)}")

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors
 from ..errors import FileFormatError
+from ..files import (REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors,
+                     state_dict_mismatch)
+from ..hub import local_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -444,8 +446,6 @@ class AutoencoderKL(nn.Module):
         """
         folder = Path(folder_or_repo_id)
         if not folder.is_dir():
-            from rflav_cli.hub import local_folder
-
             folder = Path(
                 local_folder(str(folder_or_repo_id), [CONFIG_NAME, WEIGHTS_NAME], revision=revision)
             )
@@ -505,19 +505,13 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Raise one clear error listing missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
-    ]
+    mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state)
+    misshaped = [f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped]
     problems = [
         f"{label} {len(items)}: {_short_list(items)}"
         for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
+            ("missing keys", mismatch.missing),
+            ("unexpected keys", mismatch.unexpected),
             ("wrong shapes", misshaped),
         )
         if items

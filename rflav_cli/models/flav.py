@@ -20,8 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
-from .checkpoint import REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors
 from ..errors import FileFormatError, RflavError, UsageError
+from ..files import (REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors,
+                     state_dict_mismatch)
+from ..hub import local_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -130,14 +132,11 @@ class CheckpointMismatchError(CheckpointFileError):
 
 def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> None:
     """Raise one message naming every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(
-        f"{k} (file {tuple(found[k].shape)}, model {tuple(expected[k])})"
-        for k in set(expected) & set(found)
-        if tuple(found[k].shape) != tuple(expected[k])
-    )
-    if missing or unexpected or misshaped:
+    mismatch = state_dict_mismatch(expected, found)
+    missing, unexpected = sorted(mismatch.missing), sorted(mismatch.unexpected)
+    misshaped = [f"{k} (file {file_shape}, model {model_shape})"
+                 for k, file_shape, model_shape in sorted(mismatch.misshaped)]
+    if mismatch:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
@@ -547,8 +546,6 @@ class FLAV(nn.Module):
         local folder or a Hub repo id. Returns the model in eval mode."""
         folder = Path(path_or_repo_id)
         if not folder.is_dir():
-            from ..hub import local_folder
-
             folder = local_folder(str(path_or_repo_id), [CONFIG_NAME, WEIGHTS_NAME], revision=revision)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         data = read_json_object(config_path, "FLAV config", error=CheckpointFileError)

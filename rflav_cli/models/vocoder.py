@@ -23,9 +23,11 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from ..audio import mel_filterbank
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
-from .checkpoint import REDOWNLOAD, atomic_write, load_tensor_file, read_json_object
 from ..errors import FileFormatError
+from ..files import REDOWNLOAD, atomic_write, load_tensor_file, read_json_object, state_dict_mismatch
+from ..hub import ResolveError, local_folder
 
 __all__ = [
     "CONFIG_NAME",
@@ -294,17 +296,12 @@ class HiFiGAN(nn.Module):
         reports every missing, unexpected and mis-shaped key in one message."""
         state_dict = fold_weight_norm(state_dict)
         if strict:
-            expected = self.state_dict()
-            missing = [k for k in expected if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in expected]
-            misshaped = [
-                f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-                for k, v in expected.items()
-                if k in state_dict and state_dict[k].shape != v.shape
-            ]
+            mismatch = state_dict_mismatch({k: v.shape for k, v in self.state_dict().items()}, state_dict)
+            misshaped = [f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped]
             problems = [
                 f"{label}: {', '.join(keys)}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                for label, keys in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected),
+                                    ("mis-shaped", misshaped))
                 if keys
             ]
             if problems:
@@ -356,8 +353,6 @@ def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
         if not (path / CONFIG_NAME).is_file() and (path / HUB_SUBFOLDER / CONFIG_NAME).is_file():
             return path / HUB_SUBFOLDER
         return path
-    from rflav_cli.hub import ResolveError, local_folder
-
     if path.exists():
         raise ResolveError(f"{path} is a file: pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} as the vocoder")
     if not _REPO_ID.match(str(folder)):
@@ -452,8 +447,6 @@ class GriffinLim(nn.Module):
 
     def __init__(self, num_mels: int = 256, iterations: int = 16, context_frames: int = 8) -> None:
         super().__init__()
-        from ..audio import mel_filterbank
-
         self.num_mels = num_mels
         self.iterations = iterations
         fb = mel_filterbank("cpu", torch.float32)

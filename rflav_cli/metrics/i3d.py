@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rflav_cli.metrics.weights import check_weights, read_tensor_file
+from .weights import check_weights, read_tensor_file
 
 __all__ = ["I3D_INPUT_SIZE", "InceptionI3d", "load_i3d", "preprocess_for_i3d"]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rflav_cli.metrics.weights import check_weights, read_tensor_file
+from .weights import check_weights, read_tensor_file
 
 __all__ = [
     "AUDIOCLIP_PREFIX",

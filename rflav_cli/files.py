@@ -1,4 +1,4 @@
-"""Safe, atomic checkpoint files shared by every model of the package.
+"""Safe, atomic file I/O shared by the models, the metrics and the rest of the package.
 
 Readers here turn every way a user's file can be broken (missing, a folder, empty, truncated,
 of another kind, not JSON) into one line that names the file, says what is wrong and how to
@@ -15,11 +15,12 @@ import re
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FileFormatError
+from .errors import FileFormatError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -254,3 +255,37 @@ def load_tensor_file(
     if odd is not None:
         raise refusal(f"entry {odd!r} is a {type(obj[odd]).__name__}, not a tensor")
     return obj
+
+
+# --------------------------------------------------------------------------------------
+# Checking a state dict against a model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateDictMismatch:
+    """How a state dict read from a file differs from the one a model expects."""
+
+    missing: list[str]  # in the model's order
+    unexpected: list[str]  # in the file's order
+    misshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (key, file shape, model shape)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+
+def state_dict_mismatch(
+    expected: Mapping[str, Sequence[int]],
+    found: Mapping[str, Tensor],
+    optional: Callable[[str], bool] | None = None,
+) -> StateDictMismatch:
+    """Compare ``found`` with the ``{key: shape}`` a model expects (keys for which ``optional``
+    is true may be absent). Callers word the refusal, since each names its own file and fix."""
+    missing = [k for k in expected if k not in found and not (optional and optional(k))]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [
+        (k, tuple(found[k].shape), tuple(shape))
+        for k, shape in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(shape)
+    ]
+    return StateDictMismatch(missing, unexpected, misshaped)
