@@ -84,8 +84,9 @@ def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:
             row["decode_queue_s"] = time.perf_counter() - start
             synchronize(dev)
             many = latents.expand(4, *latents.shape[1:]).contiguous()
-            row["decode_4_at_once_s"] = [round(timed(lambda: pipe.decode_latents(many).numpy(), dev)[0], 4)
-                                         for _ in range(2)]
+            row["decode_4_at_once_s"] = [
+                round(timed(lambda: pipe.decode_latents(many).numpy(), dev)[0], 4) for _ in range(2)
+            ]
         elif case == "warm-in-thread":
             thread = threading.Thread(target=warm_up)
             row["thread_s"], _ = timed(lambda: (thread.start(), thread.join()), dev)
@@ -121,8 +122,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, vae = build_random_checkpoint(tmp, args.size)
         for case in args.cases.split(","):
-            cmd = [sys.executable, __file__, "--case", case, "--model", str(model), "--vae", str(vae),
-                   "--device", args.device, "--dtype", args.dtype]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                case,
+                "--model",
+                str(model),
+                "--vae",
+                str(vae),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             print(done.stdout.strip() or done.stderr.strip().splitlines()[-1], flush=True)
 

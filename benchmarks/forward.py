@@ -31,24 +31,43 @@ def main() -> None:
     p.add_argument("--batch", default="1")
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also time the model compiled as the pipeline compiles it (CUDA graphs on GPUs)")
-    p.add_argument("--attention", default="auto", help="comma list of attention backends to time: auto, sdpa, matmul")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the model compiled as the pipeline compiles it (CUDA graphs on GPUs)",
+    )
+    p.add_argument(
+        "--attention", default="auto", help="comma list of attention backends to time: auto, sdpa, matmul"
+    )
     args = p.parse_args()
 
     device = pick_device(args.device)
-    reference = random_flav(args.size, args.window).to(device)   # one fp32 model shared by every row
+    reference = random_flav(args.size, args.window).to(device)  # one fp32 model shared by every row
     print(f"{args.size}, window {args.window}, device {device_name(device)}, torch {torch.__version__}")
-    print(f"{'batch':>5} {'dtype':>6} {'attention':>12} {'compiled':>8} {'median s':>10} {'frames/s @2 steps':>18} "
-          f"{'rel err':>9}")
+    print(
+        f"{'batch':>5} {'dtype':>6} {'attention':>12} {'compiled':>8} {'median s':>10} {'frames/s @2 steps':>18} "
+        f"{'rel err':>9}"
+    )
     for batch in [int(b) for b in args.batch.split(",")]:
         for dtype_name in args.dtypes.split(","):
             for backend in args.attention.split(","):
                 for compiled in (False, True) if args.compile else (False,):
                     set_attention_backend(backend)
-                    r = time_forward(args.size, args.device, dtype_name, batch=batch, window=args.window,
-                                     repeats=args.repeats, compile=compiled, steps=2, reference=reference)
-                    print(f"{batch:>5} {dtype_name:>6} {backend:>12} {str(compiled):>8} {r.median_s:>10.4f} "
-                          f"{r.frames_per_s:>18.1f} {r.relative_error:>9.2e}")
+                    r = time_forward(
+                        args.size,
+                        args.device,
+                        dtype_name,
+                        batch=batch,
+                        window=args.window,
+                        repeats=args.repeats,
+                        compile=compiled,
+                        steps=2,
+                        reference=reference,
+                    )
+                    print(
+                        f"{batch:>5} {dtype_name:>6} {backend:>12} {str(compiled):>8} {r.median_s:>10.4f} "
+                        f"{r.frames_per_s:>18.1f} {r.relative_error:>9.2e}"
+                    )
     set_attention_backend("auto")
 
 

@@ -25,10 +25,20 @@ from rflav_cli.bench import time_generation  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
-    r = time_generation(args.model, "tiny" if args.tiny else args.size, vae=args.vae, device=args.device,
-                        dtype=args.dtype, batch_size=args.batch_size, steps=args.steps, frames=args.frames,
-                        mux=not args.no_mux, compile=args.compile, overlap=not args.no_overlap,
-                        profile=args.profile)
+    r = time_generation(
+        args.model,
+        "tiny" if args.tiny else args.size,
+        vae=args.vae,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        frames=args.frames,
+        mux=not args.no_mux,
+        compile=args.compile,
+        overlap=not args.no_overlap,
+        profile=args.profile,
+    )
     return {
         "device": r.device,
         "model": r.model,
@@ -50,13 +60,26 @@ def memory_check(args: argparse.Namespace) -> None:
     """Peak RSS of a short and a six-times-longer tiny run, each in a fresh process."""
     rows = []
     for frames in (args.frames, 6 * args.frames):
-        cmd = [sys.executable, __file__, "--tiny", "--device", "cpu", "--dtype", "fp32", "--frames", str(frames), "--json"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--frames",
+            str(frames),
+            "--json",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     short, long = rows
-    print(f"tiny model, cpu: {short['frames']} frames peak RSS {short['peak_rss_mb']} MB; "
-          f"{long['frames']} frames peak RSS {long['peak_rss_mb']} MB; "
-          f"ratio {long['peak_rss_mb'] / short['peak_rss_mb']:.3f} (target ≤ 1.1)")
+    print(
+        f"tiny model, cpu: {short['frames']} frames peak RSS {short['peak_rss_mb']} MB; "
+        f"{long['frames']} frames peak RSS {long['peak_rss_mb']} MB; "
+        f"ratio {long['peak_rss_mb'] / short['peak_rss_mb']:.3f} (target ≤ 1.1)"
+    )
 
 
 def main() -> None:
@@ -71,7 +94,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--no-mux", action="store_true", help="skip MP4 writing")
-    p.add_argument("--compile", action="store_true", help="compile the rolling step (the first frame waits for it)")
+    p.add_argument(
+        "--compile", action="store_true", help="compile the rolling step (the first frame waits for it)"
+    )
     p.add_argument("--no-overlap", action="store_true", help="CUDA: decode and vocode on the sampling stream")
     p.add_argument("--profile", metavar="TRACE.json", help="write a torch profiler trace")
     p.add_argument("--memory", action="store_true", help="flat-memory check (tiny model, short vs 6x longer)")

@@ -63,9 +63,11 @@ def main() -> None:
     for batch in [int(b) for b in args.batch.split(",")]:
         flop = forward_tflop(args.size, batch)
         floor = flop / peaks["bf16"]
-        print(f"{args.size} forward, window 10, batch {batch}: {flop:.3f} TFLOP; at the bf16 GEMM rate above "
-              f"it cannot take less than {floor * 1000:.1f} ms, i.e. at most {batch / (2 * floor):.1f} frames/s "
-              f"at 2 steps per frame (model only)")
+        print(
+            f"{args.size} forward, window 10, batch {batch}: {flop:.3f} TFLOP; at the bf16 GEMM rate above "
+            f"it cannot take less than {floor * 1000:.1f} ms, i.e. at most {batch / (2 * floor):.1f} frames/s "
+            f"at 2 steps per frame (model only)"
+        )
 
 
 if __name__ == "__main__":

@@ -30,22 +30,32 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="bf16 = autocast")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--window", type=int, default=10)
-    p.add_argument("--pixel-size", type=int, default=0, help="train in pixel space at this size instead of latents")
+    p.add_argument(
+        "--pixel-size", type=int, default=0, help="train in pixel space at this size instead of latents"
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
 
     channels, latent = (3, args.pixel_size) if args.pixel_size else (4, 32)
-    cfg = FLAVConfig.from_size(args.size, latent_size=latent, in_channels=channels, predict_frames=args.window,
-                               grad_ckpt=args.grad_ckpt)
+    cfg = FLAVConfig.from_size(
+        args.size,
+        latent_size=latent,
+        in_channels=channels,
+        predict_frames=args.window,
+        grad_ckpt=args.grad_ckpt,
+    )
     model = FLAV(cfg)
     model.initialize_weights()
     model.to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02)
     forward = torch.compile(model) if args.compile else model
-    autocast = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
-                if args.dtype == "bf16" else nullcontext())
+    autocast = (
+        torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+        if args.dtype == "bf16"
+        else nullcontext()
+    )
     b, w = args.batch_size, args.window
     v = torch.randn(b, w, channels, latent, latent, device=args.device)
     a = torch.randn(b, w, 1, cfg.n_mels, 10, device=args.device)
@@ -70,11 +80,21 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{args.size} ({params:.1f} M params), window {w}, batch {b}, {args.dtype}, device {device}")
-    print(f"steps/s {args.steps / elapsed:.3f}   clips/s {args.steps * b / elapsed:.2f}"
-          + (f"   peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if args.device.startswith("cuda") else ""))
+    print(
+        f"steps/s {args.steps / elapsed:.3f}   clips/s {args.steps * b / elapsed:.2f}"
+        + (
+            f"   peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB"
+            if args.device.startswith("cuda")
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ __all__ = [
     "peak_normalize",
 ]
 
-MAGNITUDE_EPS = 1e-9   # added to re² + im² before the sqrt, as the original front end does
-PAD = (N_FFT - HOP_LENGTH) // 2   # reflect padding per side: N samples → N // hop frames
+MAGNITUDE_EPS = 1e-9  # added to re² + im² before the sqrt, as the original front end does
+PAD = (N_FFT - HOP_LENGTH) // 2  # reflect padding per side: N samples → N // hop frames
 _LOG_MIN = math.log(LOG_MEL_MIN)
 _LOG_MAX = math.log(LOG_MEL_MAX)
 
@@ -89,15 +89,24 @@ def log_mel(wav: Tensor) -> Tensor:
     if wav.dim() not in (1, 2):
         raise ValueError(f"expected a waveform of shape (N,) or (B, N), got {tuple(wav.shape)}")
     if wav.shape[-1] <= PAD:
-        raise ValueError(f"waveform too short for the mel front end: {wav.shape[-1]} samples, need more than {PAD}")
+        raise ValueError(
+            f"waveform too short for the mel front end: {wav.shape[-1]} samples, need more than {PAD}"
+        )
     if not wav.is_floating_point():
         wav = wav.float()
     batched = wav.dim() == 2
     x = peak_normalize(wav if batched else wav[None])
     x = F.pad(x[:, None], (PAD, PAD), mode="reflect")[:, 0]
     spec = torch.stft(
-        x, N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH, window=_window(x.device, x.dtype),
-        center=False, normalized=False, onesided=True, return_complex=True,
+        x,
+        N_FFT,
+        hop_length=HOP_LENGTH,
+        win_length=WIN_LENGTH,
+        window=_window(x.device, x.dtype),
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
     )
     spec = torch.view_as_real(spec)
     magnitude = torch.sqrt(spec.pow(2).sum(-1) + MAGNITUDE_EPS)
@@ -132,6 +141,8 @@ def mel_to_frames(mel: Tensor) -> Tensor:
 def frames_to_mel(frames: Tensor) -> Tensor:
     """``(…, T, 1, n_mels, 10)`` → ``(…, n_mels, 10·T)`` (inverse of :func:`mel_to_frames`)."""
     if frames.dim() < 4 or frames.shape[-3] != 1:
-        raise ValueError(f"expected frames of shape (..., T, 1, n_mels, {MEL_FRAMES_PER_FRAME}), got {tuple(frames.shape)}")
+        raise ValueError(
+            f"expected frames of shape (..., T, 1, n_mels, {MEL_FRAMES_PER_FRAME}), got {tuple(frames.shape)}"
+        )
     *lead, t, _, n_mels, width = frames.shape
     return frames.squeeze(-3).movedim(-3, -2).reshape(*lead, n_mels, t * width)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG
@@ -28,24 +35,45 @@ from .hub import PRESETS, resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
-from .pipeline import (Pipeline, compile_failure_message, compile_mode, is_compile_error, new_graph_step,
-                       pick_device, pick_dtype)
+from .pipeline import (
+    Pipeline,
+    compile_failure_message,
+    compile_mode,
+    is_compile_error,
+    new_graph_step,
+    pick_device,
+    pick_dtype,
+)
 
 TINY = "tiny"
 SIZES: tuple[str, ...] = (TINY, *FLAV_SIZES)
 
 RELEASED_VOCODER_CONFIG: dict[str, object] = {
-    "resblock": "1", "upsample_rates": [5, 4, 4, 2], "upsample_kernel_sizes": [11, 8, 8, 4],
-    "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
-    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]], "num_mels": 256, "sampling_rate": 16000,
+    "resblock": "1",
+    "upsample_rates": [5, 4, 4, 2],
+    "upsample_kernel_sizes": [11, 8, 8, 4],
+    "upsample_initial_channel": 512,
+    "resblock_kernel_sizes": [3, 7, 11],
+    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    "num_mels": 256,
+    "sampling_rate": 16000,
 }
 # Same frame and mel sizes as the release (256×256 video, 256 mels), a fraction of the compute.
 TINY_FLAV = dict(latent_size=32, patch_size=8, hidden_size=32, depth=1, num_heads=2, predict_frames=4)
-TINY_VAE_CONFIG = {**SD_VAE_CONFIG, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}
-TINY_VOCODER_CONFIG = {**RELEASED_VOCODER_CONFIG, "upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
-                       "resblock_dilation_sizes": [[1, 3, 5]]}
-WEIGHT_STD = 0.02   # a trained DiT's weight scale
-STEADY_SKIP = 4     # steady-state rate: skip the first 1/STEADY_SKIP of the frames (pre-roll, warm-up)
+TINY_VAE_CONFIG = {
+    **SD_VAE_CONFIG,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+TINY_VOCODER_CONFIG = {
+    **RELEASED_VOCODER_CONFIG,
+    "upsample_initial_channel": 32,
+    "resblock_kernel_sizes": [3],
+    "resblock_dilation_sizes": [[1, 3, 5]],
+}
+WEIGHT_STD = 0.02  # a trained DiT's weight scale
+STEADY_SKIP = 4  # steady-state rate: skip the first 1/STEADY_SKIP of the frames (pre-roll, warm-up)
 
 StatusCallback = Callable[[str], None]
 FrameCallback = Callable[[int], None]
@@ -69,8 +97,9 @@ def check_positive(flag: str, value: int, minimum: int = 1, why: str = "") -> No
         raise UsageError(f"{flag} must be at least {minimum}{why}, got {value}")
 
 
-def check_generation_request(size: str, model: str | None, device: str, dtype: str, batch_size: int,
-                             steps: int, frames: int) -> None:
+def check_generation_request(
+    size: str, model: str | None, device: str, dtype: str, batch_size: int, steps: int, frames: int
+) -> None:
     """UsageError for a generation benchmark that cannot run, before any work is done."""
     check_positive("--frames", frames, 2, " (the steady rate needs two frames)")
     check_positive("--steps", steps)
@@ -88,7 +117,9 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def timed_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 0) -> tuple[list[float], object]:
+def timed_calls(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 0
+) -> tuple[list[float], object]:
     """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed ones, the device
     synchronised around each call; and the last call's result."""
     for _ in range(warmup):
@@ -119,7 +150,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _randomise(module: torch.nn.Module, std: float, seed: int = 0) -> None:
@@ -141,7 +172,10 @@ def flav_config(size: str, window: int | None = None) -> FLAVConfig:
         config = {**RELEASED_FLAV_CONFIG, **TINY_FLAV}
     else:
         architecture = ("depth", "hidden_size", "num_heads", "patch_size")
-        config = {**{k: v for k, v in RELEASED_FLAV_CONFIG.items() if k not in architecture}, **FLAV_SIZES[size]}
+        config = {
+            **{k: v for k, v in RELEASED_FLAV_CONFIG.items() if k not in architecture},
+            **FLAV_SIZES[size],
+        }
     if window is not None:
         check_positive("window", window)
         config["predict_frames"] = window
@@ -180,17 +214,17 @@ def build_random_checkpoint(folder: str | Path, size: str) -> tuple[Path, Path]:
 class ForwardResult:
     """Timing of one FLAV forward over the whole rolling window."""
 
-    model: str                    # "random FLAV-B/1" or the checkpoint given
-    device: str                   # device name
+    model: str  # "random FLAV-B/1" or the checkpoint given
+    device: str  # device name
     dtype: str
     batch: int
     window: int
-    steps: int                    # model evaluations per frame, for frames_per_s
+    steps: int  # model evaluations per frame, for frames_per_s
     compiled: bool
-    times_s: list[float]          # one per repeat, after a warm-up call
+    times_s: list[float]  # one per repeat, after a warm-up call
     median_s: float
-    frames_per_s: float           # model only: batch / (steps × median)
-    relative_error: float         # ‖y − y_fp32‖ / ‖y_fp32‖ over both outputs
+    frames_per_s: float  # model only: batch / (steps × median)
+    relative_error: float  # ‖y − y_fp32‖ / ‖y_fp32‖ over both outputs
 
     @property
     def forward_ms(self) -> float:
@@ -203,7 +237,9 @@ class ForwardResult:
 def forward_inputs(config: FLAVConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Seeded (video, audio, time) inputs of a full window."""
     g = torch.Generator().manual_seed(1)
-    v = torch.randn(batch, config.predict_frames, config.in_channels, config.latent_size, config.latent_size, generator=g)
+    v = torch.randn(
+        batch, config.predict_frames, config.in_channels, config.latent_size, config.latent_size, generator=g
+    )
     a = torch.randn(batch, config.predict_frames, 1, config.n_mels, 10, generator=g)
     t = torch.rand(batch, config.predict_frames, generator=g) * 999 + 1
     return v.to(device), a.to(device), t.to(device)
@@ -245,7 +281,11 @@ def time_forward(
     if window is not None and window != reference.window:
         raise ValueError(f"window {window} differs from the model's {reference.window}")
     name = f"random {size}" if model is None else model
-    net = reference if torch_dtype == torch.float32 and not compile else copy.deepcopy(reference).to(torch_dtype)
+    net = (
+        reference
+        if torch_dtype == torch.float32 and not compile
+        else copy.deepcopy(reference).to(torch_dtype)
+    )
     if compile:  # compiled as the pipeline compiles it (CUDA graphs on GPUs)
         net.compile_blocks(compile_mode(torch_device))
 
@@ -262,9 +302,17 @@ def time_forward(
         times, out = timed_calls(lambda: fn(*inputs), torch_device, repeats, warmup=3 if compile else 1)
     median = statistics.median(times)
     return ForwardResult(
-        model=name, device=device_name(torch_device), dtype=dtype_name(torch_dtype), batch=batch,
-        window=reference.window, steps=steps, compiled=compile, times_s=times, median_s=median,
-        frames_per_s=batch / (steps * median), relative_error=relative_error(out, expected),
+        model=name,
+        device=device_name(torch_device),
+        dtype=dtype_name(torch_dtype),
+        batch=batch,
+        window=reference.window,
+        steps=steps,
+        compiled=compile,
+        times_s=times,
+        median_s=median,
+        frames_per_s=batch / (steps * median),
+        relative_error=relative_error(out, expected),
     )
 
 
@@ -289,18 +337,18 @@ class GenerationResult:
     dtype: str
     batch_size: int
     steps: int
-    frames: int                   # frames requested per sample
-    frames_generated: int         # frames that came out per sample
-    load_s: float                 # building the pipeline (weights read, moved, cast)
-    first_frame_s: float          # start of generation → first frame out (includes the pre-roll)
-    steady_frames_per_s: float    # all samples together, without the first quarter of the frames
-    real_time_factor: float       # steady video seconds per wall second (frames/s ÷ 10)
-    total_s: float                # start of generation → last frame out (and files closed)
+    frames: int  # frames requested per sample
+    frames_generated: int  # frames that came out per sample
+    load_s: float  # building the pipeline (weights read, moved, cast)
+    first_frame_s: float  # start of generation → first frame out (includes the pre-roll)
+    steady_frames_per_s: float  # all samples together, without the first quarter of the frames
+    real_time_factor: float  # steady video seconds per wall second (frames/s ÷ 10)
+    total_s: float  # start of generation → last frame out (and files closed)
     peak_gpu_mem_gb: float | None
     peak_rss_mb: float
     muxed: bool
     compiled: bool
-    outputs: list[str] = field(default_factory=list)   # MP4s kept (with `video_dir`)
+    outputs: list[str] = field(default_factory=list)  # MP4s kept (with `video_dir`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -350,8 +398,9 @@ def time_generation(
             vae_dir = vae or str(built_vae)
         status(f"loading {model or 'random ' + size}")
         start = time.perf_counter()
-        pipe = Pipeline.from_pretrained(str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile,
-                                        overlap=overlap)
+        pipe = Pipeline.from_pretrained(
+            str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile, overlap=overlap
+        )
         synchronize(pipe.device)
         load_s = time.perf_counter() - start
         if pipe.device.type == "cuda":
@@ -364,8 +413,12 @@ def time_generation(
             from .media import VideoWriter
 
             out_dir.mkdir(parents=True, exist_ok=True)
-            writers = [VideoWriter(out_dir / f"bench-{i}.mp4", overwrite=True, width=pipe.image_size,
-                                   height=pipe.image_size) for i in seeds]
+            writers = [
+                VideoWriter(
+                    out_dir / f"bench-{i}.mp4", overwrite=True, width=pipe.image_size, height=pipe.image_size
+                )
+                for i in seeds
+            ]
         label = 0 if pipe.model.num_classes > 0 else None
         profiler = None
         if profile is not None:
@@ -415,7 +468,9 @@ def time_generation(
             steady_frames_per_s=fps,
             real_time_factor=fps / FPS,
             total_s=end - start,
-            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(pipe.device) / 1e9 if pipe.device.type == "cuda" else None,
+            peak_gpu_mem_gb=torch.cuda.max_memory_allocated(pipe.device) / 1e9
+            if pipe.device.type == "cuda"
+            else None,
             peak_rss_mb=peak_rss_mb(),
             muxed=mux,
             compiled=compile,
@@ -462,9 +517,16 @@ def run_bench(
             raise UsageError(f"--profile {profile}: its folder does not exist")
 
     console = console or Console(stderr=True)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
-                        refresh_per_second=4)   # a light display thread: it shares the CPU being timed
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        refresh_per_second=4,
+    )  # a light display thread: it shares the CPU being timed
     with progress:
         task = progress.add_task("starting", total=None)
 
@@ -474,15 +536,35 @@ def run_bench(
         try:
             generation = None
             if not forward_only:
+
                 def frame_done(done: int) -> None:
                     progress.update(task, total=frames, completed=done)
 
-                generation = time_generation(model, size, device=device, dtype=dtype, batch_size=batch_size,
-                                             steps=steps, frames=frames, mux=mux, compile=compile,
-                                             profile=profile, on_status=status, on_frame=frame_done)
+                generation = time_generation(
+                    model,
+                    size,
+                    device=device,
+                    dtype=dtype,
+                    batch_size=batch_size,
+                    steps=steps,
+                    frames=frames,
+                    mux=mux,
+                    compile=compile,
+                    profile=profile,
+                    on_status=status,
+                    on_frame=frame_done,
+                )
             status(f"timing one forward ({FORWARD_REPEATS} repeats)")
-            forward = time_forward(size, device, dtype, batch=batch_size, repeats=FORWARD_REPEATS, compile=compile,
-                                   steps=steps, model=model)
+            forward = time_forward(
+                size,
+                device,
+                dtype,
+                batch=batch_size,
+                repeats=FORWARD_REPEATS,
+                compile=compile,
+                steps=steps,
+                model=model,
+            )
         except Exception as err:
             if compile and is_compile_error(err):
                 raise UsageError(compile_failure_message(err)) from err
@@ -510,13 +592,17 @@ def bench_table(report: dict) -> Table:
     table.add_column(justify="right")
     table.add_row("device", report["device"])
     table.add_row("dtype", report["dtype"] + (", compiled" if report["compiled"] else ""))
-    table.add_row(f"forward (window {forward['window']}, batch {forward['batch']})", f"{forward['forward_ms']:.1f} ms")
+    table.add_row(
+        f"forward (window {forward['window']}, batch {forward['batch']})", f"{forward['forward_ms']:.1f} ms"
+    )
     table.add_row(f"model-only frames/s ({report['steps']} steps)", f"{forward['frames_per_s']:.1f}")
     table.add_row("error vs fp32", f"{forward['relative_error']:.1e}")
     if generation is not None:
         table.add_row("load", f"{generation['load_s']:.2f} s")
         table.add_row("time to first frame", f"{generation['first_frame_s']:.2f} s")
-        table.add_row(f"steady frames/s ({generation['frames']} frames)", f"{generation['steady_frames_per_s']:.2f}")
+        table.add_row(
+            f"steady frames/s ({generation['frames']} frames)", f"{generation['steady_frames_per_s']:.2f}"
+        )
         table.add_row("real-time factor", f"{generation['real_time_factor']:.2f}×")
         gpu = generation["peak_gpu_mem_gb"]
         table.add_row("peak GPU memory", "—" if gpu is None else f"{gpu:.2f} GB")

@@ -14,9 +14,18 @@ from rich.console import Console
 from . import __version__, hub
 from .config import FLAV_SIZES
 from .errors import RflavError
-from .requests import (DriftRequest, EvalRequest, GenerateRequest, TrainConfig, check_drift_request,
-                       check_eval_request, check_generate_request, check_prepare_request, check_train_config,
-                       parse_metrics)
+from .requests import (
+    DriftRequest,
+    EvalRequest,
+    GenerateRequest,
+    TrainConfig,
+    check_drift_request,
+    check_eval_request,
+    check_generate_request,
+    check_prepare_request,
+    check_train_config,
+    parse_metrics,
+)
 
 app = typer.Typer(
     name="rflav",
@@ -72,7 +81,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
 ) -> None:
     """Generate, train and evaluate R-FLAV rolling audio-video models."""
@@ -81,32 +92,109 @@ def root(
 
 @app.command()
 def generate(
-    label: Optional[str] = typer.Option(None, "--class", "-c", help="Alone: the preset to run (dance, landscape, or ball: small, no download). With --model: a class of that class-conditional checkpoint (name or index)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, model.safetensors, vocoder/, rflav.json) [default: dance]."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else stabilityai/sd-vae-ft-ema]."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of --model; not for local folders."),
-    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="Mel scale the checkpoint was trained with [default: from its rflav.json; presets know theirs]."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Length in seconds [default: 10, or the --audio/--video length]."),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Length in frames (10 per second), instead of --seconds."),
-    forever: bool = typer.Option(False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0)."),
+    label: Optional[str] = typer.Option(
+        None,
+        "--class",
+        "-c",
+        help="Alone: the preset to run (dance, landscape, or ball: small, no download). With --model: a class of that class-conditional checkpoint (name or index).",
+    ),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, model.safetensors, vocoder/, rflav.json) [default: dance].",
+    ),
+    vae: Optional[str] = typer.Option(
+        None,
+        "--vae",
+        help="SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else stabilityai/sd-vae-ft-ema].",
+    ),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Hub revision (branch, tag or commit) of --model; not for local folders."
+    ),
+    audio_scale: Optional[float] = typer.Option(
+        None,
+        "--audio-scale",
+        help="Mel scale the checkpoint was trained with [default: from its rflav.json; presets know theirs].",
+    ),
+    seconds: Optional[float] = typer.Option(
+        None, "--seconds", "-s", help="Length in seconds [default: 10, or the --audio/--video length]."
+    ),
+    frames: Optional[int] = typer.Option(
+        None, "--frames", "-n", help="Length in frames (10 per second), instead of --seconds."
+    ),
+    forever: bool = typer.Option(
+        False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0)."
+    ),
     num_samples: int = typer.Option(1, "--num-samples", help="Number of videos; sample i uses seed + i."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together (faster, more memory)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first sample (0 to 2**63-1); a seed gives the same video on every device."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Samples generated together (faster, more memory)."
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        help="Seed of the first sample (0 to 2**63-1); a seed gives the same video on every device.",
+    ),
     steps: int = typer.Option(2, "--steps", help="Model evaluations per frame (more: slower, finer)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, >= 0 (class-conditional checkpoints only) [default: 1, no guidance]."),
-    audio: Optional[Path] = typer.Option(None, "--audio", help="Audio-to-video: generate a video for this sound (its first channel, resampled to 16 kHz, is re-encoded into the output)."),
-    video: Optional[Path] = typer.Option(None, "--video", help="Video-to-audio: generate a soundtrack for this video (resampled to 10 fps and letterboxed to the model's frame size, then re-encoded into the output)."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Strength of --audio/--video guidance, >= 0 [default: 1 for audio, 2 for video]."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 [auto: bf16 on CUDA and on CPUs with native bf16, else fp32]."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames (1.4–2.3× on an H100) [default: on for CUDA and 20 s or more]."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PATH", help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder [default: MODEL-seedS.mp4, or MODEL-samples/]."),
+    cfg_scale: Optional[float] = typer.Option(
+        None,
+        "--cfg-scale",
+        help="Classifier-free guidance scale, >= 0 (class-conditional checkpoints only) [default: 1, no guidance].",
+    ),
+    audio: Optional[Path] = typer.Option(
+        None,
+        "--audio",
+        help="Audio-to-video: generate a video for this sound (its first channel, resampled to 16 kHz, is re-encoded into the output).",
+    ),
+    video: Optional[Path] = typer.Option(
+        None,
+        "--video",
+        help="Video-to-audio: generate a soundtrack for this video (resampled to 10 fps and letterboxed to the model's frame size, then re-encoded into the output).",
+    ),
+    guidance_scale: Optional[float] = typer.Option(
+        None,
+        "--guidance-scale",
+        help="Strength of --audio/--video guidance, >= 0 [default: 1 for audio, 2 for video].",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."
+    ),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="auto, fp32, bf16 or fp16 [auto: bf16 on CUDA and on CPUs with native bf16, else fp32].",
+    ),
+    compile_model: Optional[bool] = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames (1.4–2.3× on an H100) [default: on for CUDA and 20 s or more].",
+    ),
+    output: Optional[str] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder [default: MODEL-seedS.mp4, or MODEL-samples/].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (MP4, .json, .wav)."),
     wav: bool = typer.Option(False, "--wav", help="Also write the audio as a 16-bit WAV next to each MP4."),
-    griffin_lim: bool = typer.Option(False, "--griffin-lim", help="Make the sound with Griffin-Lim instead of the checkpoint's neural vocoder (needed for checkpoints without vocoder/ whose rflav.json does not say so; lower quality)."),
-    offline: bool = typer.Option(False, "--offline", help="Use only files already in the Hugging Face cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary of each MP4 as JSON on stdout (no progress display)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no closing line (errors and interruptions are still reported)."),
+    griffin_lim: bool = typer.Option(
+        False,
+        "--griffin-lim",
+        help="Make the sound with Griffin-Lim instead of the checkpoint's neural vocoder (needed for checkpoints without vocoder/ whose rflav.json does not say so; lower quality).",
+    ),
+    offline: bool = typer.Option(
+        False, "--offline", help="Use only files already in the Hugging Face cache."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary of each MP4 as JSON on stdout (no progress display)."
+    ),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="No progress display and no closing line (errors and interruptions are still reported).",
+    ),
 ) -> None:
     """Generate videos with sound from a checkpoint, streamed to MP4.
 
@@ -116,13 +204,33 @@ def generate(
     """
 
     request = GenerateRequest(
-        model=model, label=label, vae=vae, revision=revision, offline=offline, audio_scale=audio_scale,
-        seconds=seconds, frames=frames, forever=forever, num_samples=num_samples, batch_size=batch_size, seed=seed,
-        steps=steps, cfg_scale=cfg_scale, guidance_scale=guidance_scale, audio_input=audio, video_input=video,
-        device=device, dtype=dtype, compile=compile_model, output=output, overwrite=overwrite, wav=wav,
-        quiet=quiet or as_json, griffin_lim=griffin_lim,
+        model=model,
+        label=label,
+        vae=vae,
+        revision=revision,
+        offline=offline,
+        audio_scale=audio_scale,
+        seconds=seconds,
+        frames=frames,
+        forever=forever,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_scale=guidance_scale,
+        audio_input=audio,
+        video_input=video,
+        device=device,
+        dtype=dtype,
+        compile=compile_model,
+        output=output,
+        overwrite=overwrite,
+        wav=wav,
+        quiet=quiet or as_json,
+        griffin_lim=griffin_lim,
     )
-    _run(lambda: check_generate_request(request))   # bad values fail here, before torch is imported
+    _run(lambda: check_generate_request(request))  # bad values fail here, before torch is imported
 
     def go():
         from .generate import GenerationInterrupted, run_generate
@@ -140,14 +248,16 @@ def generate(
             note = " (stopped)" if s["interrupted"] else ""
             typer.echo(f"wrote {s['output']}: {s['frames']} frames, {s['seconds']:.1f} s{note}", err=True)
     if stopped is not None:
-        typer.echo(f"rflav: {stopped}", err=True)   # even with --quiet: the outputs are short
+        typer.echo(f"rflav: {stopped}", err=True)  # even with --quiet: the outputs are short
         raise typer.Exit(stopped.exit_code)
 
 
 @app.command()
 def download(
     which: str = typer.Argument("dance", help="dance, landscape or all."),
-    to: Optional[Path] = typer.Option(None, "--to", help="Plain folder to put the files in (default: the Hugging Face cache)."),
+    to: Optional[Path] = typer.Option(
+        None, "--to", help="Plain folder to put the files in (default: the Hugging Face cache)."
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model repo."),
 ) -> None:
     """Fetch checkpoints, vocoders and the SD-VAE ahead of time."""
@@ -159,50 +269,149 @@ def download(
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos, or a cache made by `rflav prepare`."),
-    output: Path = typer.Option(Path("runs/rflav"), "--output", "-o", help="Run folder; the same command again resumes the run. Options left out then keep the run's values; the model, --image-size, --window, --autoencoder, --audio-scale and --init cannot change (give a new folder), the others can."),
-    size: Optional[str] = typer.Option(None, "--size", help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config or --init gives the model]."),
-    old_size: Optional[str] = typer.Option(None, "--model", hidden=True, help="Old name of --size (train only)."),
-    model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and latent_size set --window and --image-size."),
-    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: a preset (dance, landscape, ball), a repo id or a checkpoint folder (its window, size and audio scale are kept)."),
-    autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, or what a latent cache or --init says]."),
-    vocoder: Optional[str] = typer.Option(None, "--vocoder", help="Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim [default: the dance checkpoint's, fetched once]."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: 256, or what --model-config, --init or a latent cache says]."),
-    window: Optional[int] = typer.Option(None, "--window", min=1, help="Frames per training clip, the rolling window [default: 10, or --model-config's / --init's predict_frames]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per step and device [default: 8]."),
+    data: Path = typer.Argument(
+        ..., help="Folder with train/ (and test/) videos, or a cache made by `rflav prepare`."
+    ),
+    output: Path = typer.Option(
+        Path("runs/rflav"),
+        "--output",
+        "-o",
+        help="Run folder; the same command again resumes the run. Options left out then keep the run's values; the model, --image-size, --window, --autoencoder, --audio-scale and --init cannot change (give a new folder), the others can.",
+    ),
+    size: Optional[str] = typer.Option(
+        None,
+        "--size",
+        help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config or --init gives the model].",
+    ),
+    old_size: Optional[str] = typer.Option(
+        None, "--model", hidden=True, help="Old name of --size (train only)."
+    ),
+    model_config: Optional[Path] = typer.Option(
+        None,
+        "--model-config",
+        help="JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and latent_size set --window and --image-size.",
+    ),
+    init: Optional[str] = typer.Option(
+        None,
+        "--init",
+        help="Fine-tune: a preset (dance, landscape, ball), a repo id or a checkpoint folder (its window, size and audio scale are kept).",
+    ),
+    autoencoder: Optional[str] = typer.Option(
+        None,
+        "--autoencoder",
+        help="SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, or what a latent cache or --init says].",
+    ),
+    vocoder: Optional[str] = typer.Option(
+        None,
+        "--vocoder",
+        help="Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim [default: the dance checkpoint's, fetched once].",
+    ),
+    image_size: Optional[int] = typer.Option(
+        None,
+        "--image-size",
+        min=1,
+        help="Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: 256, or what --model-config, --init or a latent cache says].",
+    ),
+    window: Optional[int] = typer.Option(
+        None,
+        "--window",
+        min=1,
+        help="Frames per training clip, the rolling window [default: 10, or --model-config's / --init's predict_frames].",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Clips per step and device [default: 8]."
+    ),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="AdamW learning rate [default: 1e-4]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Train until this step, counting the steps already made by a resumed run [default: 100000]."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Write a checkpoint every N steps (and at the end, and on Ctrl-C) [default: 1000]."),
-    keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Checkpoints kept, the newest (0: all) [default: 3]."),
-    sample_every: Optional[int] = typer.Option(None, "--sample-every", min=0, help="Write a sample MP4 into every N-th step's checkpoint (0: never) [default: 0]."),
-    weighting: Optional[Literal["logit_normal", "uniform"]] = typer.Option(None, "--weighting", help="Loss weighting over noise levels [default: logit_normal]."),
-    audio_scale: Optional[float] = typer.Option(None, "--audio-scale", help="Mel scale in model space [default: --init's, else the unit std of the training mel]."),
-    missing_audio: Optional[Literal["skip", "silence"]] = typer.Option(None, "--missing-audio", help="Videos without sound: skip them, or train on them with silence [default: skip]."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the initial weights, the data order and the noise [default: 0]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cuda, cuda:N, mps or cpu [default: auto]."),
-    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing: less memory, slower steps [default: off]."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: off]."),
+    max_steps: Optional[int] = typer.Option(
+        None,
+        "--max-steps",
+        min=1,
+        help="Train until this step, counting the steps already made by a resumed run [default: 100000].",
+    ),
+    save_every: Optional[int] = typer.Option(
+        None,
+        "--save-every",
+        min=1,
+        help="Write a checkpoint every N steps (and at the end, and on Ctrl-C) [default: 1000].",
+    ),
+    keep: Optional[int] = typer.Option(
+        None, "--keep", min=0, help="Checkpoints kept, the newest (0: all) [default: 3]."
+    ),
+    sample_every: Optional[int] = typer.Option(
+        None,
+        "--sample-every",
+        min=0,
+        help="Write a sample MP4 into every N-th step's checkpoint (0: never) [default: 0].",
+    ),
+    weighting: Optional[Literal["logit_normal", "uniform"]] = typer.Option(
+        None, "--weighting", help="Loss weighting over noise levels [default: logit_normal]."
+    ),
+    audio_scale: Optional[float] = typer.Option(
+        None,
+        "--audio-scale",
+        help="Mel scale in model space [default: --init's, else the unit std of the training mel].",
+    ),
+    missing_audio: Optional[Literal["skip", "silence"]] = typer.Option(
+        None,
+        "--missing-audio",
+        help="Videos without sound: skip them, or train on them with silence [default: skip].",
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", min=0, help="Seed of the initial weights, the data order and the noise [default: 0]."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cuda, cuda:N, mps or cpu [default: auto]."
+    ),
+    grad_ckpt: Optional[bool] = typer.Option(
+        None,
+        "--grad-ckpt/--no-grad-ckpt",
+        help="Gradient checkpointing: less memory, slower steps [default: off].",
+    ),
+    compile_model: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the model [default: off]."
+    ),
 ) -> None:
     """Train (or fine-tune) a rolling audio-video model; run under torchrun for several GPUs."""
 
     if old_size is not None:
-
         if size is not None:
             _fail("--model is the old name of --size: give only --size")
         if old_size not in FLAV_SIZES:
-            _fail(f"train --model {old_size}: --model of train is now --size and takes a model size "
-                  f"({', '.join(FLAV_SIZES)}); to fine-tune a checkpoint use --init")
-        typer.echo("rflav: note: train --model is now --size (the old name goes in the next release); "
-                   "to fine-tune a checkpoint use --init", err=True)
+            _fail(
+                f"train --model {old_size}: --model of train is now --size and takes a model size "
+                f"({', '.join(FLAV_SIZES)}); to fine-tune a checkpoint use --init"
+            )
+        typer.echo(
+            "rflav: note: train --model is now --size (the old name goes in the next release); "
+            "to fine-tune a checkpoint use --init",
+            err=True,
+        )
         size = old_size
     cfg = TrainConfig(
-        data=str(data), output=str(output), size=size, model_config=str(model_config) if model_config else None,
-        init=init, autoencoder=autoencoder, vocoder=vocoder, image_size=image_size, window=window,
-        batch_size=batch_size, lr=lr, max_steps=max_steps, save_every=save_every, keep=keep,
-        sample_every=sample_every, weighting=weighting, audio_scale=audio_scale, missing_audio=missing_audio,
-        seed=seed, device=device, grad_ckpt=grad_ckpt, compile=compile_model,
+        data=str(data),
+        output=str(output),
+        size=size,
+        model_config=str(model_config) if model_config else None,
+        init=init,
+        autoencoder=autoencoder,
+        vocoder=vocoder,
+        image_size=image_size,
+        window=window,
+        batch_size=batch_size,
+        lr=lr,
+        max_steps=max_steps,
+        save_every=save_every,
+        keep=keep,
+        sample_every=sample_every,
+        weighting=weighting,
+        audio_scale=audio_scale,
+        missing_audio=missing_audio,
+        seed=seed,
+        device=device,
+        grad_ckpt=grad_ckpt,
+        compile=compile_model,
     )
-    _run(lambda: check_train_config(cfg))   # before torch is imported: a bad value fails at once
+    _run(lambda: check_train_config(cfg))  # before torch is imported: a bad value fails at once
 
     from .generate import _stop_on_signals
     from .train import train as run_train
@@ -219,13 +428,31 @@ def train(
 @app.command()
 def prepare(
     data: Path = typer.Argument(..., help="Folder with train/ (and test/) videos."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Cache folder to write (the same command again resumes it); `rflav train OUTPUT` trains on it."),
+    output: Optional[Path] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Cache folder to write (the same command again resumes it); `rflav train OUTPUT` trains on it.",
+    ),
     old_output: Optional[Path] = typer.Option(None, "--out", hidden=True, help="Old name of --output."),
-    autoencoder: str = typer.Option("stabilityai/sd-vae-ft-ema", "--autoencoder", help="SD-VAE repo id or folder; recorded in the cache, so training takes it from there."),
-    split: str = typer.Option("train", "--split", help="Split folder of DATA to encode (train or test); written to OUTPUT/SPLIT."),
-    image_size: int = typer.Option(256, "--image-size", min=8, help="Frames are letterboxed to this square size in pixels, a multiple of 8."),
+    autoencoder: str = typer.Option(
+        "stabilityai/sd-vae-ft-ema",
+        "--autoencoder",
+        help="SD-VAE repo id or folder; recorded in the cache, so training takes it from there.",
+    ),
+    split: str = typer.Option(
+        "train", "--split", help="Split folder of DATA to encode (train or test); written to OUTPUT/SPLIT."
+    ),
+    image_size: int = typer.Option(
+        256,
+        "--image-size",
+        min=8,
+        help="Frames are letterboxed to this square size in pixels, a multiple of 8.",
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames encoded together."),
-    missing_audio: Literal["skip", "silence"] = typer.Option("skip", "--missing-audio", help="Videos without sound: skip them, or keep them with silence."),
+    missing_audio: Literal["skip", "silence"] = typer.Option(
+        "skip", "--missing-audio", help="Videos without sound: skip them, or keep them with silence."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
 ) -> None:
     """Encode every frame once (VAE posterior) and every soundtrack's mel, for fast training."""
@@ -246,8 +473,15 @@ def prepare(
         typer.echo(index.summary(), err=True)
         dev = pick_device(device)
         vae = AutoencoderKL.from_pretrained(autoencoder).to(dev)
-        return prepare_cache(index, output / split, vae, batch_size=batch_size, device=str(dev),
-                             image_size=image_size, autoencoder_id=autoencoder)
+        return prepare_cache(
+            index,
+            output / split,
+            vae,
+            batch_size=batch_size,
+            device=str(dev),
+            image_size=image_size,
+            autoencoder_id=autoencoder,
+        )
 
     typer.echo(str(_run(go)))
 
@@ -264,26 +498,90 @@ def _num_clips(num_clips: int | None, num_old: int | None) -> int:
 
 @app.command("eval")
 def evaluate(
-    real: Path = typer.Option(..., "--real", help="Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz written by --save-real-stats."),
-    fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated videos (or give --model to generate them now)."),
-    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded."),
-    num_clips: Optional[int] = typer.Option(None, "--num-clips", min=2, help="16-frame clips per set; a set with more is sampled with --seed [default: 2048]."),
+    real: Path = typer.Option(
+        ...,
+        "--real",
+        help="Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz written by --save-real-stats.",
+    ),
+    fake: Optional[Path] = typer.Option(
+        None, "--fake", help="Folder of generated videos (or give --model to generate them now)."
+    ),
+    metrics: str = typer.Option(
+        "fvd,kvd,fad",
+        "--metrics",
+        help="Comma list of fvd, kvd, fad. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded.",
+    ),
+    num_clips: Optional[int] = typer.Option(
+        None,
+        "--num-clips",
+        min=2,
+        help="16-frame clips per set; a set with more is sampled with --seed [default: 2048].",
+    ),
     num_old: Optional[int] = typer.Option(None, "--num", hidden=True, min=2, help="Old name of --num-clips."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the clip selection when a set has more than --num-clips clips."),
-    clip_stride: int = typer.Option(1, "--clip-stride", min=1, help="Frames between the starts of consecutive 16-frame clips of a video (the protocol uses 1)."),
-    protocol: Literal["mmdiffusion"] = typer.Option("mmdiffusion", "--protocol", help="Evaluation protocol: mmdiffusion (MM-Diffusion's evaluator)."),
-    letterbox_antialias: Literal["on", "off"] = typer.Option("on", "--letterbox-antialias", help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16)."),
-    allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Use all clips of a set that has fewer than --num-clips (instead of stopping)."),
-    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
-    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
-    save_real_stats: Optional[Path] = typer.Option(None, "--save-real-stats", help="Save the real set's features to this .npz, for a later --real."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead of --fake."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=2, help="Videos to generate with --model, 16 frames each [default: --num-clips]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Videos generated together with --model [default: 8]."),
-    fake_out: Optional[Path] = typer.Option(None, "--fake-out", help="Keep the videos generated with --model in this folder [default: a temporary folder]."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
-    offline: bool = typer.Option(False, "--offline", help="Never download: weights must be given or already in the cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (no progress display)."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seed of the clip selection when a set has more than --num-clips clips."
+    ),
+    clip_stride: int = typer.Option(
+        1,
+        "--clip-stride",
+        min=1,
+        help="Frames between the starts of consecutive 16-frame clips of a video (the protocol uses 1).",
+    ),
+    protocol: Literal["mmdiffusion"] = typer.Option(
+        "mmdiffusion", "--protocol", help="Evaluation protocol: mmdiffusion (MM-Diffusion's evaluator)."
+    ),
+    letterbox_antialias: Literal["on", "off"] = typer.Option(
+        "on",
+        "--letterbox-antialias",
+        help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16).",
+    ),
+    allow_fewer: bool = typer.Option(
+        False,
+        "--allow-fewer",
+        help="Use all clips of a set that has fewer than --num-clips (instead of stopping).",
+    ),
+    i3d_weights: Optional[str] = typer.Option(
+        None,
+        "--i3d-weights",
+        help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+    ),
+    audioclip_weights: Optional[str] = typer.Option(
+        None,
+        "--audioclip-weights",
+        help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+    ),
+    save_real_stats: Optional[Path] = typer.Option(
+        None, "--save-real-stats", help="Save the real set's features to this .npz, for a later --real."
+    ),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead of --fake.",
+    ),
+    num_samples: Optional[int] = typer.Option(
+        None,
+        "--num-samples",
+        min=2,
+        help="Videos to generate with --model, 16 frames each [default: --num-clips].",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Videos generated together with --model [default: 8]."
+    ),
+    fake_out: Optional[Path] = typer.Option(
+        None,
+        "--fake-out",
+        help="Keep the videos generated with --model in this folder [default: a temporary folder].",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."
+    ),
+    offline: bool = typer.Option(
+        False, "--offline", help="Never download: weights must be given or already in the cache."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the result as JSON on stdout (no progress display)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """FVD, KVD and FAD of generated videos against real ones (MM-Diffusion protocol)."""
@@ -292,13 +590,27 @@ def evaluate(
 
     def build() -> EvalRequest:
         request = EvalRequest(
-            real=real, fake=fake, metrics=parse_metrics(metrics), num_clips=num_clips, seed=seed,
-            clip_stride=clip_stride, protocol=protocol, letterbox_antialias=letterbox_antialias == "on",
-            allow_fewer=allow_fewer, i3d_weights=i3d_weights, audioclip_weights=audioclip_weights,
-            save_real_stats=save_real_stats, device=device, offline=offline, model=model, num_samples=num_samples,
-            batch_size=batch_size, fake_out=fake_out, quiet=quiet or as_json,
+            real=real,
+            fake=fake,
+            metrics=parse_metrics(metrics),
+            num_clips=num_clips,
+            seed=seed,
+            clip_stride=clip_stride,
+            protocol=protocol,
+            letterbox_antialias=letterbox_antialias == "on",
+            allow_fewer=allow_fewer,
+            i3d_weights=i3d_weights,
+            audioclip_weights=audioclip_weights,
+            save_real_stats=save_real_stats,
+            device=device,
+            offline=offline,
+            model=model,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            fake_out=fake_out,
+            quiet=quiet or as_json,
         )
-        check_eval_request(request)   # bad values fail here, before torch is imported
+        check_eval_request(request)  # bad values fail here, before torch is imported
         return request
 
     request = _run(build)
@@ -309,14 +621,16 @@ def evaluate(
         return run_eval(request, Console(stderr=True))
 
     result = _run(go)
-    if int(os.environ.get("RANK", "0")) != 0:   # under torchrun only rank 0 reports
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         aa = "on" if result["letterbox_antialias"] else "off"
-        typer.echo(f"protocol {result['protocol']} (letterbox antialias {aa}), "
-                   f"{result['fake']['clips']} fake vs {result['real']['clips']} real clips")
+        typer.echo(
+            f"protocol {result['protocol']} (letterbox antialias {aa}), "
+            f"{result['fake']['clips']} fake vs {result['real']['clips']} real clips"
+        )
         for name in ("fvd", "kvd", "fad"):
             if name in result:
                 typer.echo(f"{name.upper()}: {result[name]:.6g}")
@@ -324,20 +638,61 @@ def evaluate(
 
 @app.command()
 def drift(
-    fake: Path = typer.Option(..., "--fake", help="Folder of long generated videos (at least 2, each 16 frames or more)."),
-    real: Path = typer.Option(..., "--real", help="Folder of real videos, or a statistics .npz written by eval --save-real-stats."),
-    window: int = typer.Option(16, "--window", help="Frames per window: 16, the protocol's clip length (no other value is accepted)."),
-    stride: int = typer.Option(8, "--stride", min=1, help="Frames between window positions along the videos."),
-    metrics: str = typer.Option("fvd,kvd,fad", "--metrics", help="Comma list of fvd, kvd, fad, computed at every window position. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded."),
-    num_clips: Optional[int] = typer.Option(None, "--num-clips", min=2, help="Real clips to compare with, sampled with --seed when there are more (all of them if there are fewer) [default: 2048]."),
+    fake: Path = typer.Option(
+        ..., "--fake", help="Folder of long generated videos (at least 2, each 16 frames or more)."
+    ),
+    real: Path = typer.Option(
+        ..., "--real", help="Folder of real videos, or a statistics .npz written by eval --save-real-stats."
+    ),
+    window: int = typer.Option(
+        16, "--window", help="Frames per window: 16, the protocol's clip length (no other value is accepted)."
+    ),
+    stride: int = typer.Option(
+        8, "--stride", min=1, help="Frames between window positions along the videos."
+    ),
+    metrics: str = typer.Option(
+        "fvd,kvd,fad",
+        "--metrics",
+        help="Comma list of fvd, kvd, fad, computed at every window position. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded.",
+    ),
+    num_clips: Optional[int] = typer.Option(
+        None,
+        "--num-clips",
+        min=2,
+        help="Real clips to compare with, sampled with --seed when there are more (all of them if there are fewer) [default: 2048].",
+    ),
     num_old: Optional[int] = typer.Option(None, "--num", hidden=True, min=2, help="Old name of --num-clips."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the real-clip selection when there are more than --num-clips."),
-    letterbox_antialias: Literal["on", "off"] = typer.Option("on", "--letterbox-antialias", help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16)."),
-    i3d_weights: Optional[str] = typer.Option(None, "--i3d-weights", help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
-    audioclip_weights: Optional[str] = typer.Option(None, "--audioclip-weights", help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once]."),
-    output: Path = typer.Option(Path("drift"), "--output", "-o", metavar="PATH", help="Writes PATH.csv and PATH.png (a .csv or .png ending of PATH is dropped first; an existing folder gets drift.csv and drift.png)."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."),
-    offline: bool = typer.Option(False, "--offline", help="Never download: weights must be given or already in the cache."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seed of the real-clip selection when there are more than --num-clips."
+    ),
+    letterbox_antialias: Literal["on", "off"] = typer.Option(
+        "on",
+        "--letterbox-antialias",
+        help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16).",
+    ),
+    i3d_weights: Optional[str] = typer.Option(
+        None,
+        "--i3d-weights",
+        help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+    ),
+    audioclip_weights: Optional[str] = typer.Option(
+        None,
+        "--audioclip-weights",
+        help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+    ),
+    output: Path = typer.Option(
+        Path("drift"),
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="Writes PATH.csv and PATH.png (a .csv or .png ending of PATH is dropped first; an existing folder gets drift.csv and drift.png).",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."
+    ),
+    offline: bool = typer.Option(
+        False, "--offline", help="Never download: weights must be given or already in the cache."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Metrics over a sliding window along long generated videos, with a plot."""
@@ -346,12 +701,22 @@ def drift(
 
     def build() -> DriftRequest:
         request = DriftRequest(
-            fake=fake, real=real, window=window, stride=stride, num_clips=num_clips, seed=seed,
-            metrics=parse_metrics(metrics), letterbox_antialias=letterbox_antialias == "on",
-            i3d_weights=i3d_weights, audioclip_weights=audioclip_weights, device=device, offline=offline,
-            output=output, quiet=quiet,
+            fake=fake,
+            real=real,
+            window=window,
+            stride=stride,
+            num_clips=num_clips,
+            seed=seed,
+            metrics=parse_metrics(metrics),
+            letterbox_antialias=letterbox_antialias == "on",
+            i3d_weights=i3d_weights,
+            audioclip_weights=audioclip_weights,
+            device=device,
+            offline=offline,
+            output=output,
+            quiet=quiet,
         )
-        check_drift_request(request)   # bad values fail here, before torch is imported
+        check_drift_request(request)  # bad values fail here, before torch is imported
         return request
 
     request = _run(build)
@@ -369,27 +734,53 @@ def drift(
 
 @app.command()
 def bench(
-    size: str = typer.Option("FLAV-B/1", "--size", help="Random-weight model: tiny, FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Time a real checkpoint (preset, repo id or folder) instead."),
+    size: str = typer.Option(
+        "FLAV-B/1", "--size", help="Random-weight model: tiny, FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Time a real checkpoint (preset, repo id or folder) instead."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together."),
     steps: int = typer.Option(2, "--steps", help="Model evaluations per frame."),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames to generate, the first quarter as warm-up [default: 50 on GPUs, 8 on CPUs]."),
-    compile_model: bool = typer.Option(False, "--compile", help="Compile the transformer blocks, as generate --compile does."),
+    frames: Optional[int] = typer.Option(
+        None,
+        "--frames",
+        "-n",
+        help="Frames to generate, the first quarter as warm-up [default: 50 on GPUs, 8 on CPUs].",
+    ),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="Compile the transformer blocks, as generate --compile does."
+    ),
     forward_only: bool = typer.Option(False, "--forward-only", help="Only time one model forward."),
     no_mux: bool = typer.Option(False, "--no-mux", help="Leave MP4 writing out of the generation timing."),
-    profile: Optional[Path] = typer.Option(None, "--profile", metavar="TRACE.json", help="Write a torch profiler trace of the generation."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", metavar="TRACE.json", help="Write a torch profiler trace of the generation."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout instead of the table."
+    ),
 ) -> None:
     """Measure generation speed and memory on this machine (random weights unless --model)."""
     from .bench import bench_table, run_bench
 
-    report = _run(lambda: run_bench(
-        size=size, model=model, device=device, dtype=dtype, batch_size=batch_size, steps=steps, frames=frames,
-        compile=compile_model, forward_only=forward_only, mux=not no_mux, profile=profile,
-        console=Console(stderr=True),
-    ))
+    report = _run(
+        lambda: run_bench(
+            size=size,
+            model=model,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            steps=steps,
+            frames=frames,
+            compile=compile_model,
+            forward_only=forward_only,
+            mux=not no_mux,
+            profile=profile,
+            console=Console(stderr=True),
+        )
+    )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -7,10 +7,10 @@ so the rest of the package never repeats a magic constant.
 from __future__ import annotations
 
 # --- media -----------------------------------------------------------------------------
-FPS = 10                      # video frames per second
-SAMPLE_RATE = 16_000          # audio samples per second (mono)
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS   # 1600 audio samples per video frame
-IMAGE_SIZE = 256              # frames are letterboxed to IMAGE_SIZE x IMAGE_SIZE
+FPS = 10  # video frames per second
+SAMPLE_RATE = 16_000  # audio samples per second (mono)
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 1600 audio samples per video frame
+IMAGE_SIZE = 256  # frames are letterboxed to IMAGE_SIZE x IMAGE_SIZE
 
 # --- mel front end (HiFi-GAN / Auffusion conventions) ----------------------------------
 N_FFT = 2048
@@ -19,18 +19,18 @@ WIN_LENGTH = 1024
 N_MELS = 256
 F_MIN = 0.0
 F_MAX = 8000.0
-MEL_FRAMES_PER_FRAME = SAMPLES_PER_FRAME // HOP_LENGTH   # 10 mel columns per video frame
-PEAK_LEVEL = 0.95             # waveforms are peak-normalised to this before the mel
-LOG_MEL_MIN = 1e-5            # log(max(mel, 1e-5)); also the low end of the normalisation
-LOG_MEL_MAX = 200.0           # high end of the [0, 1] normalisation of log-mel
+MEL_FRAMES_PER_FRAME = SAMPLES_PER_FRAME // HOP_LENGTH  # 10 mel columns per video frame
+PEAK_LEVEL = 0.95  # waveforms are peak-normalised to this before the mel
+LOG_MEL_MIN = 1e-5  # log(max(mel, 1e-5)); also the low end of the normalisation
+LOG_MEL_MAX = 200.0  # high end of the [0, 1] normalisation of log-mel
 
 # --- latents -----------------------------------------------------------------------------
-LATENT_SCALE = 0.18215        # SD-VAE latent scaling used by the reference pipeline
+LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by the reference pipeline
 LATENT_CHANNELS = 4
-VAE_DOWNSCALE = 8             # 256x256 frame -> 32x32 latent
+VAE_DOWNSCALE = 8  # 256x256 frame -> 32x32 latent
 
 # --- rectified flow ----------------------------------------------------------------------
-FLOW_T_SCALE = 1000.0         # model time t_rf = t * (FLOW_T_SCALE - FLOW_T_EPS) + FLOW_T_EPS
+FLOW_T_SCALE = 1000.0  # model time t_rf = t * (FLOW_T_SCALE - FLOW_T_EPS) + FLOW_T_EPS
 FLOW_T_EPS = 1.0
 
 # --- FLAV sizes: name -> (depth, hidden_size, num_heads, patch_size) -----------------------

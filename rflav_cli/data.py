@@ -55,7 +55,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
@@ -219,8 +226,23 @@ def _videos_below(folder: Path) -> list[Path]:
 
 def _first_pts(path: Path) -> int | None:
     """Timestamp of the first decoded video frame, as the filter graph sees it with -copyts."""
-    cmd = [media.find_ffmpeg(), "-hide_banner", "-nostdin", "-copyts", "-i", str(path),
-           "-map", "0:V:0", "-frames:v", "1", "-vf", "showinfo", "-f", "null", "-"]
+    cmd = [
+        media.find_ffmpeg(),
+        "-hide_banner",
+        "-nostdin",
+        "-copyts",
+        "-i",
+        str(path),
+        "-map",
+        "0:V:0",
+        "-frames:v",
+        "1",
+        "-vf",
+        "showinfo",
+        "-f",
+        "null",
+        "-",
+    ]
     res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     m = re.search(rb"showinfo[^\]]*\] n: *0 pts: *(-?\d+)", res.stderr)
     return int(m.group(1)) if res.returncode == 0 and m else None
@@ -345,7 +367,10 @@ def scan_dataset(
     changed = bool(todo) or set(entries) != set(cached)
     try:
         if todo:
-            with _progress(progress) as bar, ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+            with (
+                _progress(progress) as bar,
+                ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool,
+            ):
                 task = bar.add_task(f"Scanning {folder.name}", total=len(todo))
                 for (rel, _, st), result in zip(todo, pool.map(lambda t: probe_video(t[1]), todo)):
                     entries[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **result}
@@ -363,8 +388,17 @@ def scan_dataset(
         if reason:
             skipped.setdefault(reason, []).append(rel)
             continue
-        videos.append(VideoEntry(path=rel, label=label, frames=int(e["frames"]), has_audio=bool(e["has_audio"]),
-                                 size=int(e["size"]), mtime_ns=int(e["mtime_ns"]), start_pts=e.get("start_pts")))
+        videos.append(
+            VideoEntry(
+                path=rel,
+                label=label,
+                frames=int(e["frames"]),
+                has_audio=bool(e["has_audio"]),
+                size=int(e["size"]),
+                mtime_ns=int(e["mtime_ns"]),
+                start_pts=e.get("start_pts"),
+            )
+        )
     return DatasetIndex(root=root, split=split, videos=videos, class_names=class_names, skipped=skipped)
 
 
@@ -392,20 +426,31 @@ def read_clip(
     else:
         stream = ffmpeg.input(str(p))["V:0"].filter("setpts", "PTS-STARTPTS")
     # Output timestamps of the fps filter are frame numbers (time base 1/FPS).
-    stream = (stream.filter("fps", fps=FPS)
-              .filter("trim", start_pts=start, end_pts=start + count)
-              .filter("setpts", "PTS-STARTPTS"))
+    stream = (
+        stream.filter("fps", fps=FPS)
+        .filter("trim", start_pts=start, end_pts=start + count)
+        .filter("setpts", "PTS-STARTPTS")
+    )
     out = _letterbox(stream, image_size).output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count)
-    res = subprocess.run(out.compile(cmd=[media.find_ffmpeg(), *_FFMPEG_ARGS, "-copyts"]),
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        out.compile(cmd=[media.find_ffmpeg(), *_FFMPEG_ARGS, "-copyts"]),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     frame_bytes = image_size * image_size * 3
     got = len(res.stdout) // frame_bytes
     if res.returncode != 0 or got < count:
         why = res.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise media.MediaError(f"cannot read frames {start}..{start + count - 1} of {p} (got {got}): "
-                               f"{why[-1] if why else 'video shorter than indexed; delete its index and rescan'}")
+        raise media.MediaError(
+            f"cannot read frames {start}..{start + count - 1} of {p} (got {got}): "
+            f"{why[-1] if why else 'video shorter than indexed; delete its index and rescan'}"
+        )
     # A writable copy: torch refuses to wrap read-only buffers without a warning.
-    return np.frombuffer(res.stdout, np.uint8, count * frame_bytes).reshape(count, image_size, image_size, 3).copy()
+    return (
+        np.frombuffer(res.stdout, np.uint8, count * frame_bytes)
+        .reshape(count, image_size, image_size, 3)
+        .copy()
+    )
 
 
 def _letterbox(stream: Any, size: int) -> Any:
@@ -413,8 +458,14 @@ def _letterbox(stream: Any, size: int) -> Any:
     ratio = f"min({size}/ih,{size}/iw)"
     return (
         stream.filter("format", "rgb24")
-        .filter("scale", w=f"trunc(iw*{ratio})", h=f"trunc(ih*{ratio})",
-                flags="bicubic+accurate_rnd+full_chroma_int", param0=0, param1=0.75)
+        .filter(
+            "scale",
+            w=f"trunc(iw*{ratio})",
+            h=f"trunc(ih*{ratio})",
+            flags="bicubic+accurate_rnd+full_chroma_int",
+            param0=0,
+            param1=0.75,
+        )
         .filter("pad", size, size, x="trunc((ow-iw)/2)", y="trunc((oh-ih)/2)", color="black")
     )
 
@@ -437,9 +488,18 @@ def _track_log_mel(wav: torch.Tensor, chunk_columns: int = MEL_CHUNK_COLUMNS) ->
     out = torch.empty(N_MELS, columns, dtype=x.dtype)
     for c0 in range(0, columns, chunk_columns):
         c1 = min(c0 + chunk_columns, columns)
-        seg = x[c0 * HOP_LENGTH:(c1 - 1) * HOP_LENGTH + N_FFT]
-        spec = torch.view_as_real(torch.stft(seg, N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH,
-                                             window=window, center=False, return_complex=True))
+        seg = x[c0 * HOP_LENGTH : (c1 - 1) * HOP_LENGTH + N_FFT]
+        spec = torch.view_as_real(
+            torch.stft(
+                seg,
+                N_FFT,
+                hop_length=HOP_LENGTH,
+                win_length=WIN_LENGTH,
+                window=window,
+                center=False,
+                return_complex=True,
+            )
+        )
         magnitude = torch.sqrt(spec.pow(2).sum(-1) + audio_lib.MAGNITUDE_EPS)
         out[:, c0:c1] = torch.log(torch.clamp(fb @ magnitude, min=LOG_MEL_MIN))
     return out
@@ -465,7 +525,7 @@ def _cached_video_mel(path: str, size: int, mtime_ns: int, frames: int, has_audi
 
 
 def _mel_clip(mel: torch.Tensor, start: int, window: int, audio_scale: float) -> torch.Tensor:
-    cols = mel[:, start * MEL_FRAMES_PER_FRAME:(start + window) * MEL_FRAMES_PER_FRAME]
+    cols = mel[:, start * MEL_FRAMES_PER_FRAME : (start + window) * MEL_FRAMES_PER_FRAME]
     return audio_lib.mel_to_frames(cols * audio_scale).contiguous()
 
 
@@ -476,8 +536,16 @@ class VideoClipDataset(Dataset):
     space (``audio_scale · s``); ``label`` int64 scalar tensor (−1 when unlabelled).
     """
 
-    def __init__(self, index: DatasetIndex, window: int, *, image_size: int = IMAGE_SIZE,
-                 audio_scale: float = 1.0, stride: int = 1, keep_frames_mb: float = 2048) -> None:
+    def __init__(
+        self,
+        index: DatasetIndex,
+        window: int,
+        *,
+        image_size: int = IMAGE_SIZE,
+        audio_scale: float = 1.0,
+        stride: int = 1,
+        keep_frames_mb: float = 2048,
+    ) -> None:
         self.index = index
         self.window = window
         self.image_size = image_size
@@ -486,11 +554,13 @@ class VideoClipDataset(Dataset):
         self.class_names = list(index.class_names)
         self.clips = index.clips(window, stride)
         if not self.clips:
-            raise DataError(f"no video in {index.folder} has at least {window} frames at {FPS} fps "
-                            f"(a {window}-frame window needs {window / FPS:g} s)")
+            raise DataError(
+                f"no video in {index.folder} has at least {window} frames at {FPS} fps "
+                f"(a {window}-frame window needs {window / FPS:g} s)"
+            )
         # A small dataset is decoded once and kept in memory (every clip reuses its video's
         # frames); a large one decodes each clip with a seek.
-        per_frame = image_size * image_size * 3 + N_MELS * MEL_FRAMES_PER_FRAME * 4   # pixels + mel bytes
+        per_frame = image_size * image_size * 3 + N_MELS * MEL_FRAMES_PER_FRAME * 4  # pixels + mel bytes
         total_mb = sum(v.frames for v in index.videos) * per_frame / 2**20
         self._keep = total_mb <= keep_frames_mb
         self._frames: dict[int, np.ndarray] = {}
@@ -511,7 +581,7 @@ class VideoClipDataset(Dataset):
             frames = read_clip(path, 0, v.frames, image_size=self.image_size, start_pts=v.start_pts)
             with self._lock:
                 frames = self._frames.setdefault(vi, frames)
-        return frames[start:start + self.window]
+        return frames[start : start + self.window]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -548,8 +618,15 @@ def _autoencoder_fingerprint(model: torch.nn.Module) -> str:
 
 def _shard_source(v: VideoEntry, image_size: int, fingerprint: str) -> dict[str, str]:
     """What a shard was made from; a mismatch means it must be encoded again."""
-    return {"path": v.path, "size": str(v.size), "mtime_ns": str(v.mtime_ns), "frames": str(v.frames),
-            "has_audio": str(v.has_audio), "image_size": str(image_size), "autoencoder": fingerprint}
+    return {
+        "path": v.path,
+        "size": str(v.size),
+        "mtime_ns": str(v.mtime_ns),
+        "frames": str(v.frames),
+        "has_audio": str(v.has_audio),
+        "image_size": str(image_size),
+        "autoencoder": fingerprint,
+    }
 
 
 def _shard_is_current(path: Path, source: dict[str, str]) -> bool:
@@ -561,8 +638,15 @@ def _shard_is_current(path: Path, source: dict[str, str]) -> bool:
     return all(meta.get(k) == val for k, val in source.items())
 
 
-def _encode_video(path: Path, v: VideoEntry, autoencoder: torch.nn.Module, image_size: int,
-                  batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_video(
+    path: Path,
+    v: VideoEntry,
+    autoencoder: torch.nn.Module,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds, batch = [], [], []
 
     def flush() -> None:
@@ -581,8 +665,10 @@ def _encode_video(path: Path, v: VideoEntry, autoencoder: torch.nn.Module, image
             flush()
     mean, std = torch.cat(means), torch.cat(stds)
     if mean.shape[0] != v.frames:
-        raise DataError(f"{path} gave {mean.shape[0]} frames, the index says {v.frames}: "
-                        f"delete {INDEX_FILE} in its split folder and run again")
+        raise DataError(
+            f"{path} gave {mean.shape[0]} frames, the index says {v.frames}: "
+            f"delete {INDEX_FILE} in its split folder and run again"
+        )
     return mean, std
 
 
@@ -616,10 +702,17 @@ def prepare_cache(
     for r in records:
         r.pop("start_pts")
     header = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "split": index.split,
-        "source": str(Path(index.root).resolve() / index.split), "image_size": image_size,
-        "latent_scale": LATENT_SCALE, "latent_shape": None, "autoencoder": autoencoder_id,
-        "class_names": list(index.class_names), "complete": False, "videos": records,
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "split": index.split,
+        "source": str(Path(index.root).resolve() / index.split),
+        "image_size": image_size,
+        "latent_scale": LATENT_SCALE,
+        "latent_shape": None,
+        "autoencoder": autoencoder_id,
+        "class_names": list(index.class_names),
+        "complete": False,
+        "videos": records,
     }
 
     def shard_name(i: int) -> str:
@@ -647,8 +740,11 @@ def prepare_cache(
             dest = out / shard_name(i)
             tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
             try:
-                save_file({"mean": mean.contiguous(), "std": std.contiguous(), "mel": mel},
-                          str(tmp), metadata=_shard_source(v, image_size, fingerprint))
+                save_file(
+                    {"mean": mean.contiguous(), "std": std.contiguous(), "mel": mel},
+                    str(tmp),
+                    metadata=_shard_source(v, image_size, fingerprint),
+                )
                 os.chmod(tmp, creation_mode())  # safetensors writes 0600; shards follow the umask
                 os.replace(tmp, dest)
             finally:
@@ -676,11 +772,15 @@ def is_latent_cache(path: str | os.PathLike[str]) -> bool:
 
 def _read_cache_index(cache_dir: Path) -> dict[str, Any]:
     if not is_latent_cache(cache_dir):
-        raise DataError(f"{cache_dir} is not a latent cache (no {CACHE_INDEX}): create it with `rflav prepare`")
+        raise DataError(
+            f"{cache_dir} is not a latent cache (no {CACHE_INDEX}): create it with `rflav prepare`"
+        )
     header = json.loads((cache_dir / CACHE_INDEX).read_text())
     if header.get("version") != CACHE_VERSION:
-        raise DataError(f"{cache_dir} is a latent cache of format version {header.get('version')}, "
-                        f"this rflav reads version {CACHE_VERSION}: run `rflav prepare` again")
+        raise DataError(
+            f"{cache_dir} is a latent cache of format version {header.get('version')}, "
+            f"this rflav reads version {CACHE_VERSION}: run `rflav prepare` again"
+        )
     if not header.get("complete"):
         raise DataError(f"the latent cache {cache_dir} is incomplete: run `rflav prepare` again to finish it")
     return header
@@ -695,8 +795,16 @@ class LatentClipDataset(Dataset):
     would each copy it), else from torch's global RNG.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], window: int, *, audio_scale: float = 1.0,
-                 stride: int = 1, sample: bool = True, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str],
+        window: int,
+        *,
+        audio_scale: float = 1.0,
+        stride: int = 1,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.cache_dir = Path(cache_dir)
         header = _read_cache_index(self.cache_dir)
         self.window = window
@@ -727,7 +835,7 @@ class LatentClipDataset(Dataset):
         with safe_open(str(self.cache_dir / v["shard"]), "pt") as f:
             mean = f.get_slice("mean")[start:end]
             std = f.get_slice("std")[start:end] if self.sample else None
-            mel = f.get_slice("mel")[:, start * MEL_FRAMES_PER_FRAME:end * MEL_FRAMES_PER_FRAME]
+            mel = f.get_slice("mel")[:, start * MEL_FRAMES_PER_FRAME : end * MEL_FRAMES_PER_FRAME]
         latent = mean
         if std is not None:
             latent = mean + std * torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype)
@@ -761,8 +869,9 @@ def open_training_data(
     path = Path(path)
     for candidate in (path, path / split):
         if is_latent_cache(candidate):
-            return LatentClipDataset(candidate, window, audio_scale=audio_scale, stride=stride,
-                                     sample=sample, generator=generator)
+            return LatentClipDataset(
+                candidate, window, audio_scale=audio_scale, stride=stride, sample=sample, generator=generator
+            )
     index = scan_dataset(path, split, missing_audio=missing_audio, progress=progress)
     return VideoClipDataset(index, window, image_size=image_size, audio_scale=audio_scale, stride=stride)
 
@@ -777,7 +886,9 @@ def _mels_of(data: Any, max_videos: int | None) -> Iterator[torch.Tensor]:
     elif isinstance(data, LatentClipDataset):
         n = len(data.videos)
     else:
-        raise TypeError(f"expected a DatasetIndex, a clip dataset or a cache folder, got {type(data).__name__}")
+        raise TypeError(
+            f"expected a DatasetIndex, a clip dataset or a cache folder, got {type(data).__name__}"
+        )
     picks: Iterable[int] = range(n)
     if max_videos is not None and max_videos < n:
         # Evenly spread over the (class-sorted) list, so every class is represented.
@@ -813,6 +924,8 @@ def estimate_audio_scale(data: Any, max_videos: int | None = None) -> float:
         count = total
     std = math.sqrt(m2 / count) if count else 0.0
     if std == 0.0:
-        raise DataError("the audio of the training data has no variation (all silent?): "
-                        "cannot estimate audio_scale; pass one explicitly")
+        raise DataError(
+            "the audio of the training data has no variation (all silent?): "
+            "cannot estimate audio_scale; pass one explicitly"
+        )
     return 1.0 / std

@@ -40,7 +40,6 @@ from .pipeline import pick_device
 from .requests import (
     EVAL_AUDIO_METRICS,
     EVAL_DEFAULT_BATCH_SIZE,
-    EVAL_METRICS as METRICS,
     EVAL_VIDEO_METRICS,
     DriftRequest,
     EvalError,
@@ -52,9 +51,21 @@ from .requests import (
     is_stats_file,
     parse_metrics,
 )
+from .requests import (
+    EVAL_METRICS as METRICS,
+)
 
-__all__ = ["DriftRequest", "EvalError", "EvalRequest", "FeatureNets", "load_feature_nets", "parse_metrics",
-           "resolve_feature_weights", "run_drift", "run_eval"]
+__all__ = [
+    "DriftRequest",
+    "EvalError",
+    "EvalRequest",
+    "FeatureNets",
+    "load_feature_nets",
+    "parse_metrics",
+    "resolve_feature_weights",
+    "run_drift",
+    "run_eval",
+]
 
 PROTOCOL = "mmdiffusion"
 
@@ -77,8 +88,13 @@ class FeatureWeights:
     audioclip: Path | None
 
 
-def resolve_feature_weights(metrics: set[str] | tuple[str, ...], *, i3d_path: str | None = None,
-                            audioclip_path: str | None = None, offline: bool = False) -> FeatureWeights:
+def resolve_feature_weights(
+    metrics: set[str] | tuple[str, ...],
+    *,
+    i3d_path: str | None = None,
+    audioclip_path: str | None = None,
+    offline: bool = False,
+) -> FeatureWeights:
     """Find (or download) the weight files of the networks `metrics` need, and only those: a
     missing file fails here, before any video is generated or decoded."""
     return FeatureWeights(
@@ -97,13 +113,20 @@ class FeatureNets:
 
 
 def load_feature_nets(
-    metrics: set[str] | tuple[str, ...], *, i3d_path: str | None = None, audioclip_path: str | None = None,
-    device: str = "auto", offline: bool = False, weights: FeatureWeights | None = None,
+    metrics: set[str] | tuple[str, ...],
+    *,
+    i3d_path: str | None = None,
+    audioclip_path: str | None = None,
+    device: str = "auto",
+    offline: bool = False,
+    weights: FeatureWeights | None = None,
 ) -> FeatureNets:
     """I3D when FVD or KVD is asked, AudioCLIP's audio head when FAD is: the weight files of a
     network that is not needed are never looked for."""
     if weights is None:
-        weights = resolve_feature_weights(metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline)
+        weights = resolve_feature_weights(
+            metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline
+        )
     dev = pick_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -142,8 +165,11 @@ def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) 
         raise EvalError(f"{{{what}}} {root}: no such folder", params=(what,))
     files = P.list_video_files(root)
     if not files:
-        raise EvalError(f"{{{what}}} {root}: no videos found (looked for "
-                        f"{', '.join('*.' + e for e in sorted(P.VIDEO_EXTENSIONS))})", params=(what,))
+        raise EvalError(
+            f"{{{what}}} {root}: no videos found (looked for "
+            f"{', '.join('*.' + e for e in sorted(P.VIDEO_EXTENSIONS))})",
+            params=(what,),
+        )
     clips: list[P.Clip] = []
     skipped: dict[str, list[str]] = {"unreadable": [], "shorter than 16 frames": []}
     no_audio = []
@@ -162,24 +188,36 @@ def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) 
         clips.extend(found)
     if no_audio:
         shown = ", ".join(no_audio[:3]) + (f" and {len(no_audio) - 3} more" if len(no_audio) > 3 else "")
-        raise EvalError(f"FAD needs audio but {len(no_audio)} {what} video(s) have none: {shown}; "
-                        "drop fad from {metrics} or remove them", params=("metrics",))
+        raise EvalError(
+            f"FAD needs audio but {len(no_audio)} {what} video(s) have none: {shown}; "
+            "drop fad from {metrics} or remove them",
+            params=("metrics",),
+        )
     if not clips:
         kinds = ", ".join(f"{len(v)} {k}" for k, v in skipped.items() if v)
-        raise EvalError(f"{{{what}}} {root}: no 16-frame clip in its {len(files)} video(s) ({kinds})", params=(what,))
+        raise EvalError(
+            f"{{{what}}} {root}: no 16-frame clip in its {len(files)} video(s) ({kinds})", params=(what,)
+        )
     return ClipSet(clips, files, {k: v for k, v in skipped.items() if v})
 
 
-def select_batches(n_clips: int, num: int, *, seed: int, allow_fewer: bool, what: str) -> tuple[list[list[int]], int]:
+def select_batches(
+    n_clips: int, num: int, *, seed: int, allow_fewer: bool, what: str
+) -> tuple[list[list[int]], int]:
     """Loader batches for `num` clips: all in file order when every clip is used, else a seeded pick."""
     if n_clips < num:
         if not allow_fewer:
-            raise EvalError(f"{what} set has {n_clips} clips but {{num_clips}} is {num}: lower {{num_clips}} "
-                            "or pass {allow_fewer}", params=("num_clips", "allow_fewer"))
+            raise EvalError(
+                f"{what} set has {n_clips} clips but {{num_clips}} is {num}: lower {{num_clips}} "
+                "or pass {allow_fewer}",
+                params=("num_clips", "allow_fewer"),
+            )
         num = n_clips
     if num < 2:
-        raise EvalError(f"{what} set has {n_clips} clip(s): at least 2 are needed (add videos to {{{what}}})",
-                        params=(what,))
+        raise EvalError(
+            f"{what} set has {n_clips} clip(s): at least 2 are needed (add videos to {{{what}}})",
+            params=(what,),
+        )
     return _batches(n_clips, num, None if n_clips == num else seed), num
 
 
@@ -193,16 +231,23 @@ def _batches(n_clips: int, num: int, seed: int | None) -> list[list[int]]:
     if seed is not None:
         random.Random(seed).shuffle(order)
     order = order[:num]
-    batches = [order[i:i + P.BATCH_SIZE] for i in range(0, num, P.BATCH_SIZE)]
+    batches = [order[i : i + P.BATCH_SIZE] for i in range(0, num, P.BATCH_SIZE)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
     return batches
 
 
-def features_of(clip_set: ClipSet, batches: list[list[int]], num: int, nets: FeatureNets, antialias: bool,
-                progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return P.compute_features(clip_set.clips, batches, num, nets.video, nets.audio, antialias=antialias,
-                              progress=progress)
+def features_of(
+    clip_set: ClipSet,
+    batches: list[list[int]],
+    num: int,
+    nets: FeatureNets,
+    antialias: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return P.compute_features(
+        clip_set.clips, batches, num, nets.video, nets.audio, antialias=antialias, progress=progress
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,8 +268,10 @@ def save_stats(path: Path, video: torch.Tensor, audio: torch.Tensor, meta: dict)
 
 
 def _stats_fault(path: Path, problem: str) -> FileFormatError:
-    return FileFormatError(f"{{real}} {path} {problem}: recompute it with {{save_real_stats}}",
-                           params=("real", "save_real_stats"))
+    return FileFormatError(
+        f"{{real}} {path} {problem}: recompute it with {{save_real_stats}}",
+        params=("real", "save_real_stats"),
+    )
 
 
 def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -242,7 +289,7 @@ def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
             raise _stats_fault(path, f"is not a statistics file of rflav eval (no {', '.join(missing)})")
         try:
             video, audio, meta_text = data["video"], data["audio"], str(data["meta"])
-        except unreadable as e:   # a damaged member of the archive
+        except unreadable as e:  # a damaged member of the archive
             raise _stats_fault(path, f"is damaged ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(meta_text)
@@ -252,13 +299,19 @@ def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise _stats_fault(path, "holds no readable settings (meta)")
     for name, array, width in (("video", video, NUM_CLASSES), ("audio", audio, EMBED_DIM)):
         if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] not in (0, width):
-            raise _stats_fault(path, f"holds {name} features of shape {array.shape} and type {array.dtype}, "
-                                     f"not float32 (N, {width})")
+            raise _stats_fault(
+                path,
+                f"holds {name} features of shape {array.shape} and type {array.dtype}, "
+                f"not float32 (N, {width})",
+            )
         if not np.isfinite(array).all():
             raise _stats_fault(path, f"holds non-finite {name} features")
     if video.shape[0] != audio.shape[0] or video.shape[0] < 2:
-        raise _stats_fault(path, f"holds {video.shape[0]} video and {audio.shape[0]} audio feature rows "
-                                 "(two equal counts of at least 2 are needed)")
+        raise _stats_fault(
+            path,
+            f"holds {video.shape[0]} video and {audio.shape[0]} audio feature rows "
+            "(two equal counts of at least 2 are needed)",
+        )
     return torch.from_numpy(video), torch.from_numpy(audio), meta
 
 
@@ -267,16 +320,27 @@ def real_stats(path: Path, metrics: set[str], antialias: bool) -> tuple[torch.Te
     and features for every asked metric."""
     video, audio, meta = load_stats(path)
     if meta.get("protocol") != PROTOCOL or meta.get("letterbox_antialias") != antialias:
-        shown = {True: "on", False: "off"}.get(meta.get("letterbox_antialias"), meta.get("letterbox_antialias"))
-        raise EvalError(f"{{real}} {path} was computed with protocol {meta.get('protocol')} and letterbox "
-                        f"antialias {shown}: recompute it with these settings or pass "
-                        f"{{letterbox_antialias}} {shown}", params=("real", "letterbox_antialias"))
+        shown = {True: "on", False: "off"}.get(
+            meta.get("letterbox_antialias"), meta.get("letterbox_antialias")
+        )
+        raise EvalError(
+            f"{{real}} {path} was computed with protocol {meta.get('protocol')} and letterbox "
+            f"antialias {shown}: recompute it with these settings or pass "
+            f"{{letterbox_antialias}} {shown}",
+            params=("real", "letterbox_antialias"),
+        )
     if needs_video(metrics) and video.shape[1] == 0:
-        raise EvalError(f"{{real}} {path} holds no video features (it was saved without FVD and KVD): recompute "
-                        "it with fvd or kvd among {metrics}", params=("real", "metrics"))
+        raise EvalError(
+            f"{{real}} {path} holds no video features (it was saved without FVD and KVD): recompute "
+            "it with fvd or kvd among {metrics}",
+            params=("real", "metrics"),
+        )
     if needs_audio(metrics) and audio.shape[1] == 0:
-        raise EvalError(f"{{real}} {path} holds no audio features (it was saved without FAD): recompute it "
-                        "with fad among {metrics}", params=("real", "metrics"))
+        raise EvalError(
+            f"{{real}} {path} holds no audio features (it was saved without FAD): recompute it "
+            "with fad among {metrics}",
+            params=("real", "metrics"),
+        )
     return video, audio, meta
 
 
@@ -292,11 +356,17 @@ def run_eval(req: EvalRequest, console=None) -> dict:
     metrics = set(parse_metrics(req.metrics))
     real_is_stats = is_stats_file(req.real)
     # The weight files come first: a missing one fails before anything is generated or decoded.
-    weights = resolve_feature_weights(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
-                                      offline=req.offline)
+    weights = resolve_feature_weights(
+        metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights, offline=req.offline
+    )
     need_audio = needs_audio(metrics)
-    result: dict = {"protocol": PROTOCOL, "letterbox_antialias": req.letterbox_antialias, "seed": req.seed,
-                    "clip_stride": req.clip_stride, "metrics": sorted(metrics, key=METRICS.index)}
+    result: dict = {
+        "protocol": PROTOCOL,
+        "letterbox_antialias": req.letterbox_antialias,
+        "seed": req.seed,
+        "clip_stride": req.clip_stride,
+        "metrics": sorted(metrics, key=METRICS.index),
+    }
 
     # The real set is listed and checked before the fake set is generated or read.
     real_set = None
@@ -305,38 +375,76 @@ def run_eval(req: EvalRequest, console=None) -> dict:
         result["real"] = {"stats": str(req.real), "clips": int(real_v.shape[0]), "seed": meta.get("seed")}
     else:
         real_set = collect_clips(req.real, clip_stride=req.clip_stride, need_audio=need_audio, what="real")
-        real_batches, real_num = select_batches(len(real_set.clips), req.num_clips, seed=req.seed,
-                                                allow_fewer=req.allow_fewer, what="real")
+        real_batches, real_num = select_batches(
+            len(real_set.clips), req.num_clips, seed=req.seed, allow_fewer=req.allow_fewer, what="real"
+        )
 
     _init_distributed(req.device)
     with _fake_folder(req, console) as (fake_dir, generated):
         fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
         fake_batches, fake_num = select_batches(
-            len(fake_set.clips), req.num_clips if req.model is None else len(fake_set.clips),
-            seed=req.seed, allow_fewer=req.allow_fewer, what="fake")
+            len(fake_set.clips),
+            req.num_clips if req.model is None else len(fake_set.clips),
+            seed=req.seed,
+            allow_fewer=req.allow_fewer,
+            what="fake",
+        )
 
         nets = load_feature_nets(metrics, weights=weights, device=req.device)
         if real_set is not None:
-            real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, real_batches, real_num, nets,
-                                            req.letterbox_antialias)
-            result["real"] = {"folder": str(req.real), "videos": len(real_set.files),
-                              "clips_available": len(real_set.clips), "clips": real_num,
-                              "skipped": {k: len(v) for k, v in real_set.skipped.items()}}
+            real_v, real_a = _with_progress(
+                console,
+                req.quiet,
+                "real features",
+                real_set,
+                real_batches,
+                real_num,
+                nets,
+                req.letterbox_antialias,
+            )
+            result["real"] = {
+                "folder": str(req.real),
+                "videos": len(real_set.files),
+                "clips_available": len(real_set.clips),
+                "clips": real_num,
+                "skipped": {k: len(v) for k, v in real_set.skipped.items()},
+            }
             if req.save_real_stats:
-                save_stats(req.save_real_stats, real_v, real_a, {"protocol": PROTOCOL, "seed": req.seed,
-                                                                 "letterbox_antialias": req.letterbox_antialias,
-                                                                 "clip_stride": req.clip_stride, "num": real_num,
-                                                                 "metrics": result["metrics"]})
+                save_stats(
+                    req.save_real_stats,
+                    real_v,
+                    real_a,
+                    {
+                        "protocol": PROTOCOL,
+                        "seed": req.seed,
+                        "letterbox_antialias": req.letterbox_antialias,
+                        "clip_stride": req.clip_stride,
+                        "num": real_num,
+                        "metrics": result["metrics"],
+                    },
+                )
                 result["real"]["saved_stats"] = str(req.save_real_stats)
-        fake_v, fake_a = _with_progress(console, req.quiet, "fake features", fake_set, fake_batches, fake_num, nets,
-                                        req.letterbox_antialias)
-        result["fake"] = {"folder": str(fake_dir), "videos": len(fake_set.files),
-                          "clips_available": len(fake_set.clips), "clips": fake_num,
-                          "skipped": {k: len(v) for k, v in fake_set.skipped.items()}}
+        fake_v, fake_a = _with_progress(
+            console,
+            req.quiet,
+            "fake features",
+            fake_set,
+            fake_batches,
+            fake_num,
+            nets,
+            req.letterbox_antialias,
+        )
+        result["fake"] = {
+            "folder": str(fake_dir),
+            "videos": len(fake_set.files),
+            "clips_available": len(fake_set.clips),
+            "clips": fake_num,
+            "skipped": {k: len(v) for k, v in fake_set.skipped.items()},
+        }
         if generated is not None:
             result["fake"]["generated"] = generated
             if req.fake_out is None:
-                result["fake"]["folder"] = None   # generated into a temporary folder, removed afterwards
+                result["fake"]["folder"] = None  # generated into a temporary folder, removed afterwards
 
         result.update(_scores(metrics, fake_v, fake_a, real_v, real_a))
         return result
@@ -359,8 +467,14 @@ def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialia
     puts them back in loader order (grouping into batches of 8 is unchanged, so is FAD)."""
     world, rank = _world()
     mine = list(range(rank, len(batches), world))
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=quiet or rank != 0) as progress:
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet or rank != 0,
+    ) as progress:
         task = progress.add_task(label, total=len(mine))
         parts = []
         for done, b in enumerate(mine, 1):
@@ -413,17 +527,28 @@ def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
     count = req.num_samples or req.num_clips
     world, rank = _world()
     if req.fake_out is None and world > 1:
-        raise EvalError("with several processes, give {fake_out} (a folder all of them can write)",
-                        params=("fake_out",))
+        raise EvalError(
+            "with several processes, give {fake_out} (a folder all of them can write)", params=("fake_out",)
+        )
     folder = req.fake_out or Path(tempfile.mkdtemp(prefix="rflav-eval-fake-"))
     # Rank r generates a contiguous block of seeds; file names carry the seed, so blocks never clash.
     per = -(-count // world)
     first, last = rank * per, min(count, (rank + 1) * per)
     if last > first:
-        run_generate(GenerateRequest(model=req.model, frames=P.CLIP_FRAMES, num_samples=last - first,
-                                     batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
-                                     seed=req.gen_seed + first, output=str(folder / f"rank{rank}") + "/",
-                                     device=req.device, quiet=req.quiet or rank != 0, offline=req.offline), console)
+        run_generate(
+            GenerateRequest(
+                model=req.model,
+                frames=P.CLIP_FRAMES,
+                num_samples=last - first,
+                batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
+                seed=req.gen_seed + first,
+                output=str(folder / f"rank{rank}") + "/",
+                device=req.device,
+                quiet=req.quiet or rank != 0,
+                offline=req.offline,
+            ),
+            console,
+        )
     if world > 1:
         dist.barrier()
     return folder, {"model": req.model, "samples": count, "seeds": [req.gen_seed, req.gen_seed + count - 1]}
@@ -441,8 +566,9 @@ def run_drift(req: DriftRequest, console=None) -> dict:
     console = console or Console(stderr=True)
     metrics = set(parse_metrics(req.metrics))
     csv_path, png_path = drift_output_paths(req.output)
-    weights = resolve_feature_weights(metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights,
-                                      offline=req.offline)
+    weights = resolve_feature_weights(
+        metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights, offline=req.offline
+    )
 
     files = P.list_video_files(req.fake)
     if not files:
@@ -459,22 +585,30 @@ def run_drift(req: DriftRequest, console=None) -> dict:
         elif clips:
             per_file.append(clips)
     if no_audio:
-        raise EvalError(f"FAD needs audio but {len(no_audio)} fake video(s) have none: {', '.join(no_audio[:3])}; "
-                        "drop fad from {metrics} or remove them", params=("metrics",))
+        raise EvalError(
+            f"FAD needs audio but {len(no_audio)} fake video(s) have none: {', '.join(no_audio[:3])}; "
+            "drop fad from {metrics} or remove them",
+            params=("metrics",),
+        )
     if len(per_file) < 2:
-        raise EvalError(f"{{fake}} {req.fake}: drift needs at least 2 readable videos of {P.CLIP_FRAMES}+ frames, "
-                        f"found {len(per_file)}", params=("fake",))
+        raise EvalError(
+            f"{{fake}} {req.fake}: drift needs at least 2 readable videos of {P.CLIP_FRAMES}+ frames, "
+            f"found {len(per_file)}",
+            params=("fake",),
+        )
 
     if is_stats_file(req.real):
         real_v, real_a, _ = real_stats(req.real, metrics, req.letterbox_antialias)
         nets = load_feature_nets(metrics, weights=weights, device=req.device)
     else:
         real_set = collect_clips(req.real, clip_stride=1, need_audio=needs_audio(metrics), what="real")
-        batches, num = select_batches(len(real_set.clips), req.num_clips, seed=req.seed,
-                                      allow_fewer=req.allow_fewer, what="real")
+        batches, num = select_batches(
+            len(real_set.clips), req.num_clips, seed=req.seed, allow_fewer=req.allow_fewer, what="real"
+        )
         nets = load_feature_nets(metrics, weights=weights, device=req.device)
-        real_v, real_a = _with_progress(console, req.quiet, "real features", real_set, batches, num, nets,
-                                        req.letterbox_antialias)
+        real_v, real_a = _with_progress(
+            console, req.quiet, "real features", real_set, batches, num, nets, req.letterbox_antialias
+        )
 
     positions = min(len(c) for c in per_file)
     rows = []
@@ -483,13 +617,26 @@ def run_drift(req: DriftRequest, console=None) -> dict:
         clip_set = ClipSet([c[p] for c in per_file], files, {})
         n = len(clip_set.clips)
         batches = _batches(n, n, None)
-        v, a = _with_progress(console, req.quiet, f"window {p + 1}/{positions}", clip_set, batches, n, nets,
-                              req.letterbox_antialias)
+        v, a = _with_progress(
+            console,
+            req.quiet,
+            f"window {p + 1}/{positions}",
+            clip_set,
+            batches,
+            n,
+            nets,
+            req.letterbox_antialias,
+        )
         if p == 0:
             first_v = v.mean(0) if v.numel() else None
             first_a = a.mean(0) if a.numel() else None
-        row = {"position": p, "start_frame": p * req.stride, "start_s": p * req.stride / P.EVAL_FPS, "videos": n,
-               **_scores(metrics, v, a, real_v, real_a)}
+        row = {
+            "position": p,
+            "start_frame": p * req.stride,
+            "start_s": p * req.stride / P.EVAL_FPS,
+            "videos": n,
+            **_scores(metrics, v, a, real_v, real_a),
+        }
         if first_v is not None:
             row["video_feature_drift"] = float(torch.linalg.vector_norm(v.mean(0) - first_v))
         if first_a is not None:
@@ -507,8 +654,14 @@ def run_drift(req: DriftRequest, console=None) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     plot_drift(rows, png_path)
-    return {"protocol": PROTOCOL, "csv": str(csv_path), "png": str(png_path), "positions": positions,
-            "videos": len(per_file), "rows": rows}
+    return {
+        "protocol": PROTOCOL,
+        "csv": str(csv_path),
+        "png": str(png_path),
+        "positions": positions,
+        "videos": len(per_file),
+        "rows": rows,
+    }
 
 
 def plot_drift(rows: list[dict], path: Path) -> Path:
@@ -519,10 +672,17 @@ def plot_drift(rows: list[dict], path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EvalError("the drift plot needs matplotlib: pip install 'rflav[plot]' (the CSV was written)") from None
+        raise EvalError(
+            "the drift plot needs matplotlib: pip install 'rflav[plot]' (the CSV was written)"
+        ) from None
     keys = [k for k in ("fvd", "kvd", "fad", "video_feature_drift", "audio_feature_drift") if k in rows[0]]
-    labels = {"fvd": "FVD", "kvd": "KVD", "fad": "FAD (×1e4)", "video_feature_drift": "I3D feature drift",
-              "audio_feature_drift": "AudioCLIP feature drift"}
+    labels = {
+        "fvd": "FVD",
+        "kvd": "KVD",
+        "fad": "FAD (×1e4)",
+        "video_feature_drift": "I3D feature drift",
+        "audio_feature_drift": "AudioCLIP feature drift",
+    }
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
     x = [r["start_s"] for r in rows]
     for ax, key in zip(axes[:, 0], keys):
@@ -541,5 +701,3 @@ def plot_drift(rows: list[dict], path: Path) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
-
-

@@ -77,7 +77,9 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically, with the umask's mode (safetensors alone makes it 0600)."""
     from safetensors.torch import save_file
 
@@ -94,8 +96,9 @@ def _fault(path: Path, what: str, problem: str, fix: str) -> str:
     return f"{path} ({what}) {problem}: {fix}"
 
 
-def _require_file(path: Path, what: str, error: type[Exception], missing_error: type[Exception],
-                  fix: str) -> int:
+def _require_file(
+    path: Path, what: str, error: type[Exception], missing_error: type[Exception], fix: str
+) -> int:
     """The size of ``path``, refused unless it is an existing, non-empty regular file."""
     if path.is_dir():
         raise error(_fault(path, what, "is a folder, not a file", fix))
@@ -114,7 +117,9 @@ def _json_kind(value: object) -> str:
         return "true/false"
     if value is None:
         return "null"
-    return {list: "a list", str: "a string", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def read_json_object(
@@ -138,11 +143,15 @@ def read_json_object(
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(_fault(path, what, f"is not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})", fix)) from None
+        raise error(
+            _fault(path, what, f"is not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})", fix)
+        ) from None
     except RecursionError:
         raise error(_fault(path, what, "is not usable JSON (nested too deeply)", fix)) from None
     if not isinstance(data, dict):
-        raise error(_fault(path, what, f"must hold a JSON object ({{...}}) but holds {_json_kind(data)}", fix))
+        raise error(
+            _fault(path, what, f"must hold a JSON object ({{...}}) but holds {_json_kind(data)}", fix)
+        )
     return data
 
 
@@ -241,8 +250,16 @@ def load_tensor_file(
         if culprit:
             raise refusal(f"it references {culprit.group(1)}") from None
         raise error(_fault(path, what, _torch_file_problem(path), fix)) from None
-    except (RuntimeError, EOFError, ValueError, AttributeError, TypeError, KeyError, IndexError,
-            zipfile.BadZipFile) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+        zipfile.BadZipFile,
+    ) as e:
         problem = _torch_file_problem(path)
         if problem == "is damaged":  # the container is sound: what it holds was refused
             raise refusal(type(e).__name__) from None

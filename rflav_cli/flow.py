@@ -191,7 +191,9 @@ class _GuideState:
             # frames on any device), then moved to the frame.
             generator = self.guide.generator
             where = generator.device if generator is not None else frame.device
-            noise = torch.randn(frame.shape, generator=generator, device=where, dtype=frame.dtype).to(frame.device)
+            noise = torch.randn(frame.shape, generator=generator, device=where, dtype=frame.dtype).to(
+                frame.device
+            )
         self.noise.append(noise)
 
     def shift(self) -> torch.Tensor | None:
@@ -207,7 +209,7 @@ class _GuideState:
 
 def _moving_frames(window: int, steps: int, i: int) -> int:
     """How many leading frames pre-roll step i moves (dt > 0); every later frame has dt = 0."""
-    moving = preroll_levels(window, steps, i)[1] > 0      # on the CPU: no wait for a GPU
+    moving = preroll_levels(window, steps, i)[1] > 0  # on the CPU: no wait for a GPU
     count = int(moving.sum())
     assert bool(moving[:count].all()), "the moving frames of a pre-roll step are a prefix"
     return count
@@ -240,12 +242,18 @@ def _euler_step(
 
     with torch.enable_grad():
         generated = generated.detach().requires_grad_(True)
-        pred_v, pred_a = velocity(given, generated, t_rf) if given_is_video else velocity(generated, given, t_rf)
+        pred_v, pred_a = (
+            velocity(given, generated, t_rf) if given_is_video else velocity(generated, given, t_rf)
+        )
         pred_given, pred_generated = (pred_v, pred_a) if given_is_video else (pred_a, pred_v)
         error = (x1 - eps - pred_given[:, known]).float().square().mean()
         grad = torch.autograd.grad(error, generated)[0]
 
-    dt_ = dt.view(1, window, 1, 1, 1) if torch.is_tensor(dt) else torch.full((1, window, 1, 1, 1), dt, device=t.device)
+    dt_ = (
+        dt.view(1, window, 1, 1, 1)
+        if torch.is_tensor(dt)
+        else torch.full((1, window, 1, 1, 1), dt, device=t.device)
+    )
     # No correction on a step that lands a frame exactly on t = 1 (it leaves the window clean).
     correct = ((t + dt_.view(-1)) < 1 - 1e-6).view(1, window, 1, 1, 1).to(grad.dtype)
     generated = generated.detach() + dt_ * pred_generated.detach() - correct * dt_ * guide.guide.scale * grad
@@ -279,8 +287,12 @@ def rolling_sample(
     window = v_init.shape[1]
     device = v_init.device
     if noise is None:
-        noise = gaussian_frame_noise(v_init.shape[:1] + v_init.shape[2:], a_init.shape[:1] + a_init.shape[2:],
-                                     device=device, dtype=v_init.dtype)
+        noise = gaussian_frame_noise(
+            v_init.shape[:1] + v_init.shape[2:],
+            a_init.shape[:1] + a_init.shape[2:],
+            device=device,
+            dtype=v_init.dtype,
+        )
     state = _GuideState(guide, window) if guide is not None else None
     v, a = v_init, a_init
 
@@ -291,7 +303,9 @@ def rolling_sample(
             t, dt = preroll_levels(window, steps, i, device)
             if causal and state is None:
                 moving = _moving_frames(window, steps, i)
-                v_head, a_head = _euler_step(velocity, v[:, :moving], a[:, :moving], t[:moving], dt[:moving], None)
+                v_head, a_head = _euler_step(
+                    velocity, v[:, :moving], a[:, :moving], t[:moving], dt[:moving], None
+                )
                 v = torch.cat([v_head, v[:, moving:]], dim=1)
                 a = torch.cat([a_head, a[:, moving:]], dim=1)
             else:

@@ -24,10 +24,23 @@ from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
 from .hub import PRESETS
 from .media import VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import (AVFrame, Pipeline, auto_compile, compile_failure_message, compile_failure_reason,
-                       is_compile_error, pick_device, pick_dtype)
-from .requests import (GenerateRequest, check_generate_request, generate_frame_count, generate_model_and_label,
-                       generate_output_paths)
+from .pipeline import (
+    AVFrame,
+    Pipeline,
+    auto_compile,
+    compile_failure_message,
+    compile_failure_reason,
+    is_compile_error,
+    pick_device,
+    pick_dtype,
+)
+from .requests import (
+    GenerateRequest,
+    check_generate_request,
+    generate_frame_count,
+    generate_model_and_label,
+    generate_output_paths,
+)
 
 __all__ = ["GenerateRequest", "GenerationInterrupted", "run_generate", "validate"]
 
@@ -43,7 +56,10 @@ def validate(req: GenerateRequest) -> None:
     streams and the device."""
     check_generate_request(req)
     find_ffmpeg()
-    for param, path, stream in (("audio_input", req.audio_input, "audio"), ("video_input", req.video_input, "video")):
+    for param, path, stream in (
+        ("audio_input", req.audio_input, "audio"),
+        ("video_input", req.video_input, "video"),
+    ):
         if path is None:
             continue
         info = probe(path)
@@ -148,8 +164,10 @@ def _interrupted_message(summaries: list[dict], num_frames: int | None, num_samp
     if short:
         files = ", ".join(s["output"] for s in short)
         total = "" if num_frames is None else f" of {num_frames}"
-        parts = [f"{short[0]['frames']}{total} frames written to {files} (finalised and playable; "
-                 "its .json says interrupted)"]
+        parts = [
+            f"{short[0]['frames']}{total} frames written to {files} (finalised and playable; "
+            "its .json says interrupted)"
+        ]
     else:
         parts = ["stopped before the first frame of " + ("the stream" if num_frames is None else "the batch")]
     if complete:
@@ -232,10 +250,17 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     paths = generate_output_paths(req, model_name, seeds)
 
     with console.status(f"loading {model_name}", spinner="dots") if not req.quiet else _null():
-        pipe = Pipeline.from_pretrained(model_name, vae=req.vae, revision=req.revision, offline=req.offline or None,
-                                        audio_scale=req.audio_scale, device=req.device, dtype=req.dtype,
-                                        compile=_wants_compile(req, num_frames, given_audio is not None),
-                                        griffin_lim=req.griffin_lim)
+        pipe = Pipeline.from_pretrained(
+            model_name,
+            vae=req.vae,
+            revision=req.revision,
+            offline=req.offline or None,
+            audio_scale=req.audio_scale,
+            device=req.device,
+            dtype=req.dtype,
+            compile=_wants_compile(req, num_frames, given_audio is not None),
+            griffin_lim=req.griffin_lim,
+        )
     _check_label(pipe, label, req)
 
     source = pipe.source
@@ -250,14 +275,25 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             batch_seeds = seeds[start : start + req.batch_size]
             batch_paths = paths[start : start + req.batch_size]
             description = batch_paths[0].name if len(batch_paths) == 1 else f"{len(batch_paths)} samples"
-            task = progress.add_task(description, total=num_frames,
-                                     total_text="∞" if num_frames is None else str(num_frames))
+            task = progress.add_task(
+                description, total=num_frames, total_text="∞" if num_frames is None else str(num_frames)
+            )
             while True:  # a second round only when compiling on our own initiative failed
-                video_iter = (read_video_frames(req.video_input, size=pipe.image_size)
-                              if req.video_input is not None else None)
-                generation = pipe.generate(num_frames=num_frames, seeds=batch_seeds, steps=req.steps, label=label,
-                                           cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
-                                           audio=given_audio, video=video_iter, guidance_scale=req.guidance_scale)
+                video_iter = (
+                    read_video_frames(req.video_input, size=pipe.image_size)
+                    if req.video_input is not None
+                    else None
+                )
+                generation = pipe.generate(
+                    num_frames=num_frames,
+                    seeds=batch_seeds,
+                    steps=req.steps,
+                    label=label,
+                    cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
+                    audio=given_audio,
+                    video=video_iter,
+                    guidance_scale=req.guidance_scale,
+                )
                 outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
                 began = time.perf_counter()
                 written = 0
@@ -274,7 +310,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                         for frame in generation.finish():
                             outputs.write(frame)
                             written += 1
-                except KeyboardInterrupt:   # a second Ctrl-C: keep what is written, at once
+                except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
                     interrupted = True
                 except Exception as err:
                     # A failed clip leaves no file behind, short or not; an endless stream keeps
@@ -328,8 +364,9 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             if interrupted:
                 break
     if interrupted and (num_frames is not None or not summaries):
-        raise GenerationInterrupted(_interrupted_message(summaries, num_frames, len(seeds)), summaries,
-                                    stop.signum or signal.SIGINT)
+        raise GenerationInterrupted(
+            _interrupted_message(summaries, num_frames, len(seeds)), summaries, stop.signum or signal.SIGINT
+        )
     return summaries
 
 
@@ -337,25 +374,36 @@ def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> Non
     """--class and --cfg-scale against what the loaded checkpoint is, before any output exists."""
     if pipe.model.num_classes <= 0:
         if label is not None:
-            preset = (f" (a preset name chooses the checkpoint only without {{model}}, or with {{model}} {label})"
-                      if label in PRESETS else "")
-            raise UsageError(f"{{label}} {label}: this checkpoint is unconditional: drop {{label}}{preset}",
-                             params=("label", "model"))
+            preset = (
+                f" (a preset name chooses the checkpoint only without {{model}}, or with {{model}} {label})"
+                if label in PRESETS
+                else ""
+            )
+            raise UsageError(
+                f"{{label}} {label}: this checkpoint is unconditional: drop {{label}}{preset}",
+                params=("label", "model"),
+            )
         if req.cfg_scale is not None:
-            raise UsageError("{cfg_scale} only applies to class-conditional checkpoints; this one is unconditional",
-                             params=("cfg_scale",))
+            raise UsageError(
+                "{cfg_scale} only applies to class-conditional checkpoints; this one is unconditional",
+                params=("cfg_scale",),
+            )
         return
     if label is None:
-        raise UsageError("this checkpoint is class-conditional: pass {label} with one of "
-                         + ", ".join(pipe.class_names or [str(i) for i in range(pipe.model.num_classes)]),
-                         params=("label",))
+        raise UsageError(
+            "this checkpoint is class-conditional: pass {label} with one of "
+            + ", ".join(pipe.class_names or [str(i) for i in range(pipe.model.num_classes)]),
+            params=("label",),
+        )
     pipe.class_index(label)  # unknown class names fail here
 
 
 def _wants_compile(req: GenerateRequest, num_frames: int | None, audio_given: bool) -> bool:
     if req.compile is not None:
         return req.compile
-    return auto_compile(pick_device(req.device), num_frames, guided=audio_given or req.video_input is not None)
+    return auto_compile(
+        pick_device(req.device), num_frames, guided=audio_given or req.video_input is not None
+    )
 
 
 def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> None:
@@ -363,11 +411,14 @@ def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> 
     this) and go on eagerly."""
     pipe.model.uncompile_blocks()
     pipe.compile = False
-    console.print(f"compiling failed ({compile_failure_reason(err)}); continuing without it (--no-compile skips the attempt)",
-                  markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"compiling failed ({compile_failure_reason(err)}); continuing without it (--no-compile skips the attempt)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @contextmanager
 def _null() -> Iterator[None]:
     yield
-

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -43,9 +42,9 @@ from huggingface_hub.utils import (
     disable_progress_bars,
     enable_progress_bars,
 )
+
 from .errors import RflavError
 from .files import atomic_write  # torch-free: keeps this module light
-
 
 # Checkpoints that ship inside the package, one folder each (release layout plus rflav.json).
 PACKAGED_DIR = Path(__file__).parent / "weights"
@@ -304,8 +303,9 @@ def _unreachable(problem: str, repo_id: str, filename: str, flag: str) -> Resolv
     )
 
 
-def _explain(exc: Exception, repo_id: str, filename: str, offline: bool, revision: str | None,
-             flag: str) -> ResolveError:
+def _explain(
+    exc: Exception, repo_id: str, filename: str, offline: bool, revision: str | None, flag: str
+) -> ResolveError:
     """Turn a huggingface_hub failure into a one-line ResolveError that says how to fix it."""
     head = f"cannot get {filename} from {repo_id}"
     local = f"pass a local folder with {flag} PATH"
@@ -318,8 +318,10 @@ def _explain(exc: Exception, repo_id: str, filename: str, offline: bool, revisio
             fix = f"check the network connection (or HF_ENDPOINT), or {local}"
     elif isinstance(exc, GatedRepoError):
         why = "the repo is gated"
-        fix = (f"accept its terms at https://huggingface.co/{repo_id} and log in with "
-               f"'hf auth login' or set HF_TOKEN, or {local}")
+        fix = (
+            f"accept its terms at https://huggingface.co/{repo_id} and log in with "
+            f"'hf auth login' or set HF_TOKEN, or {local}"
+        )
     elif isinstance(exc, RepositoryNotFoundError):
         why = "no such Hub repo, or it is private and no valid token was given"
         fix = f"check the repo id (no local folder of that name exists either), set HF_TOKEN, or {local}"
@@ -343,8 +345,14 @@ def _snapshot_of(path: str | Path, filename: str) -> Path:
     return Path(path).parents[len(Path(filename).parts) - 1]
 
 
-def _fetch(repo_id: str, files: list[str], revision: str | None, offline: bool | None,
-           local_dir: Path | None = None, flag: str | None = None) -> Path:
+def _fetch(
+    repo_id: str,
+    files: list[str],
+    revision: str | None,
+    offline: bool | None,
+    local_dir: Path | None = None,
+    flag: str | None = None,
+) -> Path:
     """Fetch ``files`` of a Hub repo into the cache (or ``local_dir``) and return their folder."""
     local_only = _env_offline() if offline is None else offline
     flag = flag or _flag_for(files)
@@ -385,8 +393,13 @@ def _check_folder(folder: Path, files: list[str], flag: str) -> None:
             )
 
 
-def local_folder(path_or_repo_id: str | Path, files: list[str], revision: str | None = None,
-                 offline: bool | None = None, flag: str | None = None) -> Path:
+def local_folder(
+    path_or_repo_id: str | Path,
+    files: list[str],
+    revision: str | None = None,
+    offline: bool | None = None,
+    flag: str | None = None,
+) -> Path:
     """Return a folder that holds ``files``: an existing local folder, or a Hub snapshot.
 
     ``offline=True`` uses only the Hugging Face cache; ``None`` follows ``HF_HUB_OFFLINE``.
@@ -453,8 +466,9 @@ def _vocoder_in(folder: Path) -> Path | None:
     return folder / "vocoder" if all((folder / f).is_file() for f in VOCODER_FILES) else None
 
 
-def resolve_model(name: str, revision: str | None = None, offline: bool | None = None,
-                  need_vocoder: bool = True) -> ResolvedModel:
+def resolve_model(
+    name: str, revision: str | None = None, offline: bool | None = None, need_vocoder: bool = True
+) -> ResolvedModel:
     """Find a model checkpoint given a preset name, a local folder or a Hub repo id."""
     files = MODEL_FILES if need_vocoder else MODEL_CORE_FILES
     preset = PRESETS.get(name)
@@ -554,8 +568,9 @@ def _undo_on_failure(folder: Path) -> Iterator[None]:
         raise
 
 
-def _download_one(repo_id: str, files: list[str], revision: str | None, offline: bool,
-                  to: Path | None) -> Path:
+def _download_one(
+    repo_id: str, files: list[str], revision: str | None, offline: bool, to: Path | None
+) -> Path:
     if to is None:
         return _fetch(repo_id, files, revision, offline)
     to.mkdir(parents=True, exist_ok=True)
@@ -570,8 +585,13 @@ def _download_one(repo_id: str, files: list[str], revision: str | None, offline:
     return to
 
 
-def download(which: str = "dance", to: str | Path | None = None, revision: str | None = None,
-             progress: bool = True, offline: bool | None = None) -> list[Path]:
+def download(
+    which: str = "dance",
+    to: str | Path | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+    offline: bool | None = None,
+) -> list[Path]:
     """Fetch a preset's model files (``which``: a preset name or "all") and the VAE ahead of time.
 
     Without ``to`` the files go into the Hugging Face cache; with ``to`` into plain folders
@@ -608,5 +628,7 @@ def download(which: str = "dance", to: str | Path | None = None, revision: str |
             folders.append(_download_one(VAE_REPO_ID, VAE_FILES, None, local_only, None))
         else:
             with _undo_on_failure(root / VAE_FOLDER_NAME):
-                folders.append(_download_one(VAE_REPO_ID, VAE_FILES, None, local_only, root / VAE_FOLDER_NAME))
+                folders.append(
+                    _download_one(VAE_REPO_ID, VAE_FILES, None, local_only, root / VAE_FOLDER_NAME)
+                )
     return folders

@@ -171,15 +171,19 @@ def _probe_ffprobe(p: Path, exe: str) -> MediaInfo:
     data = json.loads(res.stdout or b"{}")
     streams = data.get("streams", [])
     video = next(
-        (s for s in streams if s.get("codec_type") == "video"
-         and not s.get("disposition", {}).get("attached_pic")),
+        (
+            s
+            for s in streams
+            if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
+        ),
         None,
     )
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     fmt = data.get("format", {})
     duration = _float(fmt.get("duration"))
-    info: dict[str, Any] = dict(has_video=video is not None, has_audio=audio is not None,
-                                start_time=_float(fmt.get("start_time")))
+    info: dict[str, Any] = dict(
+        has_video=video is not None, has_audio=audio is not None, start_time=_float(fmt.get("start_time"))
+    )
     if video is not None:
         info.update(
             width=video.get("width"),
@@ -197,8 +201,15 @@ def _probe_ffprobe(p: Path, exe: str) -> MediaInfo:
     return MediaInfo(duration=duration, **info)
 
 
-_NAMED_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6,
-                  "octagonal": 8, "hexadecagonal": 16}
+_NAMED_LAYOUTS = {
+    "mono": 1,
+    "stereo": 2,
+    "downmix": 2,
+    "quad": 4,
+    "hexagonal": 6,
+    "octagonal": 8,
+    "hexadecagonal": 16,
+}
 
 
 def _layout_channels(layout: str) -> int | None:
@@ -217,8 +228,11 @@ def _rate(text: str) -> float:
 
 def _probe_ffmpeg(p: Path) -> MediaInfo:
     """Parse the stream summary that ``ffmpeg -i FILE`` prints (it exits 1: no output given)."""
-    res = subprocess.run([find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(p)],
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(p)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     text = res.stderr.decode("utf-8", "replace")
     if "Input #0" not in text:
         raise MediaError(f"cannot read {p}: {_tail(text)}")
@@ -241,8 +255,7 @@ def _probe_ffmpeg(p: Path) -> MediaInfo:
         elif ": Audio: " in line and not info["has_audio"]:
             info["has_audio"] = True
             if m := re.search(r"(\d+) Hz, ([^,]+)", line):
-                info.update(audio_sample_rate=int(m.group(1)),
-                            audio_channels=_layout_channels(m.group(2)))
+                info.update(audio_sample_rate=int(m.group(1)), audio_channels=_layout_channels(m.group(2)))
     return MediaInfo(**info)
 
 
@@ -263,8 +276,14 @@ def _letterbox_graph(path: Path, fps: float, size: int) -> Any:
         .filter("fps", fps=fps)
         .filter("format", "rgb24")
         # B=0, C=0.75 is the Keys a=-0.75 cubic that torch/PIL call bicubic.
-        .filter("scale", w=f"trunc(iw*{ratio})", h=f"trunc(ih*{ratio})",
-                flags="bicubic+accurate_rnd+full_chroma_int", param0=0, param1=0.75)
+        .filter(
+            "scale",
+            w=f"trunc(iw*{ratio})",
+            h=f"trunc(ih*{ratio})",
+            flags="bicubic+accurate_rnd+full_chroma_int",
+            param0=0,
+            param1=0.75,
+        )
         .filter("pad", size, size, x="trunc((ow-iw)/2)", y="trunc((oh-ih)/2)", color="black")
     )
 
@@ -317,10 +336,16 @@ def count_frames(path: str | os.PathLike[str], *, fps: float = FPS) -> int:
     p = _check_input(path)
     if not probe(p).has_video:
         raise MediaError(f"{p} has no video stream")
-    stream = (ffmpeg.input(str(p))["V:0"].filter("setpts", "PTS-STARTPTS").filter("fps", fps=fps)
-              .output("-", format="null").global_args("-progress", "pipe:1", "-nostats"))
-    res = subprocess.run(stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS]),
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    stream = (
+        ffmpeg.input(str(p))["V:0"]
+        .filter("setpts", "PTS-STARTPTS")
+        .filter("fps", fps=fps)
+        .output("-", format="null")
+        .global_args("-progress", "pipe:1", "-nostats")
+    )
+    res = subprocess.run(
+        stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS]), capture_output=True, stdin=subprocess.DEVNULL
+    )
     counts = re.findall(rb"^frame=(\d+)", res.stdout, re.MULTILINE)
     if res.returncode != 0 or not counts:
         raise MediaError(f"cannot decode video from {p}: {_tail(res.stderr)}")
@@ -338,8 +363,11 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
     info = probe(p)
     if not info.has_audio:
         raise MediaError(f"{p} has no audio stream")
-    origin = info.video_start if info.has_video and info.video_start is not None \
+    origin = (
+        info.video_start
+        if info.has_video and info.video_start is not None
         else max(info.start_time or 0.0, 0.0)
+    )
     stream = (
         ffmpeg.input(str(p))["a:0"]
         .filter("channelmap", map="0", channel_layout="mono")
@@ -347,8 +375,11 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
         .filter("aresample", sample_rate, first_pts=round(origin * sample_rate))
         .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
     )
-    res = subprocess.run(stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS, "-copyts"]),
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS, "-copyts"]),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     if res.returncode != 0:
         raise MediaError(f"cannot decode audio from {p}: {_tail(res.stderr)}")
     return np.frombuffer(res.stdout, dtype="<f4").astype(np.float32)
@@ -437,7 +468,11 @@ def remove_stale_workdirs(root: str | os.PathLike[str] | None = None) -> list[Pa
             info = folder.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or _process_alive(int(match.group(1))):
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid != os.getuid()
+            or _process_alive(int(match.group(1)))
+        ):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
@@ -461,8 +496,14 @@ class _FifoFeeder(threading.Thread):
     producer never blocks on a dead consumer.
     """
 
-    def __init__(self, fifo: Path, proc: subprocess.Popen[bytes], maxsize: int, name: str,
-                 final_size: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        fifo: Path,
+        proc: subprocess.Popen[bytes],
+        maxsize: int,
+        name: str,
+        final_size: Callable[[], int | None] | None = None,
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.fifo = fifo
         self.proc = proc
@@ -490,7 +531,7 @@ class _FifoFeeder(threading.Thread):
     def _write(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         self.written += len(data)
 
     def run(self) -> None:
@@ -551,11 +592,15 @@ class VideoWriter(_Output):
         crf: int = 18,
     ) -> None:
         if fps < 1 or sample_rate < 1 or sample_rate % fps:
-            raise UsageError(f"{{sample_rate}} {sample_rate} must be a positive multiple of {{fps}} {fps}",
-                             params=("sample_rate", "fps"))
+            raise UsageError(
+                f"{{sample_rate}} {sample_rate} must be a positive multiple of {{fps}} {fps}",
+                params=("sample_rate", "fps"),
+            )
         if width < 2 or height < 2 or width % 2 or height % 2:
-            raise UsageError(f"H.264 yuv420p needs even frame sizes ({{width}}, {{height}}), got {width}x{height}",
-                             params=("width", "height"))
+            raise UsageError(
+                f"H.264 yuv420p needs even frame sizes ({{width}}, {{height}}), got {width}x{height}",
+                params=("width", "height"),
+            )
         self.width, self.height, self.fps = width, height, fps
         self.sample_rate, self.audio, self.overwrite = sample_rate, audio, overwrite
         self.samples_per_frame = sample_rate // fps
@@ -579,32 +624,53 @@ class VideoWriter(_Output):
         # minimum: ffmpeg opens the inputs one after the other and must not wait for seconds
         # of one stream (which the producer only sends in step with the other) to start.
         no_probe = dict(probesize=32, analyzeduration=0)
-        inputs = [ffmpeg.input(str(video_fifo), format="rawvideo", pix_fmt="rgb24",
-                               s=f"{self.width}x{self.height}", framerate=self.fps, **no_probe)]
+        inputs = [
+            ffmpeg.input(
+                str(video_fifo),
+                format="rawvideo",
+                pix_fmt="rgb24",
+                s=f"{self.width}x{self.height}",
+                framerate=self.fps,
+                **no_probe,
+            )
+        ]
         out_args: dict[str, Any] = dict(
-            vcodec="libx264", pix_fmt="yuv420p", crf=crf,
+            vcodec="libx264",
+            pix_fmt="yuv420p",
+            crf=crf,
             g=max(1, round(self.fps * KEYFRAME_INTERVAL_S)),
-            movflags=MOVFLAGS, format="mp4",
+            movflags=MOVFLAGS,
+            format="mp4",
             flush_packets=1,  # each finished fragment reaches the disk at once
         )
         if self.audio:
             audio_fifo = self._workdir / "audio.f32"
             os.mkfifo(audio_fifo, 0o600)
-            inputs.append(ffmpeg.input(str(audio_fifo), format="f32le",
-                                       ar=self.sample_rate, ac=1, **no_probe))
+            inputs.append(
+                ffmpeg.input(str(audio_fifo), format="f32le", ar=self.sample_rate, ac=1, **no_probe)
+            )
             out_args.update(acodec="aac", ar=self.sample_rate, ac=1)
-        cmd = (ffmpeg.output(*inputs, str(self.partial_path), **out_args)
-               .overwrite_output().compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS]))
+        cmd = (
+            ffmpeg.output(*inputs, str(self.partial_path), **out_args)
+            .overwrite_output()
+            .compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS])
+        )
         self._stderr = open(self._workdir / "stderr.txt", "wb")
         # Own session: a Ctrl-C in the terminal must reach only us, so that close() can
         # still finish the file through this ffmpeg.
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=self._stderr, start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
         self._video = _FifoFeeder(video_fifo, self._proc, _VIDEO_QUEUE_FRAMES, "rflav-video")
         self._feeders = [self._video]
         if self.audio:
-            self._audio = _FifoFeeder(audio_fifo, self._proc, _AUDIO_QUEUE_FRAMES, "rflav-audio",
-                                      final_size=self._final_audio_bytes)
+            self._audio = _FifoFeeder(
+                audio_fifo, self._proc, _AUDIO_QUEUE_FRAMES, "rflav-audio", final_size=self._final_audio_bytes
+            )
             self._feeders.append(self._audio)
         for f in self._feeders:
             f.start()
@@ -655,7 +721,9 @@ class VideoWriter(_Output):
         n = frames.shape[0]
         if self.audio:
             if audio is None:
-                raise UsageError("this writer has an audio track: pass the frames' {audio}", params=("audio",))
+                raise UsageError(
+                    "this writer has an audio track: pass the frames' {audio}", params=("audio",)
+                )
             audio = _as_numpy(audio)
             want = n * self.samples_per_frame
             if audio.ndim != 1 or audio.shape[0] != want or not np.issubdtype(audio.dtype, np.floating):
@@ -730,8 +798,14 @@ class VideoWriter(_Output):
 class WavWriter(_Output):
     """Stream float audio in [-1, 1] into a 16-bit PCM WAV (temporary name, renamed on close)."""
 
-    def __init__(self, path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE, *,
-                 channels: int = 1, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sample_rate: int = SAMPLE_RATE,
+        *,
+        channels: int = 1,
+        overwrite: bool = False,
+    ) -> None:
         self.path, self.partial_path = _prepare_output(path, overwrite, ".wav")
         self.overwrite = overwrite
         self.channels = channels
@@ -765,12 +839,11 @@ class WavWriter(_Output):
             self.partial_path.unlink(missing_ok=True)
 
 
-
-def write_wav(path: str | os.PathLike[str], audio: Any, sample_rate: int = SAMPLE_RATE, *,
-              overwrite: bool = False) -> Path:
+def write_wav(
+    path: str | os.PathLike[str], audio: Any, sample_rate: int = SAMPLE_RATE, *, overwrite: bool = False
+) -> Path:
     """Write float audio (N,) or (N, C) in [-1, 1] as a 16-bit PCM WAV, atomically."""
     a = _as_numpy(audio)
-    with WavWriter(path, sample_rate, channels=1 if a.ndim == 1 else a.shape[1],
-                   overwrite=overwrite) as w:
+    with WavWriter(path, sample_rate, channels=1 if a.ndim == 1 else a.shape[1], overwrite=overwrite) as w:
         w.write(a)
     return w.path

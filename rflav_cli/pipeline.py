@@ -19,13 +19,22 @@ import torch
 
 from . import audio as audio_lib
 from .config import FPS, LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_DOWNSCALE
+from .errors import FileFormatError, RflavError, UsageError
 from .flow import Guide, rolling_sample
-from .hub import (SIDE_FILE, VAE_REPO_ID, VOCODER_FILES, ResolvedModel, ResolveError, is_repo_id, local_folder,
-                  read_side_file, resolve_model)
+from .hub import (
+    SIDE_FILE,
+    VAE_REPO_ID,
+    VOCODER_FILES,
+    ResolvedModel,
+    ResolveError,
+    is_repo_id,
+    local_folder,
+    read_side_file,
+    resolve_model,
+)
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
-from .errors import FileFormatError, RflavError, UsageError
 from .requests import GenerateRequest, generate_frame_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,17 +58,25 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name not in ("cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", name):
-        raise PipelineError(f"unknown {{device}} {name!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+        raise PipelineError(
+            f"unknown {{device}} {name!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise PipelineError(f"{{device}} {name} was asked for but no CUDA GPU is visible; use cpu",
-                                params=("device",))
+            raise PipelineError(
+                f"{{device}} {name} was asked for but no CUDA GPU is visible; use cpu", params=("device",)
+            )
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise PipelineError(f"{{device}} {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                                "(cuda:0 is the first)", params=("device",))
+            raise PipelineError(
+                f"{{device}} {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                "(cuda:0 is the first)",
+                params=("device",),
+            )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError("{device} mps was asked for but MPS is not available; use cpu", params=("device",))
+        raise PipelineError(
+            "{device} mps was asked for but MPS is not available; use cpu", params=("device",)
+        )
     return torch.device(name)
 
 
@@ -91,15 +108,19 @@ def dtype_from_torch(torch_dtype: object, device: torch.device, param: str = "to
     names; `param` is the parameter that gave it, for the message."""
     names = {value: name for name, value in DTYPES.items()}
     if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in names:
-        raise UsageError(f"unknown {{{param}}} {torch_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16",
-                         params=(param,))
+        raise UsageError(
+            f"unknown {{{param}}} {torch_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16",
+            params=(param,),
+        )
     return pick_dtype(names[torch_dtype], device)
 
 
 def vae_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The VAE follows the model's dtype on GPUs and on CPUs with native bf16 (twice as fast
     there as fp32); elsewhere it stays in fp32."""
-    native = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16())
+    native = device.type == "cuda" or (
+        device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16()
+    )
     return dtype if native else torch.float32
 
 
@@ -113,8 +134,8 @@ class AVFrame:
     """One output frame of every sample in the batch."""
 
     index: int
-    video: np.ndarray   # (B, H, W, 3) uint8
-    audio: np.ndarray   # (B, SAMPLES_PER_FRAME) float32 in [-1, 1]
+    video: np.ndarray  # (B, H, W, 3) uint8
+    audio: np.ndarray  # (B, SAMPLES_PER_FRAME) float32 in [-1, 1]
 
 
 def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -137,7 +158,9 @@ def auto_compile(device: torch.device, num_frames: int | None, guided: bool = Fa
     a few seconds before the first frame (about 20 s the very first time, while the compiler
     cache fills) and makes every frame 1.4–2.3× as fast on an H100; guided steps need gradients
     and run eagerly anyway. On CPUs it gains about 10 % for a long compile, so it stays opt-in."""
-    return device.type == "cuda" and not guided and (num_frames is None or num_frames >= AUTO_COMPILE_MIN_FRAMES)
+    return (
+        device.type == "cuda" and not guided and (num_frames is None or num_frames >= AUTO_COMPILE_MIN_FRAMES)
+    )
 
 
 def is_compile_error(err: BaseException) -> bool:
@@ -155,9 +178,13 @@ def compile_failure_reason(err: BaseException) -> str:
 
 def compile_failure_message(err: BaseException, asked: bool = True) -> str:
     reason = compile_failure_reason(err)
-    what, way_out = ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
-    return (f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
-            "(a C++ compiler on CPU, Triton and a C compiler on GPUs)")
+    what, way_out = (
+        ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
+    )
+    return (
+        f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
+        "(a C++ compiler on CPU, Triton and a C compiler on GPUs)"
+    )
 
 
 def new_graph_step(model: FLAV) -> None:
@@ -202,7 +229,10 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _per_sample_noise(
-    generators: Sequence[torch.Generator], v_shape: tuple[int, ...], a_shape: tuple[int, ...], device: torch.device
+    generators: Sequence[torch.Generator],
+    v_shape: tuple[int, ...],
+    a_shape: tuple[int, ...],
+    device: torch.device,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     # One CPU generator per sample: sample i is the same whatever the batch size or device.
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +266,9 @@ class Generation:
         self._num_frames = num_frames
         self._given_video = given_video
         self._given_audio = given_audio
-        self._pending: deque[tuple[int, HostCopy | np.ndarray]] = deque()   # frames waiting for audio
+        self._pending: deque[tuple[int, HostCopy | np.ndarray]] = deque()  # frames waiting for audio
         self._ready: deque[AVFrame] = deque()
-        self._audio: deque[HostCopy | np.ndarray] = deque()      # (B, n) chunks not yet assigned
+        self._audio: deque[HostCopy | np.ndarray] = deque()  # (B, n) chunks not yet assigned
         self._audio_samples = 0
         self._produced = 0
         self._finished = False
@@ -297,7 +327,7 @@ class Generation:
                     video = np.broadcast_to(given, (v.shape[0], *given.shape)).copy()
             if video is None:
                 video = self._decode(v)
-            mel = audio_lib.denormalize_log_mel(a[:, 0].float(), self._audio_scale)   # (B, n_mels, 10)
+            mel = audio_lib.denormalize_log_mel(a[:, 0].float(), self._audio_scale)  # (B, n_mels, 10)
             self._pending.append((self._produced, video))
             self._produced += 1
             self._add_audio(self._vocoder.push(mel))
@@ -327,10 +357,10 @@ class Generation:
             chunk = self._take_audio(SAMPLES_PER_FRAME)
             if self._given_audio is not None:
                 start = index * SAMPLES_PER_FRAME
-                given = self._given_audio[start:start + SAMPLES_PER_FRAME]
+                given = self._given_audio[start : start + SAMPLES_PER_FRAME]
                 if given.size:  # the given waveform as it came in; past its end, the generated audio
                     chunk = chunk.copy()
-                    chunk[:, :given.size] = given
+                    chunk[:, : given.size] = given
             video = video.numpy() if isinstance(video, HostCopy) else video
             self._ready.append(AVFrame(index, video, np.ascontiguousarray(chunk, dtype=np.float32)))
 
@@ -339,8 +369,8 @@ class Generation:
 class PipelineOutput:
     """A whole generated clip per seed, as returned by calling a :class:`Pipeline`."""
 
-    frames: np.ndarray          # (B, T, H, W, 3) uint8
-    audio: np.ndarray           # (B, T * SAMPLES_PER_FRAME) float32 in [-1, 1], mono
+    frames: np.ndarray  # (B, T, H, W, 3) uint8
+    audio: np.ndarray  # (B, T * SAMPLES_PER_FRAME) float32 in [-1, 1], mono
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
 
@@ -349,44 +379,60 @@ class PipelineOutput:
 # Pipeline
 # ----------------------------------------------------------------------------------------
 
-GRIFFIN_LIM = "griffin-lim"     # rflav.json "vocoder" of checkpoints trained without a neural vocoder
+GRIFFIN_LIM = "griffin-lim"  # rflav.json "vocoder" of checkpoints trained without a neural vocoder
 HIFIGAN = "hifigan"
 
 
-def _vocoder_of(resolved: ResolvedModel, side: dict, griffin_lim: bool, revision: str | None,
-                offline: bool | None) -> tuple[Path | None, str | None]:
+def _vocoder_of(
+    resolved: ResolvedModel, side: dict, griffin_lim: bool, revision: str | None, offline: bool | None
+) -> tuple[Path | None, str | None]:
     """The checkpoint's HiFi-GAN folder and where it came from, or (None, None) for Griffin-Lim.
 
     Never a silent fallback: a checkpoint that should have a vocoder/ and lacks (part of) it
     is an error that names the way out."""
     declared = side.get("vocoder")
     if declared is not None and declared not in (GRIFFIN_LIM, HIFIGAN):
-        raise FileFormatError(f"{Path(resolved.folder) / SIDE_FILE}: \"vocoder\" must be \"{GRIFFIN_LIM}\" or "
-                              f"\"{HIFIGAN}\", got {declared!r}: fix or delete that key")
+        raise FileFormatError(
+            f'{Path(resolved.folder) / SIDE_FILE}: "vocoder" must be "{GRIFFIN_LIM}" or '
+            f'"{HIFIGAN}", got {declared!r}: fix or delete that key'
+        )
     if griffin_lim or declared == GRIFFIN_LIM:
         return None, None
     folder = Path(resolved.folder)
-    way_out = ("pass {griffin_lim} to make the sound with Griffin-Lim instead (lower quality; checkpoints "
-               "trained with --vocoder none by older versions need it)")
+    way_out = (
+        "pass {griffin_lim} to make the sound with Griffin-Lim instead (lower quality; checkpoints "
+        "trained with --vocoder none by older versions need it)"
+    )
     if resolved.vocoder_folder is not None:
         found = resolved.vocoder_folder
     elif not Path(resolved.source).expanduser().is_dir() and is_repo_id(resolved.source):
         try:  # a Hub checkpoint: its vocoder files are fetched only when they are used
-            found = local_folder(resolved.source, VOCODER_FILES, revision=resolved.revision or revision,
-                                 offline=offline) / "vocoder"
+            found = (
+                local_folder(
+                    resolved.source, VOCODER_FILES, revision=resolved.revision or revision, offline=offline
+                )
+                / "vocoder"
+            )
         except ResolveError as err:
             raise ResolveError(f"{err}; or {way_out}", params=("griffin_lim",)) from err
     else:
         names = [Path(f).name for f in VOCODER_FILES]
         if not (folder / "vocoder").is_dir():
-            what = f"{folder} has no vocoder/ ({', '.join(names)}) and its {SIDE_FILE} does not say " \
-                   f"\"vocoder\": \"{GRIFFIN_LIM}\""
+            what = (
+                f"{folder} has no vocoder/ ({', '.join(names)}) and its {SIDE_FILE} does not say "
+                f'"vocoder": "{GRIFFIN_LIM}"'
+            )
         else:
-            missing = [n + (" (a folder, not a file)" if (folder / "vocoder" / n).exists() else "")
-                       for n in names if not (folder / "vocoder" / n).is_file()]
+            missing = [
+                n + (" (a folder, not a file)" if (folder / "vocoder" / n).exists() else "")
+                for n in names
+                if not (folder / "vocoder" / n).is_file()
+            ]
             what = f"{folder / 'vocoder'} is incomplete: it lacks {', '.join(missing)}"
-        raise ResolveError(f"{what}: copy the vocoder/ of the run it came from into it, or {way_out}",
-                           params=("griffin_lim",))
+        raise ResolveError(
+            f"{what}: copy the vocoder/ of the run it came from into it, or {way_out}",
+            params=("griffin_lim",),
+        )
     if Path(resolved.source).expanduser().is_dir():
         return found, str(found)
     return found, f"{resolved.source}/vocoder"
@@ -397,7 +443,7 @@ class Pipeline:
     """A loaded FLAV checkpoint with its autoencoder and vocoder, ready to stream."""
 
     model: FLAV
-    vae: AutoencoderKL | None          # None: the model works in pixel space
+    vae: AutoencoderKL | None  # None: the model works in pixel space
     vocoder: HiFiGAN | GriffinLim
     audio_scale: float
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -405,10 +451,10 @@ class Pipeline:
     class_names: list[str] | None = None
     source: ResolvedModel | None = None
     vae_source: str = VAE_REPO_ID
-    vocoder_source: str | None = None   # where the HiFi-GAN came from (None for Griffin-Lim)
+    vocoder_source: str | None = None  # where the HiFi-GAN came from (None for Griffin-Lim)
     decode_batch: int = 8
     compile: bool = False
-    overlap: bool = True   # CUDA: decode and vocode on a second stream, alongside sampling
+    overlap: bool = True  # CUDA: decode and vocode on a second stream, alongside sampling
 
     def __post_init__(self) -> None:
         if self.compile and not self.model.blocks_compiled:
@@ -451,35 +497,54 @@ class Pipeline:
         precision is either `torch_dtype` (torch.float32, torch.bfloat16, torch.float16) or
         `dtype` (auto, fp32, bf16, fp16; None: auto), not both."""
         if dtype is not None and torch_dtype is not None:
-            raise UsageError("give either {dtype} or {torch_dtype}, not both", params=("dtype", "torch_dtype"))
+            raise UsageError(
+                "give either {dtype} or {torch_dtype}, not both", params=("dtype", "torch_dtype")
+            )
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
         if scale is None:
             raise PipelineError(
                 f"{model} does not say its audio scale: pass {{audio_scale}} "
-                "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json", params=("audio_scale",)
+                "(3.5009668382765917 for AIST++-trained models) or add it to rflav.json",
+                params=("audio_scale",),
             )
         vocoder_folder, vocoder_source = _vocoder_of(resolved, side, griffin_lim, revision, offline)
         torch_device = _device_of(device)
-        torch_dtype = (dtype_from_torch(torch_dtype, torch_device) if torch_dtype is not None
-                       else pick_dtype(dtype or "auto", torch_device))
+        torch_dtype = (
+            dtype_from_torch(torch_dtype, torch_device)
+            if torch_dtype is not None
+            else pick_dtype(dtype or "auto", torch_device)
+        )
         flav = FLAV.from_pretrained(resolved.folder, dtype=torch_dtype).to(torch_device)
         autoencoder, vae_id = None, "none"
         if not side.get("pixel_space"):
             vae_id = vae or resolved.autoencoder or VAE_REPO_ID
-            autoencoder = AutoencoderKL.from_pretrained(vae_id, dtype=vae_dtype_for(torch_device, torch_dtype),
-                                                        revision=None).to(torch_device)
+            autoencoder = AutoencoderKL.from_pretrained(
+                vae_id, dtype=vae_dtype_for(torch_device, torch_dtype), revision=None
+            ).to(torch_device)
         if vocoder_folder is not None:
             vocoder: HiFiGAN | GriffinLim = HiFiGAN.from_pretrained(vocoder_folder)
         else:
             vocoder = GriffinLim(flav.config.n_mels)
-        return cls(model=flav, vae=autoencoder, vocoder=vocoder.to(torch_device), audio_scale=float(scale),
-                   device=torch_device, dtype=torch_dtype, class_names=resolved.class_names, source=resolved,
-                   vae_source=str(vae_id), vocoder_source=vocoder_source, compile=compile, overlap=overlap)
+        return cls(
+            model=flav,
+            vae=autoencoder,
+            vocoder=vocoder.to(torch_device),
+            audio_scale=float(scale),
+            device=torch_device,
+            dtype=torch_dtype,
+            class_names=resolved.class_names,
+            source=resolved,
+            vae_source=str(vae_id),
+            vocoder_source=vocoder_source,
+            compile=compile,
+            overlap=overlap,
+        )
 
-    def to(self, device: str | torch.device | torch.dtype | None = None,
-           dtype: torch.dtype | None = None) -> "Pipeline":
+    def to(
+        self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> "Pipeline":
         """Move model, VAE and vocoder to `device` and/or the model to `dtype` (a torch.dtype,
         also accepted as the only argument, as in ``pipe.to(torch.bfloat16)``); returns self.
         Streams started before keep the old placement: call this between streams."""
@@ -490,14 +555,14 @@ class Pipeline:
         new_device = self.device if device is None else _device_of(device)
         new_dtype = self.dtype if dtype is None else dtype_from_torch(dtype, new_device, "dtype")
         if new_dtype == torch.float16 and new_device.type == "cpu":
-            pick_dtype("fp16", new_device)   # raises: fp16 does not run on CPU
+            pick_dtype("fp16", new_device)  # raises: fp16 does not run on CPU
         if (new_device, new_dtype) == (self.device, self.dtype):
             return self
         self.model.to(new_device, new_dtype)
         if self.vae is not None:
             self.vae.to(new_device, vae_dtype_for(new_device, new_dtype))
         self.vocoder.to(new_device)
-        if self.model.blocks_compiled:   # compiled graphs (CUDA graphs on GPUs) belong to the old placement
+        if self.model.blocks_compiled:  # compiled graphs (CUDA graphs on GPUs) belong to the old placement
             self.model.compile_blocks(compile_mode(new_device))
         self.device, self.dtype = new_device, new_dtype
         return self
@@ -526,11 +591,21 @@ class Pipeline:
             raise UsageError("{seeds} must hold at least one seed", params=("seeds",))
         given_frames = None if audio is None else max(1, round(len(audio) / SAMPLE_RATE * FPS))
         num_frames = generate_frame_count(GenerateRequest(seconds=seconds, frames=frames), given_frames)
-        stream = self.generate(num_frames=num_frames, seeds=seeds, steps=steps, label=label, cfg_scale=cfg_scale,
-                               audio=audio, video=video, guidance_scale=guidance_scale)
+        stream = self.generate(
+            num_frames=num_frames,
+            seeds=seeds,
+            steps=steps,
+            label=label,
+            cfg_scale=cfg_scale,
+            audio=audio,
+            video=video,
+            guidance_scale=guidance_scale,
+        )
         taken = list(stream)
-        return PipelineOutput(frames=np.stack([f.video for f in taken], axis=1),
-                              audio=np.concatenate([f.audio for f in taken], axis=1))
+        return PipelineOutput(
+            frames=np.stack([f.video for f in taken], axis=1),
+            audio=np.concatenate([f.audio for f in taken], axis=1),
+        )
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -546,13 +621,15 @@ class Pipeline:
         """Label for a class-conditional model (name or index); None for unconditional ones."""
         if self.model.num_classes <= 0:
             if name is not None:
-                raise PipelineError(f"{{label}} {name}: this checkpoint is unconditional: drop {{label}}",
-                                    params=("label",))
+                raise PipelineError(
+                    f"{{label}} {name}: this checkpoint is unconditional: drop {{label}}", params=("label",)
+                )
             return None
         if name is None:
             raise PipelineError(
                 "this checkpoint is class-conditional: pass {label} with one of "
-                + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)]), params=("label",)
+                + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)]),
+                params=("label",),
             )
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
             index = int(name)
@@ -562,7 +639,9 @@ class Pipeline:
         if name in names:
             return names.index(name)
         valid = ", ".join(names or [str(i) for i in range(self.model.num_classes)])
-        raise PipelineError(f"unknown class {name!r}: valid classes for {{label}} are {valid}", params=("label",))
+        raise PipelineError(
+            f"unknown class {name!r}: valid classes for {{label}} are {valid}", params=("label",)
+        )
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> HostCopy:
@@ -570,8 +649,10 @@ class Pipeline:
         if self.vae is None:
             return HostCopy(latents_to_uint8(latents))
         vae_dtype = next(self.vae.parameters()).dtype
-        out = [latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
-               for chunk in latents.split(self.decode_batch)]
+        out = [
+            latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
+            for chunk in latents.split(self.decode_batch)
+        ]
         return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
 
     @torch.no_grad()
@@ -631,8 +712,10 @@ class Pipeline:
         if steps < 1:
             raise PipelineError(f"{{steps}} must be at least 1, got {steps}", params=("steps",))
         if num_frames is not None and num_frames < 1:
-            raise PipelineError(f"{{num_frames}} must be at least 1 (or None: unbounded), got {num_frames}",
-                                params=("num_frames",))
+            raise PipelineError(
+                f"{{num_frames}} must be at least 1 (or None: unbounded), got {num_frames}",
+                params=("num_frames",),
+            )
         if audio is not None and video is not None:
             raise PipelineError("give either {audio} or {video}, not both", params=("audio", "video"))
         index = self.class_index(label)
@@ -642,29 +725,52 @@ class Pipeline:
         v_shape = (cfg.in_channels, latent, latent)
         a_shape = (1, cfg.n_mels, MEL_FRAMES_PER_FRAME)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        v0 = torch.stack([torch.randn((self.window, *v_shape), generator=g) for g in generators]).to(self.device)
-        a0 = torch.stack([torch.randn((self.window, *a_shape), generator=g) for g in generators]).to(self.device)
+        v0 = torch.stack([torch.randn((self.window, *v_shape), generator=g) for g in generators]).to(
+            self.device
+        )
+        a0 = torch.stack([torch.randn((self.window, *a_shape), generator=g) for g in generators]).to(
+            self.device
+        )
 
         guide = None
         given_video = None
         if audio is not None:
             given = self.audio_to_model_frames(audio).to(self.device)
-            guide = Guide("audio", (f.unsqueeze(0).expand(batch, *f.shape) for f in given),
-                          scale=1.0 if guidance_scale is None else guidance_scale, generator=generators[0])
+            guide = Guide(
+                "audio",
+                (f.unsqueeze(0).expand(batch, *f.shape) for f in given),
+                scale=1.0 if guidance_scale is None else guidance_scale,
+                generator=generators[0],
+            )
         elif video is not None:
             video_frames, given_video = _tee(video)
             latents = (self.encode_frames(f[None])[0] for f in video_frames)
-            guide = Guide("video", (z.unsqueeze(0).expand(batch, *z.shape).to(self.device) for z in latents),
-                          scale=2.0 if guidance_scale is None else guidance_scale, generator=generators[0])
+            guide = Guide(
+                "video",
+                (z.unsqueeze(0).expand(batch, *z.shape).to(self.device) for z in latents),
+                scale=2.0 if guidance_scale is None else guidance_scale,
+                generator=generators[0],
+            )
 
         frames = rolling_sample(
-            self._velocity(index, batch, cfg_scale), v0, a0, steps=steps,
-            noise=_per_sample_noise(generators, v_shape, a_shape, self.device), guide=guide,
+            self._velocity(index, batch, cfg_scale),
+            v0,
+            a0,
+            steps=steps,
+            noise=_per_sample_noise(generators, v_shape, a_shape, self.device),
+            guide=guide,
             causal=cfg.causal_attn,
         )
-        return Generation(frames, self.decode_latents, StreamingVocoder(self.vocoder), self.audio_scale,
-                          num_frames, given_video=given_video, given_audio=audio,
-                          output_stream=torch.cuda.Stream(self.device) if self._overlaps else None)
+        return Generation(
+            frames,
+            self.decode_latents,
+            StreamingVocoder(self.vocoder),
+            self.audio_scale,
+            num_frames,
+            given_video=given_video,
+            given_audio=audio,
+            output_stream=torch.cuda.Stream(self.device) if self._overlaps else None,
+        )
 
 
 def _device_of(device: str | torch.device | None) -> torch.device:

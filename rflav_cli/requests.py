@@ -17,9 +17,9 @@ from typing import Any
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE
 from .errors import FileFormatError, RflavError, UsageError
-from .hub import PRESETS, is_repo_id   # huggingface_hub, not torch
+from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
 
-DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")   # what --device accepts
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
 
 
 # ----------------------------------------------------------------------------------------
@@ -27,11 +27,10 @@ DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")   # what --device accepts
 # ----------------------------------------------------------------------------------------
 
 
-
 GENERATE_DEFAULT_PRESET = "dance"
 GENERATE_DEFAULT_SECONDS = 10.0
 GENERATE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-_MAX_SEED = 2**63 - 1   # torch generators take a signed 64-bit seed
+_MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 
 
 @dataclass
@@ -39,7 +38,7 @@ class GenerateRequest:
     """Everything `rflav generate` can be asked; defaults match the CLI's."""
 
     model: str | None = None
-    label: str | None = None            # --class: a preset name or a class of the checkpoint
+    label: str | None = None  # --class: a preset name or a class of the checkpoint
     vae: str | None = None
     revision: str | None = None
     offline: bool = False
@@ -57,12 +56,12 @@ class GenerateRequest:
     video_input: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool | None = None         # None: decided from the device and the length
-    output: Path | str | None = None    # a str keeps a trailing "/", which makes it a folder
+    compile: bool | None = None  # None: decided from the device and the length
+    output: Path | str | None = None  # a str keeps a trailing "/", which makes it a folder
     overwrite: bool = False
     wav: bool = False
     quiet: bool = False
-    griffin_lim: bool = False           # make the sound with Griffin-Lim, not the checkpoint's vocoder
+    griffin_lim: bool = False  # make the sound with Griffin-Lim, not the checkpoint's vocoder
 
 
 def _finite(value: float, at_least: float, strictly: bool) -> bool:
@@ -75,33 +74,46 @@ def check_generate_request(req: GenerateRequest) -> None:
     if req.steps < 1:
         raise UsageError(f"{{steps}} must be at least 1, got {req.steps}", params=("steps",))
     if req.num_samples < 1:
-        raise UsageError(f"{{num_samples}} must be at least 1, got {req.num_samples}", params=("num_samples",))
+        raise UsageError(
+            f"{{num_samples}} must be at least 1, got {req.num_samples}", params=("num_samples",)
+        )
     if req.batch_size < 1:
         raise UsageError(f"{{batch_size}} must be at least 1, got {req.batch_size}", params=("batch_size",))
-    limit = _MAX_SEED - (req.num_samples - 1)   # sample i uses seed + i
+    limit = _MAX_SEED - (req.num_samples - 1)  # sample i uses seed + i
     if not 0 <= req.seed <= limit:
         raise UsageError(f"{{seed}} must be from 0 to {limit}, got {req.seed}", params=("seed",))
     if req.audio_scale is not None and not _finite(req.audio_scale, 0, strictly=True):
-        raise UsageError(f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",))
+        raise UsageError(
+            f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",)
+        )
     if req.cfg_scale is not None and not _finite(req.cfg_scale, 0, strictly=False):
         raise UsageError(f"{{cfg_scale}} must be a number >= 0, got {req.cfg_scale}", params=("cfg_scale",))
     if req.guidance_scale is not None:
         if not _finite(req.guidance_scale, 0, strictly=False):
-            raise UsageError(f"{{guidance_scale}} must be a number >= 0, got {req.guidance_scale}",
-                             params=("guidance_scale",))
+            raise UsageError(
+                f"{{guidance_scale}} must be a number >= 0, got {req.guidance_scale}",
+                params=("guidance_scale",),
+            )
         if req.audio_input is None and req.video_input is None:
-            raise UsageError("{guidance_scale} only applies with {audio_input} or {video_input}",
-                             params=("guidance_scale", "audio_input", "video_input"))
+            raise UsageError(
+                "{guidance_scale} only applies with {audio_input} or {video_input}",
+                params=("guidance_scale", "audio_input", "video_input"),
+            )
     if req.audio_input is not None and req.video_input is not None:
-        raise UsageError("give either {audio_input} or {video_input}, not both", params=("audio_input", "video_input"))
+        raise UsageError(
+            "give either {audio_input} or {video_input}, not both", params=("audio_input", "video_input")
+        )
     if req.forever and req.num_samples > 1:
         raise UsageError("{forever} writes one stream: drop {num_samples}", params=("forever", "num_samples"))
     generate_frame_count(req, None)
     if not DEVICE_RE.fullmatch(req.device):
-        raise UsageError(f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu",
-                         params=("device",))
+        raise UsageError(
+            f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
     if req.dtype not in GENERATE_DTYPES:
-        raise UsageError(f"unknown {{dtype}} {req.dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",))
+        raise UsageError(
+            f"unknown {{dtype}} {req.dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",)
+        )
     if req.dtype == "fp16" and req.device == "cpu":
         raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
     _check_model(req)
@@ -120,15 +132,24 @@ def _check_model(req: GenerateRequest) -> None:
     path = Path(req.model).expanduser()
     if path.is_dir():
         if req.revision is not None:
-            raise UsageError(f"{{revision}} applies to Hub repos, and {{model}} {req.model} is a local folder: "
-                             "drop {revision}", params=("revision", "model"))
+            raise UsageError(
+                f"{{revision}} applies to Hub repos, and {{model}} {req.model} is a local folder: "
+                "drop {revision}",
+                params=("revision", "model"),
+            )
         return
     if path.exists():
-        raise UsageError(f"{{model}} {req.model} is a file: pass the checkpoint's folder (config.json, "
-                         "model.safetensors, vocoder/)", params=("model",))
+        raise UsageError(
+            f"{{model}} {req.model} is a file: pass the checkpoint's folder (config.json, "
+            "model.safetensors, vocoder/)",
+            params=("model",),
+        )
     if not is_repo_id(req.model):
-        raise UsageError(f"{{model}} {req.model}: not a preset ({', '.join(PRESETS)}), a local folder "
-                         "or a Hub repo id (org/name)", params=("model",))
+        raise UsageError(
+            f"{{model}} {req.model}: not a preset ({', '.join(PRESETS)}), a local folder "
+            "or a Hub repo id (org/name)",
+            params=("model",),
+        )
 
 
 def generate_model_and_label(req: GenerateRequest) -> tuple[str, str | None]:
@@ -143,7 +164,8 @@ def generate_model_and_label(req: GenerateRequest) -> tuple[str, str | None]:
             return req.label, None
         raise UsageError(
             f"unknown class {req.label!r}: choose one of {', '.join(PRESETS)} "
-            "(or pass {model} CHECKPOINT to use the classes of a class-conditional checkpoint)", params=("model",)
+            "(or pass {model} CHECKPOINT to use the classes of a class-conditional checkpoint)",
+            params=("model",),
         )
     if req.label in PRESETS and req.label == req.model:
         return req.model, None
@@ -154,7 +176,9 @@ def generate_frame_count(req: GenerateRequest, given_frames: int | None) -> int 
     """Frames to generate (None: until stopped); `given_frames` is the --audio/--video length."""
     chosen = [name for name, value in (("seconds", req.seconds), ("frames", req.frames)) if value is not None]
     if req.forever and chosen:
-        raise UsageError(f"{{forever}} cannot be combined with {{{chosen[0]}}}", params=("forever", chosen[0]))
+        raise UsageError(
+            f"{{forever}} cannot be combined with {{{chosen[0]}}}", params=("forever", chosen[0])
+        )
     if len(chosen) > 1:
         raise UsageError("give either {seconds} or {frames}, not both", params=("seconds", "frames"))
     if req.forever:
@@ -189,12 +213,16 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
         if out.is_dir() or raw.endswith(("/", os.sep)):
             paths = [out / n for n in names]
         elif out.suffix.lower() not in ("", ".mp4"):
-            raise UsageError(f"{{output}} {raw}: rflav writes MP4 files only: give a name ending in .mp4, "
-                             "or a folder", params=("output",))
+            raise UsageError(
+                f"{{output}} {raw}: rflav writes MP4 files only: give a name ending in .mp4, or a folder",
+                params=("output",),
+            )
         elif len(seeds) > 1:
             if out.suffix:
-                raise UsageError(f"{{num_samples}} {len(seeds)} writes several files: give {{output}} a folder, "
-                                 f"not {raw}", params=("num_samples", "output"))
+                raise UsageError(
+                    f"{{num_samples}} {len(seeds)} writes several files: give {{output}} a folder, not {raw}",
+                    params=("num_samples", "output"),
+                )
             paths = [out / n for n in names]
         else:
             paths = [out if out.suffix else out.with_name(out.name + ".mp4")]
@@ -202,8 +230,10 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
         targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".wav")] if req.wav else [])
         for target in targets:
             if target.exists() and not req.overwrite:
-                raise UsageError(f"{target} already exists: choose another {{output}} or pass {{overwrite}}",
-                                 params=("output", "overwrite"))
+                raise UsageError(
+                    f"{target} already exists: choose another {{output}} or pass {{overwrite}}",
+                    params=("output", "overwrite"),
+                )
         folder = path.parent
         existing = folder
         while not existing.exists():
@@ -218,11 +248,10 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
 # ----------------------------------------------------------------------------------------
 
 
-
-TRAIN_DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"   # hub.VAE_REPO_ID (hub imports huggingface_hub)
+TRAIN_DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"  # hub.VAE_REPO_ID (hub imports huggingface_hub)
 TRAIN_WEIGHTINGS = ("logit_normal", "uniform")
 MISSING_AUDIO_CHOICES = ("skip", "silence")
-_MODEL_KEYS = tuple(RELEASED_FLAV_CONFIG)          # the FLAV constructor keys of config.json
+_MODEL_KEYS = tuple(RELEASED_FLAV_CONFIG)  # the FLAV constructor keys of config.json
 _ARCHITECTURE_KEYS = tuple(k for k in _MODEL_KEYS if k != "grad_ckpt")
 
 
@@ -241,11 +270,11 @@ class TrainConfig:
 
     data: str
     output: str = "runs/rflav"
-    size: str | None = None              # FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1
-    model_config: str | None = None      # JSON file with FLAV constructor keys
-    init: str | None = None              # preset / repo id / folder to fine-tune
-    autoencoder: str | None = None       # repo id, folder or "none" (pixel space)
-    vocoder: str | None = None           # folder with config.json + vocoder.pt, "none" (Griffin-Lim); None: dance's
+    size: str | None = None  # FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1
+    model_config: str | None = None  # JSON file with FLAV constructor keys
+    init: str | None = None  # preset / repo id / folder to fine-tune
+    autoencoder: str | None = None  # repo id, folder or "none" (pixel space)
+    vocoder: str | None = None  # folder with config.json + vocoder.pt, "none" (Griffin-Lim); None: dance's
     image_size: int | None = None
     window: int | None = None
     batch_size: int | None = None
@@ -260,7 +289,7 @@ class TrainConfig:
     sample_frames: int | None = None
     log_every: int | None = None
     weighting: str | None = None
-    audio_scale: float | None = None     # None after resolution too: estimated from the data
+    audio_scale: float | None = None  # None after resolution too: estimated from the data
     missing_audio: str | None = None
     seed: int | None = None
     device: str | None = None
@@ -274,12 +303,29 @@ class TrainConfig:
 
 
 TRAIN_DEFAULTS: dict[str, Any] = dict(
-    autoencoder=TRAIN_DEFAULT_AUTOENCODER, image_size=256, window=10, batch_size=8, lr=1e-4, weight_decay=0.02,
-    grad_clip=1.0, ema_decay=0.9999, max_steps=100_000, save_every=1000, keep=3, sample_every=0, sample_frames=40,
-    log_every=10, weighting="logit_normal", missing_audio="skip", seed=0, device="auto", grad_ckpt=False,
-    compile=False, num_workers=2,
+    autoencoder=TRAIN_DEFAULT_AUTOENCODER,
+    image_size=256,
+    window=10,
+    batch_size=8,
+    lr=1e-4,
+    weight_decay=0.02,
+    grad_clip=1.0,
+    ema_decay=0.9999,
+    max_steps=100_000,
+    save_every=1000,
+    keep=3,
+    sample_every=0,
+    sample_frames=40,
+    log_every=10,
+    weighting="logit_normal",
+    missing_audio="skip",
+    seed=0,
+    device="auto",
+    grad_ckpt=False,
+    compile=False,
+    num_workers=2,
 )
-TRAIN_DEFAULT_SIZE = "FLAV-B/1"          # when neither --model-config nor --init gives the model
+TRAIN_DEFAULT_SIZE = "FLAV-B/1"  # when neither --model-config nor --init gives the model
 
 # Settings that define the model or the meaning of its inputs: a resumed run keeps them.
 # Everything else (steps, learning rate, batch size, saving, data folder, vocoder, device,
@@ -292,7 +338,7 @@ class TrainFile:
     """Settings that a file given to `rflav train` implies: a FLAV config (constructor keys)
     and rflav.json-like facts (image_size, autoencoder, pixel_space, audio_scale)."""
 
-    name: str                            # how messages name it, e.g. "tiny.json"
+    name: str  # how messages name it, e.g. "tiny.json"
     model: dict[str, Any]
     facts: dict[str, Any]
 
@@ -311,7 +357,15 @@ def check_train_config(cfg: TrainConfig) -> None:
     """Checks of a train request that need neither torch nor the data: value ranges, choices,
     the flags that exclude each other, the --model-config and --vocoder files, and every flag
     given against the files given with it. Raises UsageError / TrainError / FileFormatError."""
-    for name in ("image_size", "window", "batch_size", "max_steps", "save_every", "sample_frames", "log_every"):
+    for name in (
+        "image_size",
+        "window",
+        "batch_size",
+        "max_steps",
+        "save_every",
+        "sample_frames",
+        "log_every",
+    ):
         _positive(cfg, name)
     for name in ("keep", "sample_every", "num_workers", "seed", "weight_decay"):
         _positive(cfg, name, minimum=0)
@@ -320,23 +374,33 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.ema_decay is not None and not (0 <= cfg.ema_decay < 1):
         raise UsageError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.weighting is not None and cfg.weighting not in TRAIN_WEIGHTINGS:
-        raise UsageError(f"unknown {{weighting}} {cfg.weighting!r}: use {' or '.join(TRAIN_WEIGHTINGS)}",
-                         params=("weighting",))
+        raise UsageError(
+            f"unknown {{weighting}} {cfg.weighting!r}: use {' or '.join(TRAIN_WEIGHTINGS)}",
+            params=("weighting",),
+        )
     if cfg.missing_audio is not None and cfg.missing_audio not in MISSING_AUDIO_CHOICES:
-        raise UsageError(f"unknown {{missing_audio}} {cfg.missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
-                         params=("missing_audio",))
+        raise UsageError(
+            f"unknown {{missing_audio}} {cfg.missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
+            params=("missing_audio",),
+        )
     if cfg.device is not None and not DEVICE_RE.fullmatch(cfg.device):
-        raise UsageError(f"unknown {{device}} {cfg.device!r}: use auto, cuda (or cuda:N), mps or cpu",
-                         params=("device",))
+        raise UsageError(
+            f"unknown {{device}} {cfg.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
     if cfg.size is not None and cfg.size not in FLAV_SIZES:
-        raise UsageError(f"unknown {{size}} {cfg.size!r}: choose one of {', '.join(FLAV_SIZES)}", params=("size",))
+        raise UsageError(
+            f"unknown {{size}} {cfg.size!r}: choose one of {', '.join(FLAV_SIZES)}", params=("size",)
+        )
     given = [name for name in ("size", "model_config", "init") if getattr(cfg, name) is not None]
     if len(given) > 1:
-        raise UsageError(f"{{{given[0]}}} and {{{given[1]}}} both define the model: give one of them",
-                         params=tuple(given[:2]))
+        raise UsageError(
+            f"{{{given[0]}}} and {{{given[1]}}} both define the model: give one of them",
+            params=tuple(given[:2]),
+        )
     if not Path(cfg.data).exists():
-        raise TrainError(f"{cfg.data}: no such folder: give the folder with train/ videos or a cache from "
-                         "`rflav prepare`")
+        raise TrainError(
+            f"{cfg.data}: no such folder: give the folder with train/ videos or a cache from `rflav prepare`"
+        )
     check_vocoder_folder(cfg.vocoder)
     resolve_train_config(cfg, [read_model_config(cfg.model_config)] if cfg.model_config else [])
 
@@ -350,9 +414,11 @@ def check_vocoder_folder(vocoder: str | None) -> Path | None:
         folder = folder / "vocoder"
     missing = [name for name in ("config.json", "vocoder.pt") if not (folder / name).is_file()]
     if missing:
-        raise TrainError(f"{{vocoder}} {vocoder}: no {' or '.join(missing)} there: give a folder with config.json "
-                         "and vocoder.pt (or a checkpoint with vocoder/), or none for Griffin-Lim",
-                         params=("vocoder",))
+        raise TrainError(
+            f"{{vocoder}} {vocoder}: no {' or '.join(missing)} there: give a folder with config.json "
+            "and vocoder.pt (or a checkpoint with vocoder/), or none for Griffin-Lim",
+            params=("vocoder",),
+        )
     return folder
 
 
@@ -364,24 +430,39 @@ def read_model_config(path: str | os.PathLike[str]) -> TrainFile:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FileFormatError(f"{path} is not valid JSON ({exc}): fix it (keys as in a checkpoint's config.json)") \
-            from None
+        raise FileFormatError(
+            f"{path} is not valid JSON ({exc}): fix it (keys as in a checkpoint's config.json)"
+        ) from None
     if not isinstance(data, dict):
         raise FileFormatError(f"{path} must hold a JSON object of model settings (keys as in config.json)")
     unknown = sorted(set(data) - set(_MODEL_KEYS))
     if unknown:
-        raise FileFormatError(f"{path}: unknown key {', '.join(unknown)}; the keys are {', '.join(_MODEL_KEYS)}")
+        raise FileFormatError(
+            f"{path}: unknown key {', '.join(unknown)}; the keys are {', '.join(_MODEL_KEYS)}"
+        )
     for key, value in data.items():
         kind = type(RELEASED_FLAV_CONFIG[key])
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "num_classes" else 1)
+            ok = (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and value >= (0 if key == "num_classes" else 1)
+            )
         else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
         if not ok:
-            what = {bool: "true or false", int: "a whole number >= 0" if key == "num_classes" else "a whole number >= 1",
-                    float: "a number >= 0"}[kind]
+            what = {
+                bool: "true or false",
+                int: "a whole number >= 0" if key == "num_classes" else "a whole number >= 1",
+                float: "a number >= 0",
+            }[kind]
             raise FileFormatError(f"{path}: {key} must be {what}, got {value!r}")
     heads, hidden = data.get("num_heads"), data.get("hidden_size")
     if heads and hidden and hidden % heads:
@@ -389,7 +470,9 @@ def read_model_config(path: str | os.PathLike[str]) -> TrainFile:
     return TrainFile(str(path), data, {})
 
 
-def checkpoint_file(name: str, config: dict[str, Any], side: dict[str, Any], audio_scale: float | None) -> TrainFile:
+def checkpoint_file(
+    name: str, config: dict[str, Any], side: dict[str, Any], audio_scale: float | None
+) -> TrainFile:
     """What an --init checkpoint implies: its config.json and its rflav.json (or preset)."""
     facts = {k: side[k] for k in ("image_size", "autoencoder", "pixel_space") if side.get(k) is not None}
     if audio_scale is not None:
@@ -409,7 +492,11 @@ def cache_file(name: str, header: dict[str, Any]) -> TrainFile:
 def _same(name: str, a: Any, b: Any) -> bool:
     if name == "audio_scale":
         return math.isclose(float(a), float(b), rel_tol=1e-5)
-    if name in ("autoencoder", "data", "model_config", "vocoder", "init") and isinstance(a, str) and isinstance(b, str):
+    if (
+        name in ("autoencoder", "data", "model_config", "vocoder", "init")
+        and isinstance(a, str)
+        and isinstance(b, str)
+    ):
         if a.lower() == "none" or b.lower() == "none":
             return a.lower() == b.lower()
         return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
@@ -421,8 +508,11 @@ def _settle(name: str, asked: Any, found: list[tuple[Any, str]]) -> Any:
     (which must agree); else None."""
     for value, where in found:
         if asked is not None and not _same(name, asked, value):
-            raise TrainError(f"{{{name}}} {asked} contradicts {where}: leave {{{name}}} out to take the file's "
-                             "value, or make the two agree", params=(name,))
+            raise TrainError(
+                f"{{{name}}} {asked} contradicts {where}: leave {{{name}}} out to take the file's "
+                "value, or make the two agree",
+                params=(name,),
+            )
     for (value, where), (other, other_where) in zip(found, found[1:]):
         if not _same(name, value, other):
             raise TrainError(f"{where} contradicts {other_where}: make them agree")
@@ -440,21 +530,29 @@ def resolve_train_config(cfg: TrainConfig, files: list[TrainFile], defaults: boo
         if "in_channels" in f.model:
             channels = f.model["in_channels"]
             if channels not in (3, 4):
-                raise FileFormatError(f"in_channels {channels!r} in {f.name}: use 3 (pixel space) or 4 (VAE latents)")
+                raise FileFormatError(
+                    f"in_channels {channels!r} in {f.name}: use 3 (pixel space) or 4 (VAE latents)"
+                )
             pixel_found.append((channels == 3, f"in_channels {channels} in {f.name}"))
         if "pixel_space" in f.facts:
-            pixel_found.append((bool(f.facts["pixel_space"]), f"pixel_space {str(f.facts['pixel_space']).lower()} in "
-                                                             f"{f.name}"))
+            pixel_found.append(
+                (
+                    bool(f.facts["pixel_space"]),
+                    f"pixel_space {str(f.facts['pixel_space']).lower()} in {f.name}",
+                )
+            )
         if f.facts.get("autoencoder"):
             names_found.append((f.facts["autoencoder"], f"autoencoder {f.facts['autoencoder']} in {f.name}"))
     asked_pixel = None if cfg.autoencoder is None else cfg.pixel_space
     space = {True: "none (pixel space)", False: "a VAE (latent space)"}
     for pixel, where in pixel_found:
         if asked_pixel is not None and pixel != asked_pixel:
-            raise TrainError(f"{{autoencoder}} {cfg.autoencoder} contradicts {where}, which means "
-                             f"{{autoencoder}} {space[pixel]}: leave {{autoencoder}} out or make them agree",
-                             params=("autoencoder",))
-    _settle("pixel_space", None, pixel_found)   # files must agree with each other
+            raise TrainError(
+                f"{{autoencoder}} {cfg.autoencoder} contradicts {where}, which means "
+                f"{{autoencoder}} {space[pixel]}: leave {{autoencoder}} out or make them agree",
+                params=("autoencoder",),
+            )
+    _settle("pixel_space", None, pixel_found)  # files must agree with each other
     pixel = asked_pixel if asked_pixel is not None else (pixel_found[0][0] if pixel_found else None)
     autoencoder = cfg.autoencoder
     if autoencoder is None and pixel:
@@ -468,23 +566,29 @@ def resolve_train_config(cfg: TrainConfig, files: list[TrainFile], defaults: boo
     window_found, size_found, found = [], [], {}
     for f in files:
         if "predict_frames" in f.model:
-            window_found.append((f.model["predict_frames"], f"predict_frames {f.model['predict_frames']} in {f.name}"))
+            window_found.append(
+                (f.model["predict_frames"], f"predict_frames {f.model['predict_frames']} in {f.name}")
+            )
         if "latent_size" in f.model:
             latent = f.model["latent_size"]
-            size_found.append((latent if pixel else latent * VAE_DOWNSCALE, f"latent_size {latent} in {f.name}"))
+            size_found.append(
+                (latent if pixel else latent * VAE_DOWNSCALE, f"latent_size {latent} in {f.name}")
+            )
         if "image_size" in f.facts:
             size_found.append((f.facts["image_size"], f"image_size {f.facts['image_size']} in {f.name}"))
         if "audio_scale" in f.facts:
-            found.setdefault("audio_scale", []).append((f.facts["audio_scale"],
-                                                        f"audio_scale {f.facts['audio_scale']:g} of {f.name}"))
+            found.setdefault("audio_scale", []).append(
+                (f.facts["audio_scale"], f"audio_scale {f.facts['audio_scale']:g} of {f.name}")
+            )
     values = {
         "autoencoder": autoencoder,
         "window": _settle("window", cfg.window, window_found),
         "image_size": _settle("image_size", cfg.image_size, size_found),
         "audio_scale": _settle("audio_scale", cfg.audio_scale, found.get("audio_scale", [])),
         # A memory/speed knob, not a property of the model: a --model-config value is only a default.
-        "grad_ckpt": cfg.grad_ckpt if cfg.grad_ckpt is not None else
-        next((f.model["grad_ckpt"] for f in files if "grad_ckpt" in f.model), None),
+        "grad_ckpt": cfg.grad_ckpt
+        if cfg.grad_ckpt is not None
+        else next((f.model["grad_ckpt"] for f in files if "grad_ckpt" in f.model), None),
     }
     out = replace(cfg, **values)
     if defaults:
@@ -499,22 +603,27 @@ def _check_image_size(cfg: TrainConfig, files: list[TrainFile]) -> None:
     if cfg.image_size is None:
         return
     if not cfg.pixel_space and cfg.image_size % VAE_DOWNSCALE:
-        raise UsageError(f"{{image_size}} {cfg.image_size} must be a multiple of {VAE_DOWNSCALE} with a VAE "
-                         "(or train in pixel space with {autoencoder} none)", params=("image_size", "autoencoder"))
+        raise UsageError(
+            f"{{image_size}} {cfg.image_size} must be a multiple of {VAE_DOWNSCALE} with a VAE "
+            "(or train in pixel space with {autoencoder} none)",
+            params=("image_size", "autoencoder"),
+        )
     latent = cfg.image_size if cfg.pixel_space else cfg.image_size // VAE_DOWNSCALE
     patch = next((f.model["patch_size"] for f in files if "patch_size" in f.model), None)
     if patch is None and cfg.size is not None:
         patch = FLAV_SIZES[cfg.size]["patch_size"]
     if patch and latent % patch:
-        raise UsageError(f"{{image_size}} {cfg.image_size} gives {latent}x{latent} latents, which patch size "
-                         f"{patch} does not divide: choose a multiple of {patch * VAE_DOWNSCALE}",
-                         params=("image_size",))
+        raise UsageError(
+            f"{{image_size}} {cfg.image_size} gives {latent}x{latent} latents, which patch size "
+            f"{patch} does not divide: choose a multiple of {patch * VAE_DOWNSCALE}",
+            params=("image_size",),
+        )
 
 
 def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
     """The resolved TrainConfig stored in a checkpoint's training state (older runs included)."""
     data = dict(saved)
-    if "model" in data and "size" not in data:      # before the size option was called --size
+    if "model" in data and "size" not in data:  # before the size option was called --size
         data["size"] = data.pop("model")
     known = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
@@ -526,8 +635,9 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: dict[str, Any],
-                        saved_audio_scale: float, where: str) -> tuple[TrainConfig, list[tuple[str, str, str]]]:
+def resume_train_config(
+    cfg: TrainConfig, saved: dict[str, Any], saved_model: dict[str, Any], saved_audio_scale: float, where: str
+) -> tuple[TrainConfig, list[tuple[str, str, str]]]:
     """The settings of a resumed run: the saved run's, with what this request asks for.
 
     A request that asks for another model or other inputs (RESUME_FIXED) raises TrainError
@@ -542,8 +652,11 @@ def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: di
     # --image-size default even when a latent cache set the size).
     latent = saved_model.get("latent_size")
     pixel = saved_model.get("in_channels") == 3
-    before = replace(before, window=saved_model.get("predict_frames", before.window),
-                     image_size=before.image_size if latent is None else latent * (1 if pixel else VAE_DOWNSCALE))
+    before = replace(
+        before,
+        window=saved_model.get("predict_frames", before.window),
+        image_size=before.image_size if latent is None else latent * (1 if pixel else VAE_DOWNSCALE),
+    )
     differ: list[str] = []
     params: list[str] = []
     wanted: dict[str, Any] = {}
@@ -569,9 +682,12 @@ def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: di
             params.append(name)
     if differ:
         params.append("output")
-        raise TrainError(f"{where} was trained with other settings (saved → asked): {'; '.join(differ)}: to resume, "
-                         "repeat the saved values or leave those options out; to start a new run, give another "
-                         "{output}", params=tuple(params))
+        raise TrainError(
+            f"{where} was trained with other settings (saved → asked): {'; '.join(differ)}: to resume, "
+            "repeat the saved values or leave those options out; to start a new run, give another "
+            "{output}",
+            params=tuple(params),
+        )
     notes: list[tuple[str, str, str]] = []
     merged = before
     for f in fields(TrainConfig):
@@ -592,15 +708,21 @@ def resume_train_config(cfg: TrainConfig, saved: dict[str, Any], saved_model: di
 def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, device: str = "auto") -> None:
     """Checks of `rflav prepare` that need no torch (the VAE halves the image three times)."""
     if not DEVICE_RE.fullmatch(device):
-        raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+        raise UsageError(
+            f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
     if image_size < VAE_DOWNSCALE or image_size % VAE_DOWNSCALE:
-        raise UsageError(f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",
-                         params=("image_size",))
+        raise UsageError(
+            f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",
+            params=("image_size",),
+        )
     if batch_size < 1:
         raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}", params=("batch_size",))
     if missing_audio not in MISSING_AUDIO_CHOICES:
-        raise UsageError(f"unknown {{missing_audio}} {missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
-                         params=("missing_audio",))
+        raise UsageError(
+            f"unknown {{missing_audio}} {missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
+            params=("missing_audio",),
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -608,12 +730,11 @@ def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, 
 # ----------------------------------------------------------------------------------------
 
 
-
 EVAL_PROTOCOLS = ("mmdiffusion",)
 EVAL_METRICS = ("fvd", "kvd", "fad")
-EVAL_VIDEO_METRICS = ("fvd", "kvd")     # computed from I3D features
-EVAL_AUDIO_METRICS = ("fad",)           # computed from AudioCLIP features
-EVAL_CLIP_FRAMES = 16                   # metrics.protocol.CLIP_FRAMES (that module imports torch)
+EVAL_VIDEO_METRICS = ("fvd", "kvd")  # computed from I3D features
+EVAL_AUDIO_METRICS = ("fad",)  # computed from AudioCLIP features
+EVAL_CLIP_FRAMES = 16  # metrics.protocol.CLIP_FRAMES (that module imports torch)
 EVAL_DEFAULT_NUM_CLIPS = 2048
 EVAL_DEFAULT_BATCH_SIZE = 8
 STATS_SUFFIX = ".npz"
@@ -633,13 +754,17 @@ def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
         if not name:
             continue
         if name not in EVAL_METRICS:
-            raise UsageError(f"unknown metric {name!r} in {{metrics}}: choose from {', '.join(EVAL_METRICS)}",
-                             params=("metrics",))
+            raise UsageError(
+                f"unknown metric {name!r} in {{metrics}}: choose from {', '.join(EVAL_METRICS)}",
+                params=("metrics",),
+            )
         if name not in names:
             names.append(name)
     if not names:
-        raise UsageError(f"{{metrics}} names no metric: give a comma list of {', '.join(EVAL_METRICS)}",
-                         params=("metrics",))
+        raise UsageError(
+            f"{{metrics}} names no metric: give a comma list of {', '.join(EVAL_METRICS)}",
+            params=("metrics",),
+        )
     return tuple(names)
 
 
@@ -647,11 +772,11 @@ def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
 class EvalRequest:
     """Everything `rflav eval` can be asked; defaults match the CLI's."""
 
-    real: Path                              # folder of real videos, or a statistics .npz
-    fake: Path | None = None                # folder of generated videos (or model, below)
+    real: Path  # folder of real videos, or a statistics .npz
+    fake: Path | None = None  # folder of generated videos (or model, below)
     metrics: tuple[str, ...] = EVAL_METRICS
     num_clips: int = EVAL_DEFAULT_NUM_CLIPS
-    seed: int = 0                           # seed of the clip selection when a set has more clips
+    seed: int = 0  # seed of the clip selection when a set has more clips
     clip_stride: int = 1
     protocol: str = "mmdiffusion"
     letterbox_antialias: bool = True
@@ -663,10 +788,10 @@ class EvalRequest:
     offline: bool = False
     # Generate the fake set first from this checkpoint (instead of fake):
     model: str | None = None
-    num_samples: int | None = None          # None: num_clips
-    batch_size: int | None = None           # None: EVAL_DEFAULT_BATCH_SIZE
+    num_samples: int | None = None  # None: num_clips
+    batch_size: int | None = None  # None: EVAL_DEFAULT_BATCH_SIZE
     gen_seed: int = 0
-    fake_out: Path | None = None            # None: a temporary folder
+    fake_out: Path | None = None  # None: a temporary folder
     quiet: bool = False
 
 
@@ -674,8 +799,8 @@ class EvalRequest:
 class DriftRequest:
     """Everything `rflav drift` can be asked; defaults match the CLI's."""
 
-    fake: Path                              # folder of long generated videos
-    real: Path                              # folder of real videos, or a statistics .npz
+    fake: Path  # folder of long generated videos
+    real: Path  # folder of real videos, or a statistics .npz
     window: int = EVAL_CLIP_FRAMES
     stride: int = 8
     num_clips: int = EVAL_DEFAULT_NUM_CLIPS
@@ -693,7 +818,9 @@ class DriftRequest:
 
 def _at_least(value: int, minimum: int, param: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{{{param}}} must be an integer of at least {minimum}, got {value!r}", params=(param,))
+        raise UsageError(
+            f"{{{param}}} must be an integer of at least {minimum}, got {value!r}", params=(param,)
+        )
 
 
 def is_stats_file(path: Path) -> bool:
@@ -706,8 +833,10 @@ def _check_real(real: Path) -> None:
     if path.is_dir() or is_stats_file(path):
         return
     what = "is a file but not a statistics .npz" if path.exists() else "no such folder or file"
-    raise UsageError(f"{{real}} {real}: {what}: give a folder of real videos or a .npz written by "
-                     "{save_real_stats}", params=("real", "save_real_stats"))
+    raise UsageError(
+        f"{{real}} {real}: {what}: give a folder of real videos or a .npz written by {{save_real_stats}}",
+        params=("real", "save_real_stats"),
+    )
 
 
 def _check_common(metrics: Sequence[str], device: str, seed: int, num_clips: int) -> None:
@@ -715,33 +844,46 @@ def _check_common(metrics: Sequence[str], device: str, seed: int, num_clips: int
     _at_least(num_clips, 2, "num_clips")
     _at_least(seed, 0, "seed")
     if not DEVICE_RE.fullmatch(device):
-        raise UsageError(f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",))
+        raise UsageError(
+            f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
 
 
 def check_eval_request(req: EvalRequest) -> None:
     """Every check of an eval request that needs neither torch nor the videos: bad values and
     flags that exclude each other fail here with one line."""
     if req.protocol not in EVAL_PROTOCOLS:
-        raise UsageError(f"unknown {{protocol}} {req.protocol!r}: only {', '.join(EVAL_PROTOCOLS)} is implemented",
-                         params=("protocol",))
+        raise UsageError(
+            f"unknown {{protocol}} {req.protocol!r}: only {', '.join(EVAL_PROTOCOLS)} is implemented",
+            params=("protocol",),
+        )
     _check_common(req.metrics, req.device, req.seed, req.num_clips)
     _at_least(req.clip_stride, 1, "clip_stride")
     _check_real(req.real)
     if req.fake is not None and req.model is not None:
-        raise UsageError("give either {fake} (generated videos) or {model} (a checkpoint to generate them from), "
-                         "not both", params=("fake", "model"))
+        raise UsageError(
+            "give either {fake} (generated videos) or {model} (a checkpoint to generate them from), not both",
+            params=("fake", "model"),
+        )
     if req.fake is None and req.model is None:
-        raise UsageError("give {fake} (a folder of generated videos) or {model} (a checkpoint to generate them "
-                         "from now)", params=("fake", "model"))
+        raise UsageError(
+            "give {fake} (a folder of generated videos) or {model} (a checkpoint to generate them from now)",
+            params=("fake", "model"),
+        )
     if req.fake is not None and not Path(req.fake).is_dir():
-        what = "is a file: give the folder that holds the generated videos" if Path(req.fake).exists() \
+        what = (
+            "is a file: give the folder that holds the generated videos"
+            if Path(req.fake).exists()
             else "no such folder"
+        )
         raise UsageError(f"{{fake}} {req.fake}: {what}", params=("fake",))
     if req.model is None:
         for param in ("num_samples", "batch_size", "fake_out"):
             if getattr(req, param) is not None:
-                raise UsageError(f"{{{param}}} only applies with {{model}} (generating the fake set)",
-                                 params=(param, "model"))
+                raise UsageError(
+                    f"{{{param}}} only applies with {{model}} (generating the fake set)",
+                    params=(param, "model"),
+                )
     else:
         if req.num_samples is not None:
             _at_least(req.num_samples, 2, "num_samples")
@@ -752,14 +894,22 @@ def check_eval_request(req: EvalRequest) -> None:
     if req.save_real_stats is not None:
         stats = Path(req.save_real_stats)
         if is_stats_file(req.real):
-            raise UsageError(f"{{real}} {req.real} already is a statistics file: {{save_real_stats}} saves the "
-                             "features of a folder of real videos", params=("real", "save_real_stats"))
+            raise UsageError(
+                f"{{real}} {req.real} already is a statistics file: {{save_real_stats}} saves the "
+                "features of a folder of real videos",
+                params=("real", "save_real_stats"),
+            )
         if stats.suffix.lower() != STATS_SUFFIX:
-            raise UsageError(f"{{save_real_stats}} {stats}: the name must end in {STATS_SUFFIX} (so that {{real}} "
-                             "recognises it)", params=("save_real_stats", "real"))
+            raise UsageError(
+                f"{{save_real_stats}} {stats}: the name must end in {STATS_SUFFIX} (so that {{real}} "
+                "recognises it)",
+                params=("save_real_stats", "real"),
+            )
         if stats.is_dir():
-            raise UsageError(f"{{save_real_stats}} {stats} is a folder: give a file name ending in {STATS_SUFFIX}",
-                             params=("save_real_stats",))
+            raise UsageError(
+                f"{{save_real_stats}} {stats} is a folder: give a file name ending in {STATS_SUFFIX}",
+                params=("save_real_stats",),
+            )
 
 
 def drift_output_paths(output: Path) -> tuple[Path, Path]:
@@ -778,15 +928,22 @@ def check_drift_request(req: DriftRequest) -> None:
     """Every check of a drift request that needs neither torch nor the videos."""
     _check_common(req.metrics, req.device, req.seed, req.num_clips)
     if req.window != EVAL_CLIP_FRAMES:
-        raise UsageError(f"{{window}} must be {EVAL_CLIP_FRAMES} frames for the mmdiffusion protocol, got "
-                         f"{req.window}", params=("window",))
+        raise UsageError(
+            f"{{window}} must be {EVAL_CLIP_FRAMES} frames for the mmdiffusion protocol, got {req.window}",
+            params=("window",),
+        )
     _at_least(req.stride, 1, "stride")
     _check_real(req.real)
     if not Path(req.fake).is_dir():
-        what = "is a file: give the folder that holds the long generated videos" if Path(req.fake).exists() \
+        what = (
+            "is a file: give the folder that holds the long generated videos"
+            if Path(req.fake).exists()
             else "no such folder"
+        )
         raise UsageError(f"{{fake}} {req.fake}: {what}", params=("fake",))
     for path in drift_output_paths(req.output):
         if path.is_dir():
-            raise UsageError(f"{{output}} would write {path}, which is a folder: choose another {{output}}",
-                             params=("output",))
+            raise UsageError(
+                f"{{output}} would write {path}, which is a folder: choose another {{output}}",
+                params=("output",),
+            )

@@ -22,7 +22,7 @@ def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @pytest.fixture

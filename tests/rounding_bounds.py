@@ -58,8 +58,8 @@ import torch
 
 from rflav_cli.metrics.frechet import SVD_SQRT_EPS
 
-UNIT32 = 2.0 ** -24   # unit roundoff of float32 (half its machine epsilon)
-UNIT64 = 2.0 ** -53   # unit roundoff of float64
+UNIT32 = 2.0**-24  # unit roundoff of float32 (half its machine epsilon)
+UNIT64 = 2.0**-53  # unit roundoff of float64
 KVD_C = 4
 FRECHET_C = 8
 
@@ -86,8 +86,15 @@ def _kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: floa
     return (x @ y.T * gamma + coef0) ** degree
 
 
-def kvd_terms(fake: Any, real: Any, *, degree: int = 3, gamma: float | None = None, coef0: float = 1.0,
-              biased: bool = False) -> tuple[float, float, float]:
+def kvd_terms(
+    fake: Any,
+    real: Any,
+    *,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    biased: bool = False,
+) -> tuple[float, float, float]:
     """The exact (float64) means A_f, A_r and C whose ``A_f + A_r − 2·C`` is the MMD²."""
     xf, xr = _f64(fake), _f64(real)
     gamma = 1.0 / xf.shape[1] if gamma is None else gamma
@@ -96,8 +103,11 @@ def kvd_terms(fake: Any, real: Any, *, degree: int = 3, gamma: float | None = No
     k_fr = _kernel(xf, xr, degree, gamma, coef0)
     if biased:
         return k_ff.mean(), k_rr.mean(), k_fr.mean()
-    return ((k_ff.sum() - np.trace(k_ff)) / (m * (m - 1)), (k_rr.sum() - np.trace(k_rr)) / (n * (n - 1)),
-            k_fr.mean())
+    return (
+        (k_ff.sum() - np.trace(k_ff)) / (m * (m - 1)),
+        (k_rr.sum() - np.trace(k_rr)) / (n * (n - 1)),
+        k_fr.mean(),
+    )
 
 
 def kvd_variant(fake: Any, real: Any, **change: Any) -> float:
@@ -124,9 +134,15 @@ def frechet_parts(fake: Any, real: Any, biased: bool = False) -> dict[str, Any]:
     xf, xr = _f64(fake), _f64(real)
     rf, rr = _centred_factor(xf, biased), _centred_factor(xr, biased)
     diff = xf.mean(axis=0) - xr.mean(axis=0)
-    return {"mean": float(diff @ diff), "trace_f": float((rf * rf).sum()), "trace_r": float((rr * rr).sum()),
-            "roots": np.linalg.svd(rf @ rr.T, compute_uv=False), "dim": xf.shape[1],
-            "norm_f": float(np.linalg.norm(rf, 2) ** 2), "norm_r": float(np.linalg.norm(rr, 2) ** 2)}
+    return {
+        "mean": float(diff @ diff),
+        "trace_f": float((rf * rf).sum()),
+        "trace_r": float((rr * rr).sum()),
+        "roots": np.linalg.svd(rf @ rr.T, compute_uv=False),
+        "dim": xf.shape[1],
+        "norm_f": float(np.linalg.norm(rf, 2) ** 2),
+        "norm_r": float(np.linalg.norm(rr, 2) ** 2),
+    }
 
 
 def frechet_variant(fake: Any, real: Any, *, biased: bool = False, mean_term: bool = True) -> float:
@@ -146,7 +162,7 @@ def frechet_bound(fake: Any, real: Any, unit: float = UNIT32) -> float:
     roots = p["roots"]
     terms = p["mean"] + p["trace_f"] + p["trace_r"] + 2 * float(roots.sum())
     eigen = np.zeros(p["dim"])
-    eigen[:len(roots)] = roots ** 2
+    eigen[: len(roots)] = roots**2
     noise = unit * p["norm_f"] * p["norm_r"]
     # Noise singular values spread over orders of magnitude around `noise`; where that comes
     # within a factor 100 of SVD_SQRT_EPS (float32), count every noise direction as rooted.

@@ -66,7 +66,9 @@ def test_normalisation_matches_reference(ref: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(
         (normalize_log_mel(ref["out.spec"], 1.0) + 1) / 2, ref["out.norm01"], atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(denormalize_log_mel(ref["out.norm"], 1.0), ref["out.inv_spec"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        denormalize_log_mel(ref["out.norm"], 1.0), ref["out.inv_spec"], atol=1e-5, rtol=0
+    )
 
 
 def test_normalisation_closed_form_and_scale() -> None:
@@ -115,7 +117,7 @@ def test_frame_layout_ownership_and_round_trip() -> None:
     frames = mel_to_frames(mel)
     assert frames.shape == (2, T, 1, N_MELS, MEL_FRAMES_PER_FRAME)
     for k in range(T):
-        assert torch.equal(frames[:, k, 0], mel[:, :, 10 * k:10 * k + 10])
+        assert torch.equal(frames[:, k, 0], mel[:, :, 10 * k : 10 * k + 10])
     assert torch.equal(frames_to_mel(frames), mel)
     # Unbatched layout too.
     assert torch.equal(frames_to_mel(mel_to_frames(mel[0])), mel[0])

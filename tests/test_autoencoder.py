@@ -36,8 +36,11 @@ def dec_fixture() -> dict[str, torch.Tensor]:
 def tiny_config() -> dict:
     # The full diffusers config, including keys the model ignores (force_upcast, shift_factor...).
     info = json.loads((FIXTURES / "vae_tiny.json").read_text())
-    return {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1",
-            **info["full_config_as_instantiated"]}
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.42.1",
+        **info["full_config_as_instantiated"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,9 @@ def test_save_load_round_trip(tmp_path, tiny_vae, enc_fixture, dec_fixture):
     assert saved.keys() == tiny_vae.state_dict().keys()
     for key, value in tiny_vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    for got, want in zip(outputs(loaded, enc_fixture, dec_fixture), outputs(tiny_vae, enc_fixture, dec_fixture)):
+    for got, want in zip(
+        outputs(loaded, enc_fixture, dec_fixture), outputs(tiny_vae, enc_fixture, dec_fixture)
+    ):
         assert torch.equal(got, want)
 
 

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from typer.testing import CliRunner
 
-import tiny
 from rflav_cli.cli import app
 from rflav_cli.errors import FileFormatError, RflavError
+from rflav_cli.files import atomic_write, creation_mode, current_umask, load_tensor_file
 from rflav_cli.hub import write_side_file
 from rflav_cli.models.autoencoder import AutoencoderKL, VAEFileError
-from rflav_cli.files import atomic_write, creation_mode, current_umask, load_tensor_file
 from rflav_cli.models.flav import FLAV, CheckpointFileError, FLAVConfig
 from rflav_cli.models.vocoder import CheckpointFormatError, HiFiGAN
 
@@ -117,7 +117,11 @@ def test_truncated_flav_weights_say_how_much_is_there(good, tmp_path):
 
 
 BAD_FLAV_CONFIGS = [
-    ("not JSON", lambda p: p.write_text('{"depth": 1,\n  "hidden_size": }'), "not valid JSON at line 2, column 18"),
+    (
+        "not JSON",
+        lambda p: p.write_text('{"depth": 1,\n  "hidden_size": }'),
+        "not valid JSON at line 2, column 18",
+    ),
     ("a list", lambda p: p.write_text("[1, 2]"), "must hold a JSON object ({...}) but holds a list"),
     ("a string", lambda p: p.write_text('"config"'), "but holds a string"),
     ("empty", empty, "is empty"),
@@ -125,16 +129,46 @@ BAD_FLAV_CONFIGS = [
     ("not UTF-8", lambda p: p.write_bytes(b"\xff\xfe{\x00"), "not UTF-8"),
     ("a folder", folder_instead, "is a folder, not a file"),
     ("missing key", lambda p: edit_json(p, lambda d: d.pop("hidden_size")), "lacks the key(s) hidden_size"),
-    ("depth a string", lambda p: edit_json(p, lambda d: d.update(depth="x")), 'depth must be an integer, got "x"'),
-    ("depth a float", lambda p: edit_json(p, lambda d: d.update(depth=1.5)), "depth must be an integer, got 1.5"),
-    ("depth true", lambda p: edit_json(p, lambda d: d.update(depth=True)), "depth must be an integer, got true"),
-    ("heads zero", lambda p: edit_json(p, lambda d: d.update(num_heads=0)), "num_heads must be a positive integer"),
-    ("heads indivisible", lambda p: edit_json(p, lambda d: d.update(num_heads=3)),
-     "hidden_size 32 is not divisible by num_heads 3"),
-    ("patch indivisible", lambda p: edit_json(p, lambda d: d.update(patch_size=5)),
-     "latent_size 32 is not divisible by patch_size 5"),
-    ("mlp_ratio text", lambda p: edit_json(p, lambda d: d.update(mlp_ratio="4")), 'mlp_ratio must be a number, got "4"'),
-    ("causal not bool", lambda p: edit_json(p, lambda d: d.update(causal_attn=1)), "causal_attn must be true or false"),
+    (
+        "depth a string",
+        lambda p: edit_json(p, lambda d: d.update(depth="x")),
+        'depth must be an integer, got "x"',
+    ),
+    (
+        "depth a float",
+        lambda p: edit_json(p, lambda d: d.update(depth=1.5)),
+        "depth must be an integer, got 1.5",
+    ),
+    (
+        "depth true",
+        lambda p: edit_json(p, lambda d: d.update(depth=True)),
+        "depth must be an integer, got true",
+    ),
+    (
+        "heads zero",
+        lambda p: edit_json(p, lambda d: d.update(num_heads=0)),
+        "num_heads must be a positive integer",
+    ),
+    (
+        "heads indivisible",
+        lambda p: edit_json(p, lambda d: d.update(num_heads=3)),
+        "hidden_size 32 is not divisible by num_heads 3",
+    ),
+    (
+        "patch indivisible",
+        lambda p: edit_json(p, lambda d: d.update(patch_size=5)),
+        "latent_size 32 is not divisible by patch_size 5",
+    ),
+    (
+        "mlp_ratio text",
+        lambda p: edit_json(p, lambda d: d.update(mlp_ratio="4")),
+        'mlp_ratio must be a number, got "4"',
+    ),
+    (
+        "causal not bool",
+        lambda p: edit_json(p, lambda d: d.update(causal_attn=1)),
+        "causal_attn must be true or false",
+    ),
     ("classes negative", lambda p: edit_json(p, lambda d: d.update(num_classes=-1)), "num_classes must be 0"),
 ]
 
@@ -153,7 +187,9 @@ def test_flav_weights_of_another_config_are_named(good, tmp_path):
     edit_json(folder / "config.json", lambda d: d.update(depth=2))
     with pytest.raises(CheckpointFileError) as err:
         FLAV.from_pretrained(folder)
-    assert_one_line_naming(err.value, folder / "model.safetensors", "missing: blocks.1.", "use the config.json")
+    assert_one_line_naming(
+        err.value, folder / "model.safetensors", "missing: blocks.1.", "use the config.json"
+    )
 
 
 def test_config_dict_from_code_is_a_usage_error():
@@ -187,13 +223,32 @@ def test_damaged_vae_weights_are_named(good, tmp_path, damage, words):
 BAD_VAE_CONFIGS = [
     ("not JSON", lambda p: p.write_text("{'act_fn': 'silu'}"), "not valid JSON at line 1, column 2"),
     ("a number", lambda p: p.write_text("3"), "but holds a number"),
-    ("missing key", lambda p: edit_json(p, lambda d: d.pop("block_out_channels")), "lacks the key(s) block_out_channels"),
-    ("channels text", lambda p: edit_json(p, lambda d: d.update(block_out_channels="x")),
-     "block_out_channels must be a list of positive integers"),
-    ("groups", lambda p: edit_json(p, lambda d: d.update(norm_num_groups=3)), "divisible by norm_num_groups 3"),
-    ("block types", lambda p: edit_json(p, lambda d: d.update(up_block_types=["X"])), "up_block_types must be 4 x"),
+    (
+        "missing key",
+        lambda p: edit_json(p, lambda d: d.pop("block_out_channels")),
+        "lacks the key(s) block_out_channels",
+    ),
+    (
+        "channels text",
+        lambda p: edit_json(p, lambda d: d.update(block_out_channels="x")),
+        "block_out_channels must be a list of positive integers",
+    ),
+    (
+        "groups",
+        lambda p: edit_json(p, lambda d: d.update(norm_num_groups=3)),
+        "divisible by norm_num_groups 3",
+    ),
+    (
+        "block types",
+        lambda p: edit_json(p, lambda d: d.update(up_block_types=["X"])),
+        "up_block_types must be 4 x",
+    ),
     ("act_fn", lambda p: edit_json(p, lambda d: d.update(act_fn="tanh")), "act_fn must be one of"),
-    ("layers", lambda p: edit_json(p, lambda d: d.update(layers_per_block="1")), "layers_per_block must be a positive"),
+    (
+        "layers",
+        lambda p: edit_json(p, lambda d: d.update(layers_per_block="1")),
+        "layers_per_block must be a positive",
+    ),
     ("a folder", folder_instead, "is a folder, not a file"),
 ]
 
@@ -243,15 +298,32 @@ BAD_VOCODER_CONFIGS = [
     ("not JSON", lambda p: p.write_text('{"resblock": "1"'), "not valid JSON at line 1, column 17"),
     ("a list", lambda p: p.write_text("[]"), "but holds a list"),
     ("missing key", lambda p: edit_json(p, lambda d: d.pop("num_mels")), "lacks the key(s) num_mels"),
-    ("rates text", lambda p: edit_json(p, lambda d: d.update(upsample_rates="x")),
-     'upsample_rates must be a list of positive integers, got "x"'),
-    ("resblock", lambda p: edit_json(p, lambda d: d.update(resblock="3")), 'resblock must be "1" or "2", got "3"'),
+    (
+        "rates text",
+        lambda p: edit_json(p, lambda d: d.update(upsample_rates="x")),
+        'upsample_rates must be a list of positive integers, got "x"',
+    ),
+    (
+        "resblock",
+        lambda p: edit_json(p, lambda d: d.update(resblock="3")),
+        'resblock must be "1" or "2", got "3"',
+    ),
     ("lengths", lambda p: edit_json(p, lambda d: d.update(upsample_kernel_sizes=[11])), "differ in length"),
-    ("kernel below rate", lambda p: edit_json(p, lambda d: d.update(upsample_kernel_sizes=[3, 8, 8, 4])),
-     "at least its upsample_rates entry"),
-    ("dilations", lambda p: edit_json(p, lambda d: d.update(resblock_dilation_sizes=[1, 3])),
-     "resblock_dilation_sizes must be a list of lists"),
-    ("mels text", lambda p: edit_json(p, lambda d: d.update(num_mels="256")), "num_mels must be a positive integer"),
+    (
+        "kernel below rate",
+        lambda p: edit_json(p, lambda d: d.update(upsample_kernel_sizes=[3, 8, 8, 4])),
+        "at least its upsample_rates entry",
+    ),
+    (
+        "dilations",
+        lambda p: edit_json(p, lambda d: d.update(resblock_dilation_sizes=[1, 3])),
+        "resblock_dilation_sizes must be a list of lists",
+    ),
+    (
+        "mels text",
+        lambda p: edit_json(p, lambda d: d.update(num_mels="256")),
+        "num_mels must be a positive integer",
+    ),
     ("a folder", folder_instead, "is a folder, not a file"),
 ]
 
@@ -269,7 +341,9 @@ def test_tensor_file_refusals_keep_their_reason(tmp_path):
     # A sound torch file that holds no tensors is refused for what it holds, not as damaged.
     path = tmp_path / "w.pt"
     torch.save({"a": 1}, path)
-    with pytest.raises(FileFormatError, match=r"not a plain tensor checkpoint of weights \(entry 'a' is a int"):
+    with pytest.raises(
+        FileFormatError, match=r"not a plain tensor checkpoint of weights \(entry 'a' is a int"
+    ):
         load_tensor_file(path, "weights")
 
 
@@ -283,15 +357,32 @@ CLI_CASES = [
     ("model weights random", "model", "model.safetensors", random_bytes, "is not a safetensors file"),
     ("model weights empty", "model", "model.safetensors", empty, "is empty"),
     ("model weights folder", "model", "model.safetensors", folder_instead, "model.safetensors"),
-    ("model config not JSON", "model", "config.json", lambda p: p.write_text("{"), "is not valid JSON at line 1"),
-    ("model config depth", "model", "config.json", lambda p: edit_json(p, lambda d: d.update(depth="x")),
-     "depth must be an integer"),
+    (
+        "model config not JSON",
+        "model",
+        "config.json",
+        lambda p: p.write_text("{"),
+        "is not valid JSON at line 1",
+    ),
+    (
+        "model config depth",
+        "model",
+        "config.json",
+        lambda p: edit_json(p, lambda d: d.update(depth="x")),
+        "depth must be an integer",
+    ),
     ("model config list", "model", "config.json", lambda p: p.write_text("[]"), "must hold a JSON object"),
     ("vae weights truncated", "vae", "diffusion_pytorch_model.safetensors", truncate_half, "is truncated"),
     ("vae config not JSON", "vae", "config.json", lambda p: p.write_text("{,}"), "is not valid JSON"),
     ("vocoder weights truncated", "model", "vocoder/vocoder.pt", truncate_half, "is truncated or damaged"),
     ("vocoder weights random", "model", "vocoder/vocoder.pt", random_bytes, "is not a torch checkpoint file"),
-    ("vocoder config not JSON", "model", "vocoder/config.json", lambda p: p.write_text("nope"), "is not valid JSON"),
+    (
+        "vocoder config not JSON",
+        "model",
+        "vocoder/config.json",
+        lambda p: p.write_text("nope"),
+        "is not valid JSON",
+    ),
 ]
 
 
@@ -302,8 +393,22 @@ def test_cli_reports_damaged_file_in_one_line(good, tmp_path, name, which, relat
     damaged = folders[which] / relative
     damage(damaged)
     out = tmp_path / "out.mp4"
-    result = CliRunner().invoke(app, ["generate", "--model", str(folders["model"]), "--vae", str(folders["vae"]),
-                                      "--frames", "2", "--device", "cpu", "-o", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(folders["model"]),
+            "--vae",
+            str(folders["vae"]),
+            "--frames",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rflav: error: "), result.stderr
@@ -317,9 +422,25 @@ def test_cli_process_exits_2_on_truncated_weights(good, tmp_path):
     folder = copy_of(good["model"], tmp_path)
     truncate_half(folder / "model.safetensors")
     proc = subprocess.run(
-        [sys.executable, "-m", "rflav_cli", "generate", "--model", str(folder), "--vae", str(good["vae"]),
-         "--frames", "2", "--device", "cpu", "-o", str(tmp_path / "out.mp4")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rflav_cli",
+            "generate",
+            "--model",
+            str(folder),
+            "--vae",
+            str(good["vae"]),
+            "--frames",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "out.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -364,8 +485,14 @@ def test_saved_checkpoints_follow_umask(tmp_path, umask):
     vae = tiny.build_tiny_vae(tmp_path / "vae")
     written = [p for p in [*model.rglob("*"), *vae.rglob("*")]]
     assert {p.relative_to(tmp_path).as_posix() for p in written if p.is_file()} == {
-        "model/config.json", "model/model.safetensors", "model/rflav.json", "model/vocoder/config.json",
-        "model/vocoder/vocoder.pt", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
+        "model/config.json",
+        "model/model.safetensors",
+        "model/rflav.json",
+        "model/vocoder/config.json",
+        "model/vocoder/vocoder.pt",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
     for path in written:
         assert mode(path) == (0o777 if path.is_dir() else 0o666) & ~umask, path
     for folder in (model, vae):
@@ -394,8 +521,17 @@ def test_training_checkpoint_folder_follows_umask(good, tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     before = os.umask(0o002)
     try:
-        final = train_mod._write_checkpoint(tmp_path, 1, model, ema, optimizer, {"step": 1},
-                                            {"audio_scale": 1.0}, good["model"] / "vocoder", keep=2)
+        final = train_mod._write_checkpoint(
+            tmp_path,
+            1,
+            model,
+            ema,
+            optimizer,
+            {"step": 1},
+            {"audio_scale": 1.0},
+            good["model"] / "vocoder",
+            keep=2,
+        )
     finally:
         os.umask(before)
     assert final.name == "checkpoint-00000001" and not list(tmp_path.glob(".checkpoint-*"))

@@ -45,13 +45,23 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 
 
 def _rflav(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rflav_cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rflav_cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _ffprobe(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", str(path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {s["codec_type"]: s for s in json.loads(out.stdout)["streams"]}
 
 
@@ -85,8 +95,22 @@ def test_ball_sound_follows_the_picture(tmp_path):
     """8 clips of 5 s: the pitch tracks the ball's height (agreement ≥ 0.6), while pairing each
     video with another clip's sound does not (baseline near 0)."""
     env = _offline_env(tmp_path)
-    proc = _rflav("generate", "--class", "ball", "--seconds", "5", "--num-samples", "8", "--batch-size", "8",
-                  "-o", "clips", "-q", env=env, cwd=tmp_path)
+    proc = _rflav(
+        "generate",
+        "--class",
+        "ball",
+        "--seconds",
+        "5",
+        "--num-samples",
+        "8",
+        "--batch-size",
+        "8",
+        "-o",
+        "clips",
+        "-q",
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     score = _score_module()
     files = sorted((tmp_path / "clips").glob("*.mp4"))
@@ -97,7 +121,13 @@ def test_ball_sound_follows_the_picture(tmp_path):
     matched = np.mean([score.correlation(h, s) for h, s in zip(heights, sounds)])
     # The baseline pairs each video with every other clip's sound (56 pairs, steadier than one
     # shuffle): periodic heights and pitches of unrelated clips correlate by chance only.
-    shuffled = np.mean([score.correlation(heights[i], sounds[j])
-                        for i in range(len(files)) for j in range(len(files)) if i != j])
+    shuffled = np.mean(
+        [
+            score.correlation(heights[i], sounds[j])
+            for i in range(len(files))
+            for j in range(len(files))
+            if i != j
+        ]
+    )
     assert matched >= 0.6, f"agreement {matched:.3f}"
     assert abs(shuffled) < 0.2, f"baseline {shuffled:.3f}"

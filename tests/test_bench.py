@@ -22,7 +22,7 @@ def run_cli(*args: str):
 
 
 def test_json_figures_are_consistent():
-    frames = 8   # the default on CPUs
+    frames = 8  # the default on CPUs
     began = time.perf_counter()
     result = run_cli("--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-mux", "--json")
     wall = time.perf_counter() - began
@@ -53,13 +53,18 @@ def test_json_figures_are_consistent():
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe to inspect the MP4s")
 def test_mp4s_written_while_timing_are_complete(tmp_path):
     frames = 6
-    result = bench.time_generation(size="tiny", device="cpu", dtype="fp32", batch_size=2, frames=frames,
-                                   video_dir=tmp_path)
+    result = bench.time_generation(
+        size="tiny", device="cpu", dtype="fp32", batch_size=2, frames=frames, video_dir=tmp_path
+    )
     assert result.muxed and result.frames_generated == frames
     assert sorted(result.outputs) == [str(tmp_path / "bench-0.mp4"), str(tmp_path / "bench-1.mp4")]
     for path in result.outputs:
-        probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", path],
-                               capture_output=True, text=True, check=True)
+        probe = subprocess.run(
+            ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         streams = {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
         video, audio = streams["video"], streams["audio"]
         assert video["codec_name"] == "h264" and (video["width"], video["height"]) == (256, 256)
@@ -73,8 +78,15 @@ def test_no_mux_never_starts_a_writer_and_profile_writes_a_trace(tmp_path, monke
 
     monkeypatch.setattr(media, "VideoWriter", no_writer)
     trace = tmp_path / "trace.json"
-    result = bench.time_generation(size="tiny", device="cpu", dtype="fp32", frames=3, mux=False, profile=trace,
-                                   video_dir=tmp_path / "videos")
+    result = bench.time_generation(
+        size="tiny",
+        device="cpu",
+        dtype="fp32",
+        frames=3,
+        mux=False,
+        profile=trace,
+        video_dir=tmp_path / "videos",
+    )
     assert not result.muxed and result.frames_generated == 3
     assert not (tmp_path / "videos").exists()
     events = json.loads(trace.read_text())["traceEvents"]

@@ -55,12 +55,15 @@ def test_every_option_has_help():
     assert not missing, f"options without help: {', '.join(missing)}"
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["generate", "--steps", "x"], "--steps"),
-    (["generate", "--no-such-flag"], "--no-such-flag"),
-    (["no-such-command"], "no-such-command"),
-    (["train"], "data"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "--steps", "x"], "--steps"),
+        (["generate", "--no-such-flag"], "--no-such-flag"),
+        (["no-such-command"], "no-such-command"),
+        (["train"], "data"),
+    ],
+)
 def test_parse_errors_are_one_line_before_torch(args, fragment):
     code, out, err, torch_loaded = run_cli(*args)
     assert code == 2

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from rflav_cli.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,7 +51,7 @@ def test_compiled_equals_eager_on_cuda(ckpt):
 def test_bf16_stream_is_close_to_fp32(ckpt):
     fp32 = frames(load(ckpt, dtype="fp32"))
     bf16 = frames(load(ckpt, dtype="bf16"))
-    assert np.abs(bf16[0].astype(float) - fp32[0]).mean() < 2.0   # uint8 levels
+    assert np.abs(bf16[0].astype(float) - fp32[0]).mean() < 2.0  # uint8 levels
     assert np.sqrt(((bf16[1] - fp32[1]) ** 2).mean() / (fp32[1] ** 2).mean()) < 5e-2
 
 
@@ -61,7 +61,7 @@ def test_sampling_never_waits_for_the_gpu(ckpt):
     back before that work is done. A blocking host-to-device copy would wait for it."""
     pipe = load(ckpt, dtype="fp32")
     sampler = pipe.generate(num_frames=None, seeds=[0], label="b")._frames
-    next(sampler)                                      # pre-roll
+    next(sampler)  # pre-roll
     for _ in range(2):  # the first round also grows the pinned-memory pool to what is in flight
         torch.cuda.synchronize()
         big = torch.randn(8192, 8192, device="cuda")

@@ -37,8 +37,22 @@ def lavfi_video(spec: str) -> list[str]:
 
 
 def ffprobe_start_pts(path: Path) -> int:
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                          "stream=start_pts", "-of", "json", str(path)], capture_output=True, check=True)
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=start_pts",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        check=True,
+    )
     return int(json.loads(out.stdout)["streams"][0]["start_pts"])
 
 
@@ -54,14 +68,38 @@ def media_dir(tmp_path_factory) -> Path:
     """Source videos, made once: copy the tree before changing it."""
     root = tmp_path_factory.mktemp("media")
     train = root / "DATA" / "train"
-    synth(train / "cats" / "a.mp4", *lavfi_video("testsrc=s=64x48:r=25:d=2.5"),
-          *lavfi_video(RAMP_AUDIO.format(d=2.5)), *H264, "-g", "50", "-bf", "2", "-c:a", "aac")
-    synth(train / "cats" / "sub" / "b.mkv", *lavfi_video("testsrc=s=64x48:r=30:d=0.8"),
-          *lavfi_video("sine=f=600:d=0.8"), *H264, "-c:a", "aac")
-    synth(train / "dogs" / "c.mov", *lavfi_video("testsrc2=s=48x64:r=10:d=0.5"),
-          *lavfi_video("sine=f=1000:d=0.5"), *H264, "-c:a", "aac")
+    synth(
+        train / "cats" / "a.mp4",
+        *lavfi_video("testsrc=s=64x48:r=25:d=2.5"),
+        *lavfi_video(RAMP_AUDIO.format(d=2.5)),
+        *H264,
+        "-g",
+        "50",
+        "-bf",
+        "2",
+        "-c:a",
+        "aac",
+    )
+    synth(
+        train / "cats" / "sub" / "b.mkv",
+        *lavfi_video("testsrc=s=64x48:r=30:d=0.8"),
+        *lavfi_video("sine=f=600:d=0.8"),
+        *H264,
+        "-c:a",
+        "aac",
+    )
+    synth(
+        train / "dogs" / "c.mov",
+        *lavfi_video("testsrc2=s=48x64:r=10:d=0.5"),
+        *lavfi_video("sine=f=1000:d=0.5"),
+        *H264,
+        "-c:a",
+        "aac",
+    )
     synth(train / "dogs" / "silent.mp4", *lavfi_video("testsrc=s=64x48:r=10:d=0.5"), *H264)
-    (train / "dogs" / "broken.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    (train / "dogs" / "broken.mp4").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes()
+    )
     (train / "notes.txt").write_text("not a video")
     # MPEG-TS starts its timestamps at 1.4 s: seeking must not assume zero.
     synth(root / "seek" / "v.ts", *lavfi_video("testsrc=s=64x48:r=30:d=2.5"), "-c:v", "mpeg2video")
@@ -103,8 +141,14 @@ def whole_track_s(path: Path, frames: int) -> torch.Tensor:
 def test_scan_labels_skips_and_clip_counts(data_root):
     index = data.scan_dataset(data_root, "train", progress=False)
     assert index.class_names == ["cats", "dogs"]
-    assert [(v.path, v.label) for v in index.videos] == [("cats/a.mp4", 0), ("cats/sub/b.mkv", 0), ("dogs/c.mov", 1)]
-    assert {v.path: v.frames for v in index.videos} == {k: n for k, n in EXPECTED_FRAMES.items() if "silent" not in k}
+    assert [(v.path, v.label) for v in index.videos] == [
+        ("cats/a.mp4", 0),
+        ("cats/sub/b.mkv", 0),
+        ("dogs/c.mov", 1),
+    ]
+    assert {v.path: v.frames for v in index.videos} == {
+        k: n for k, n in EXPECTED_FRAMES.items() if "silent" not in k
+    }
     assert all(v.has_audio for v in index.videos)
     assert index.skipped == {"unreadable": ["dogs/broken.mp4"], "no audio": ["dogs/silent.mp4"]}
     a = index.videos[0]
@@ -116,7 +160,14 @@ def test_scan_labels_skips_and_clip_counts(data_root):
     assert clips[0] == (0, 0) and clips[21] == (0, 21) and clips[22] == (1, 0) and clips[-1] == (2, 1)
     assert len(index.clips(4, stride=2)) == 11 + 3 + 1
     line = index.summary(4)
-    for part in ("3 videos", "29 clips of 4 frames", "2 classes", "skipped 2", "no audio: 1", "unreadable: 1"):
+    for part in (
+        "3 videos",
+        "29 clips of 4 frames",
+        "2 classes",
+        "skipped 2",
+        "no audio: 1",
+        "unreadable: 1",
+    ):
         assert part in line
     assert "\n" not in line
 
@@ -138,7 +189,10 @@ def test_scan_unlabelled_and_errors(data_root, tmp_path):
     shutil.copy(data_root / "train" / "dogs" / "silent.mp4", test / "y.mp4")
     index = data.scan_dataset(data_root, "test", missing_audio="silence", progress=False)
     assert index.class_names == []
-    assert [(v.path, v.label, v.has_audio) for v in index.videos] == [("x.mov", -1, True), ("y.mp4", -1, False)]
+    assert [(v.path, v.label, v.has_audio) for v in index.videos] == [
+        ("x.mov", -1, True),
+        ("y.mp4", -1, False),
+    ]
     with pytest.raises(ValueError, match="missing_audio"):
         data.scan_dataset(data_root, "test", missing_audio="zeros", progress=False)
 
@@ -218,20 +272,24 @@ def test_read_clip_seek_equals_full_decode(data_root, media_dir):
         for start, count in ((0, 3), (4, 2), (12, 3), (17, 4), (22, 3)):
             clip = data.read_clip(path, start, count, image_size=S, start_pts=start_pts)
             assert clip.shape == (count, S, S, 3) and clip.dtype == np.uint8
-            np.testing.assert_array_equal(clip, full[start:start + count], err_msg=f"{path.name} start {start}")
+            np.testing.assert_array_equal(
+                clip, full[start : start + count], err_msg=f"{path.name} start {start}"
+            )
     with pytest.raises(Exception, match="cannot read frames"):
         data.read_clip(ts, 23, 3, image_size=S, start_pts=probe["start_pts"])
 
 
-@pytest.mark.parametrize("w,h,axis,before,content", [(64, 42, 0, 5, 21), (42, 64, 1, 5, 21), (64, 48, 0, 4, 24)])
+@pytest.mark.parametrize(
+    "w,h,axis,before,content", [(64, 42, 0, 5, 21), (42, 64, 1, 5, 21), (64, 48, 0, 4, 24)]
+)
 def test_letterbox_geometry(tmp_path, w, h, axis, before, content):
     # int(side * min(S/h, S/w)): 42 * 0.5 = 21 rows of picture; the odd pad row goes last.
     clip = synth(tmp_path / f"white{w}x{h}.mp4", *lavfi_video(f"color=c=white:s={w}x{h}:r=10:d=0.3"), *H264)
     frame = data.read_clip(clip, 1, 1, image_size=S)[0].astype(int)
     profile = frame.mean(axis=(1, 2) if axis == 0 else (0, 2))
     assert np.all(profile[:before] == 0)
-    assert np.all(profile[before:before + content] > 200)
-    assert np.all(profile[before + content:] == 0)
+    assert np.all(profile[before : before + content] > 200)
+    assert np.all(profile[before + content :] == 0)
     assert S - before - content >= before  # odd pixel at the bottom/right
 
 
@@ -251,18 +309,26 @@ def test_video_clip_dataset_items(data_root):
 
     s = whole_track_s(index.video_path(0), 25)
     for k in range(3):  # frame k of the clip owns columns 10·(14+k) … 10·(14+k)+9 of the track
-        torch.testing.assert_close(item["audio"][k, 0], 2.5 * s[:, 10 * (14 + k):10 * (15 + k)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            item["audio"][k, 0], 2.5 * s[:, 10 * (14 + k) : 10 * (15 + k)], rtol=1e-5, atol=1e-5
+        )
     # A mel of the clip's own audio (peak-normalised per clip) would be different.
-    wav = read_audio(index.video_path(0))[14 * 1600:17 * 1600]
+    wav = read_audio(index.video_path(0))[14 * 1600 : 17 * 1600]
     per_clip = audio_lib.normalize_log_mel(audio_lib.log_mel(torch.from_numpy(wav.copy())), 2.5)
     assert (audio_lib.mel_to_frames(per_clip) - item["audio"]).abs().max() > 0.05
 
     silent = ds[ds.clips.index((3, 1))]
     # Silence: |STFT| = sqrt(1e-9) in every bin, so the mel is that times each filter's sum.
-    floor = torch.log(torch.clamp(audio_lib.mel_filterbank().double().sum(1) * math.sqrt(1e-9), min=LOG_MEL_MIN))
+    floor = torch.log(
+        torch.clamp(audio_lib.mel_filterbank().double().sum(1) * math.sqrt(1e-9), min=LOG_MEL_MIN)
+    )
     s_floor = 2 * (floor - math.log(LOG_MEL_MIN)) / (math.log(LOG_MEL_MAX) - math.log(LOG_MEL_MIN)) - 1
-    torch.testing.assert_close(silent["audio"], (2.5 * s_floor.float())[None, None, :, None].expand(3, 1, 256, 10),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        silent["audio"],
+        (2.5 * s_floor.float())[None, None, :, None].expand(3, 1, 256, 10),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert silent["label"].item() == 1
 
     with pytest.raises(data.DataError, match="at least 30 frames"):
@@ -282,7 +348,9 @@ def test_default_image_size_and_unlabelled(data_root, tmp_path):
 
 
 def test_chunked_track_mel_equals_whole(tmp_path):
-    wav = torch.randn(37 * SAMPLES_PER_FRAME, generator=torch.Generator().manual_seed(0)) * torch.linspace(0, 1, 37 * 1600)
+    wav = torch.randn(37 * SAMPLES_PER_FRAME, generator=torch.Generator().manual_seed(0)) * torch.linspace(
+        0, 1, 37 * 1600
+    )
     whole = audio_lib.log_mel(wav)
     chunked = data._track_log_mel(wav, chunk_columns=70)
     assert chunked.shape == (256, 370)
@@ -309,13 +377,21 @@ def encode_counter(monkeypatch, vae, fail_on_call: int | None = None) -> list[in
 
 def test_prepare_cache_latents_mel_and_index(data_root, tiny_vae, tmp_path):
     index = data.scan_dataset(data_root, "train", missing_audio="silence", progress=False)
-    out = data.prepare_cache(index, tmp_path / "cache", tiny_vae, batch_size=4, image_size=S,
-                             progress=False, autoencoder_id="tiny/vae")
+    out = data.prepare_cache(
+        index,
+        tmp_path / "cache",
+        tiny_vae,
+        batch_size=4,
+        image_size=S,
+        progress=False,
+        autoencoder_id="tiny/vae",
+    )
     header = json.loads((out / "index.json").read_text())
     assert header["complete"] and header["image_size"] == S and header["autoencoder"] == "tiny/vae"
     assert header["class_names"] == ["cats", "dogs"] and header["latent_shape"] == [4, 4, 4]
     assert [(v["path"], v["frames"], v["label"], v["shard"]) for v in header["videos"]] == [
-        (v.path, v.frames, v.label, f"videos/{i:05d}.safetensors") for i, v in enumerate(index.videos)]
+        (v.path, v.frames, v.label, f"videos/{i:05d}.safetensors") for i, v in enumerate(index.videos)
+    ]
 
     for i, v in enumerate(index.videos):
         frames = np.stack(list(read_video_frames(index.video_path(i), size=S)))
@@ -328,7 +404,9 @@ def test_prepare_cache_latents_mel_and_index(data_root, tiny_vae, tmp_path):
             mel = f.get_tensor("mel")
         assert mel.shape == (256, 10 * v.frames)
         if v.has_audio:
-            torch.testing.assert_close(mel, whole_track_s(index.video_path(i), v.frames), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                mel, whole_track_s(index.video_path(i), v.frames), rtol=1e-5, atol=1e-5
+            )
         assert mel.min() >= -1 and mel.max() <= 1
 
     # The cache and the raw videos give the same audio_scale.
@@ -342,7 +420,11 @@ def test_prepare_cache_resumes(data_root, tiny_vae, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         data.prepare_cache(index, out, tiny_vae, batch_size=32, image_size=S, progress=False)
     header = json.loads((out / "index.json").read_text())
-    assert not header["complete"] and [v["shard"] for v in header["videos"]] == ["videos/00000.safetensors", None, None]
+    assert not header["complete"] and [v["shard"] for v in header["videos"]] == [
+        "videos/00000.safetensors",
+        None,
+        None,
+    ]
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["00000.safetensors"]
     with pytest.raises(data.DataError, match="incomplete"):
         data.LatentClipDataset(out, 2)
@@ -395,27 +477,50 @@ def write_synthetic_cache(folder: Path, mels: list[torch.Tensor]) -> Path:
     videos = []
     for i, mel in enumerate(mels):
         frames = mel.shape[1] // 10
-        save_file({"mean": torch.zeros(frames, 4, 2, 2), "std": torch.ones(frames, 4, 2, 2), "mel": mel},
-                  str(folder / "videos" / f"{i:05d}.safetensors"))
-        videos.append({"path": f"{i}.mp4", "label": -1, "frames": frames, "has_audio": True, "size": 1,
-                       "mtime_ns": 1, "shard": f"videos/{i:05d}.safetensors"})
-    header = {"format": "rflav-latent-cache", "version": 1, "split": "train", "source": "x", "image_size": 16,
-              "latent_scale": LATENT_SCALE, "latent_shape": [4, 2, 2], "autoencoder": None,
-              "class_names": [], "complete": True, "videos": videos}
+        save_file(
+            {"mean": torch.zeros(frames, 4, 2, 2), "std": torch.ones(frames, 4, 2, 2), "mel": mel},
+            str(folder / "videos" / f"{i:05d}.safetensors"),
+        )
+        videos.append(
+            {
+                "path": f"{i}.mp4",
+                "label": -1,
+                "frames": frames,
+                "has_audio": True,
+                "size": 1,
+                "mtime_ns": 1,
+                "shard": f"videos/{i:05d}.safetensors",
+            }
+        )
+    header = {
+        "format": "rflav-latent-cache",
+        "version": 1,
+        "split": "train",
+        "source": "x",
+        "image_size": 16,
+        "latent_scale": LATENT_SCALE,
+        "latent_shape": [4, 2, 2],
+        "autoencoder": None,
+        "class_names": [],
+        "complete": True,
+        "videos": videos,
+    }
     (folder / "index.json").write_text(json.dumps(header))
     return folder
 
 
 def test_estimate_audio_scale_closed_form(tmp_path):
     # Constant mels 0.3 (10 columns), 0.7 (20), -0.1 (30): weights 1:2:3.
-    cache = write_synthetic_cache(tmp_path / "c", [torch.full((256, 10), 0.3), torch.full((256, 20), 0.7),
-                                                   torch.full((256, 30), -0.1)])
+    cache = write_synthetic_cache(
+        tmp_path / "c", [torch.full((256, 10), 0.3), torch.full((256, 20), 0.7), torch.full((256, 30), -0.1)]
+    )
     mean = (0.3 * 1 + 0.7 * 2 - 0.1 * 3) / 6
     var = (0.09 * 1 + 0.49 * 2 + 0.01 * 3) / 6 - mean**2
     assert data.estimate_audio_scale(cache) == pytest.approx(1 / math.sqrt(var), rel=1e-6)
     # Two videos of three: the first and the last (mean 0, variance 0.03).
     assert data.estimate_audio_scale(data.LatentClipDataset(cache, 1), max_videos=2) == pytest.approx(
-        1 / math.sqrt(0.03), rel=1e-6)
+        1 / math.sqrt(0.03), rel=1e-6
+    )
     flat = write_synthetic_cache(tmp_path / "flat", [torch.full((256, 10), -0.5)] * 2)
     with pytest.raises(data.DataError, match="no variation"):
         data.estimate_audio_scale(flat)

@@ -11,12 +11,12 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
+import formula_weights as fw
 import pytest
+import rounding_bounds as rb
 import torch
 from safetensors.torch import load_file
 
-import formula_weights as fw
-import rounding_bounds as rb
 from rflav_cli.metrics import weights as wt
 from rflav_cli.metrics.audioclip import (
     AUDIOCLIP_PREFIX,
@@ -115,7 +115,7 @@ def test_formula_weights_reproduce_reference_digests(name, table, i3d_state, aud
 def test_i3d_preprocessing_matches_reference(i3d_ref):
     pre = preprocess_for_i3d(i3d_ref["video_uint8"])
     assert pre.shape == (2, 3, 16, 224, 224) and pre.dtype == torch.float32
-    tol = rb.I3D_INPUT_TOL   # float32 rounding of values in [-1, 1], see rounding_bounds
+    tol = rb.I3D_INPUT_TOL  # float32 rounding of values in [-1, 1], see rounding_bounds
     torch.testing.assert_close(pre[0, :, 0, 0:8, 0:8], i3d_ref["pre_clip0_c_t0_r0-8_c0-8"], atol=tol, rtol=0)
     torch.testing.assert_close(
         pre[1, :, 15, 108:116, 108:116], i3d_ref["pre_clip1_c_t15_r108-116_c108-116"], atol=tol, rtol=0
@@ -143,7 +143,9 @@ def test_i3d_logits_match_reference(i3d, i3d_ref):
 
 def _batch8(audio_ref) -> torch.Tensor:
     t = torch.arange(AUDIOCLIP_SAMPLES, dtype=torch.float64) / 44_100
-    tones = torch.stack([torch.round(32768 * 0.3 * torch.sin(2 * math.pi * f * t + p)) / 32768 for f, p in EXTRA_TONES])
+    tones = torch.stack(
+        [torch.round(32768 * 0.3 * torch.sin(2 * math.pi * f * t + p)) / 32768 for f, p in EXTRA_TONES]
+    )
     return torch.cat([audio_ref["waveform"].double(), tones])
 
 
@@ -154,7 +156,10 @@ def test_filterbank_positions_are_rounded_once_on_every_cpu(steps):
     whose scalar kernel rounds twice (ATEN_CPU_CAPABILITY=default)."""
     got = _linspace(-1.0, 1.0, steps, torch.float32, torch.device("cpu"))
     step = Fraction(float(torch.tensor(2.0) / (steps - 1)))
-    exact = [Fraction(-1) + step * i if i < steps // 2 else Fraction(1) - step * (steps - 1 - i) for i in range(steps)]
+    exact = [
+        Fraction(-1) + step * i if i < steps // 2 else Fraction(1) - step * (steps - 1 - i)
+        for i in range(steps)
+    ]
     # float() of these fractions is exact (they fit in 53 bits), then one rounding to float32.
     assert torch.equal(got, torch.tensor([float(x) for x in exact], dtype=torch.float64).float())
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
@@ -163,7 +168,9 @@ def test_filterbank_positions_are_rounded_once_on_every_cpu(steps):
 
 def test_audioclip_front_end_matches_reference(audio_net, audio_ref):
     wave = audio_ref["waveform"].double()[:, None]  # the evaluator feeds (B, 1, L) float64
-    torch.testing.assert_close(rescale_like_int16(wave[:, 0])[:, :16], audio_ref["scaled_first16"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        rescale_like_int16(wave[:, 0])[:, :16], audio_ref["scaled_first16"], atol=0, rtol=0
+    )
     with torch.inference_mode():
         x_db = audio_net.log_power(wave)
     ref = audio_ref["x_db"]
@@ -226,7 +233,9 @@ def test_load_i3d_from_original_layout(tmp_path, i3d_state):
 def test_load_i3d_refuses_mismatched_file(tmp_path, i3d_state):
     path = tmp_path / "bad.pt"
     torch.save({k: v for k, v in i3d_state.items() if k != "Mixed_4b.b1b.conv3d.weight"}, path)
-    with pytest.raises(wt.EvalWeightsError, match=r"1 missing \(e\.g\. Mixed_4b\.b1b\.conv3d\.weight\)") as err:
+    with pytest.raises(
+        wt.EvalWeightsError, match=r"1 missing \(e\.g\. Mixed_4b\.b1b\.conv3d\.weight\)"
+    ) as err:
         load_i3d(path)
     assert "\n" not in str(err.value)
     torch.save({"module." + k: v for k, v in i3d_state.items()}, path)
@@ -338,7 +347,9 @@ def test_download_is_checked_and_atomic(cache, monkeypatch):
     assert path == cache / wt.I3D_FILE and path.read_bytes() == payload
     assert sorted(p.name for p in cache.iterdir()) == [wt.I3D_FILE]
 
-    monkeypatch.setitem(wt.WEIGHTS, wt.AUDIOCLIP_FILE, replace(wt.WEIGHTS[wt.AUDIOCLIP_FILE], sha256="0" * 64))
+    monkeypatch.setitem(
+        wt.WEIGHTS, wt.AUDIOCLIP_FILE, replace(wt.WEIGHTS[wt.AUDIOCLIP_FILE], sha256="0" * 64)
+    )
     with pytest.raises(wt.EvalWeightsError, match="expected 0000"):
         wt.audioclip_weights(progress=False)
     assert sorted(p.name for p in cache.iterdir()) == [wt.I3D_FILE]  # nothing half-written left

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, load_fixture, strip_prefix
 from safetensors.torch import save_file
 
-from conftest import FIXTURES, load_fixture, strip_prefix
 from rflav_cli.config import RELEASED_FLAV_CONFIG
 from rflav_cli.models import flav as flav_module
 from rflav_cli.models.flav import FLAV, CheckpointMismatchError, FLAVConfig
@@ -85,17 +85,36 @@ def test_released_config_state_dict_matches_key_list(num_classes):
 def test_size_table():
     with torch.device("meta"):
         assert FLAVConfig.from_size("FLAV-B/1") == FLAVConfig.from_dict(RELEASED_FLAV_CONFIG)
-        for name, depth, hidden, heads, patch in [("FLAV-S/2", 12, 384, 6, 2), ("FLAV-L/1", 24, 1024, 16, 1),
-                                                  ("FLAV-L/4", 20, 1024, 16, 4), ("FLAV-XL/8", 28, 1152, 16, 8)]:
+        for name, depth, hidden, heads, patch in [
+            ("FLAV-S/2", 12, 384, 6, 2),
+            ("FLAV-L/1", 24, 1024, 16, 1),
+            ("FLAV-L/4", 20, 1024, 16, 4),
+            ("FLAV-XL/8", 28, 1152, 16, 8),
+        ]:
             cfg = FLAVConfig.from_size(name, latent_size=32)
-            assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (depth, hidden, heads, patch)
+            assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (
+                depth,
+                hidden,
+                heads,
+                patch,
+            )
     with pytest.raises(ValueError, match="FLAV-B/1"):
         FLAVConfig.from_size("FLAV-S/1")
 
 
 def test_patch_size_2_shapes_roundtrip():
-    model = FLAV(FLAVConfig(latent_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            predict_frames=3, n_mels=16, num_classes=0)).eval()
+    model = FLAV(
+        FLAVConfig(
+            latent_size=8,
+            patch_size=2,
+            hidden_size=32,
+            depth=1,
+            num_heads=2,
+            predict_frames=3,
+            n_mels=16,
+            num_classes=0,
+        )
+    ).eval()
     v = torch.randn(2, 3, 4, 8, 8)
     a = torch.randn(2, 3, 1, 16, 10)
     with torch.no_grad():
@@ -145,9 +164,14 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name,compiled,backend", [("flav_tiny_causal", False, "matmul"),
-                                                   ("flav_tiny_uncond", False, "matmul"),
-                                                   ("flav_tiny_causal", True, "matmul")])
+@pytest.mark.parametrize(
+    "name,compiled,backend",
+    [
+        ("flav_tiny_causal", False, "matmul"),
+        ("flav_tiny_uncond", False, "matmul"),
+        ("flav_tiny_causal", True, "matmul"),
+    ],
+)
 def test_matmul_attention_backend_matches_reference(name, compiled, backend):
     """The batched-matmul attention (bf16 CPU inference default) is the same maths as SDPA,
     causal mask included: in float32 it reproduces the reference outputs, eagerly and in its
@@ -170,14 +194,16 @@ def test_matmul_attention_backend_matches_reference(name, compiled, backend):
 def test_compiled_blocks_serve_only_calls_without_gradients():
     model, f = _model("flav_tiny_causal")
     model.compile_blocks()
-    assert model.blocks_compiled and set(model.state_dict()) == set(_model("flav_tiny_causal")[0].state_dict())
+    assert model.blocks_compiled and set(model.state_dict()) == set(
+        _model("flav_tiny_causal")[0].state_dict()
+    )
 
     def unusable(*args):
         raise RuntimeError("compiled block called")
 
     model._compiled_blocks = [unusable] * len(model.blocks)
     v = f["in.v"].clone().requires_grad_(True)
-    out_v, _ = model(v, f["in.a"], f["in.t"], f["in.y"])   # gradients tracked: eager blocks
+    out_v, _ = model(v, f["in.a"], f["in.t"], f["in.y"])  # gradients tracked: eager blocks
     out_v.sum().backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
     torch.testing.assert_close(out_v.detach(), f["out.v"], **TOL)
@@ -186,4 +212,4 @@ def test_compiled_blocks_serve_only_calls_without_gradients():
     # Fewer frames than the window (a causal pre-roll) also stay eager: no recompiling per length.
     with torch.no_grad():
         short_v, _ = model(f["in.v"][:, :2], f["in.a"][:, :2], f["in.t"][:, :2], f["in.y"])
-    torch.testing.assert_close(short_v, f["out.v"][:, :2], **TOL)   # causal: the prefix's outputs
+    torch.testing.assert_close(short_v, f["out.v"][:, :2], **TOL)  # causal: the prefix's outputs

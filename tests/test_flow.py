@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_fixture, strip_prefix
+
 from rflav_cli import flow
 from rflav_cli.models.flav import FLAV, FLAVConfig
 
@@ -40,7 +40,9 @@ def test_preroll_ends_with_frame_k_at_one_minus_k_over_w():
 def test_rolling_schedule_matches_reference(recorded):
     f, _ = recorded
     for i in range(2):
-        torch.testing.assert_close(flow.model_time(flow.rolling_levels(4, 2, i)), f[f"rolling.{i}.t_rf"].view(4), **TOL)
+        torch.testing.assert_close(
+            flow.model_time(flow.rolling_levels(4, 2, i)), f[f"rolling.{i}.t_rf"].view(4), **TOL
+        )
     assert flow.rolling_step_size(4, 2) == pytest.approx(f["rolling.dt"].item())
 
 
@@ -55,7 +57,9 @@ def test_sampler_replays_reference_run(recorded):
         return model(v, a, t_rf, y)
 
     recorded_noise = iter([(f[f"noise.{2 * k:03d}"], f[f"noise.{2 * k + 1:03d}"]) for k in range(7)])
-    frames = flow.rolling_sample(velocity, f["init.v"], f["init.a"], steps=2, noise=lambda: next(recorded_noise))
+    frames = flow.rolling_sample(
+        velocity, f["init.v"], f["init.a"], steps=2, noise=lambda: next(recorded_noise)
+    )
     for k in range(7):
         v, a = next(frames)
         torch.testing.assert_close(v, f[f"frame.{k}.v"], **TOL)
@@ -71,10 +75,18 @@ def test_cfg_velocity_plugs_in(recorded):
     """Guidance is just another velocity callable; scale 1 equals the conditional model."""
     f, model = recorded
     y = f["y"]
-    plain = flow.rolling_sample(lambda v, a, t: model(v, a, t, y), f["init.v"], f["init.a"],
-                                noise=lambda: (torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 10)))
-    guided = flow.rolling_sample(lambda v, a, t: model.forward_with_cfg(v, a, t, y, 1.0), f["init.v"], f["init.a"],
-                                 noise=lambda: (torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 10)))
+    plain = flow.rolling_sample(
+        lambda v, a, t: model(v, a, t, y),
+        f["init.v"],
+        f["init.a"],
+        noise=lambda: (torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 10)),
+    )
+    guided = flow.rolling_sample(
+        lambda v, a, t: model.forward_with_cfg(v, a, t, y, 1.0),
+        f["init.v"],
+        f["init.a"],
+        noise=lambda: (torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 10)),
+    )
     for _ in range(3):
         (v1, a1), (v2, a2) = next(plain), next(guided)
         torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
@@ -96,10 +108,18 @@ def test_training_levels_and_weights_match_reference(recorded, window):
             weights.append(w)
     # The loss with a zero model, data = 1 and noise = 0 is 2·mean(weight).
     rows = [(tw, r) for tw in (0.0, 0.3, 0.99) for r in (1, 0)]
-    t = flow.training_levels(torch.tensor([r[0] for r in rows]), torch.tensor([bool(r[1]) for r in rows]), window)
+    t = flow.training_levels(
+        torch.tensor([r[0] for r in rows]), torch.tensor([bool(r[1]) for r in rows]), window
+    )
     ones_v, ones_a = torch.ones(6, window, 1, 1, 1), torch.ones(6, window, 1, 1, 1)
-    loss = flow.flow_matching_loss(lambda v, a, t_rf: (torch.zeros_like(v), torch.zeros_like(a)), ones_v, ones_a, t,
-                                   eps_v=torch.zeros_like(ones_v), eps_a=torch.zeros_like(ones_a))
+    loss = flow.flow_matching_loss(
+        lambda v, a, t_rf: (torch.zeros_like(v), torch.zeros_like(a)),
+        ones_v,
+        ones_a,
+        t,
+        eps_v=torch.zeros_like(ones_v),
+        eps_a=torch.zeros_like(ones_a),
+    )
     torch.testing.assert_close(loss["loss"], f[f"train_t.w{window}.loss_zero_model"], atol=0, rtol=1e-5)
 
 
@@ -115,8 +135,15 @@ def test_uniform_weighting_is_plain_mse():
     a = torch.randn(2, 3, 1, 4, 10)
     t = flow.sample_training_levels(2, 3, generator=torch.Generator().manual_seed(0))
     eps_v, eps_a = torch.randn_like(v), torch.randn_like(a)
-    out = flow.flow_matching_loss(lambda x, y, t: (torch.zeros_like(x), torch.zeros_like(y)), v, a, t,
-                                  eps_v=eps_v, eps_a=eps_a, weighting="uniform")
+    out = flow.flow_matching_loss(
+        lambda x, y, t: (torch.zeros_like(x), torch.zeros_like(y)),
+        v,
+        a,
+        t,
+        eps_v=eps_v,
+        eps_a=eps_a,
+        weighting="uniform",
+    )
     expected = (v - eps_v).square().mean() + (a - eps_a).square().mean()
     torch.testing.assert_close(out["loss"], expected)
 
@@ -124,7 +151,7 @@ def test_uniform_weighting_is_plain_mse():
 def test_sample_training_levels_mix_rolling_and_preroll():
     t = flow.sample_training_levels(4000, 10, generator=torch.Generator().manual_seed(1))
     gaps = t[:, 0] - t[:, 9]
-    rolling = (gaps - 0.9).abs() < 1e-4        # rolling windows span exactly 9/10
+    rolling = (gaps - 0.9).abs() < 1e-4  # rolling windows span exactly 9/10
     assert 0.77 < rolling.float().mean() < 0.83
     assert bool(((t > 0) & (t < 1)).all())
 
@@ -147,7 +174,10 @@ def test_model_evaluations_per_frame(recorded):
 def test_sampler_leaves_the_callers_grad_mode_alone():
     frames = flow.rolling_sample(
         lambda v, a, t: (torch.zeros_like(v), torch.zeros_like(a)),
-        torch.randn(1, 2, 4, 2, 2), torch.randn(1, 2, 1, 4, 10), steps=1)
+        torch.randn(1, 2, 4, 2, 2),
+        torch.randn(1, 2, 1, 4, 10),
+        steps=1,
+    )
     next(frames)
     assert torch.is_grad_enabled()
     next(frames)
@@ -166,14 +196,15 @@ def test_causal_preroll_evaluates_only_moving_frames_and_replays_reference(recor
         return model(v, a, t_rf, y)
 
     recorded_noise = iter([(f[f"noise.{2 * k:03d}"], f[f"noise.{2 * k + 1:03d}"]) for k in range(7)])
-    frames = flow.rolling_sample(velocity, f["init.v"], f["init.a"], steps=2, causal=True,
-                                 noise=lambda: next(recorded_noise))
+    frames = flow.rolling_sample(
+        velocity, f["init.v"], f["init.a"], steps=2, causal=True, noise=lambda: next(recorded_noise)
+    )
     for k in range(7):
         v, a = next(frames)
         torch.testing.assert_close(v, f[f"frame.{k}.v"], **TOL)
         torch.testing.assert_close(a, f[f"frame.{k}.a"], **TOL)
-    assert sizes[:8] == [1, 1, 2, 2, 3, 3, 4, 4]      # window 4, 2 steps: frame k joins at step 2k
-    assert sizes[8:] == [4] * 12                       # rolling steps always see the whole window
+    assert sizes[:8] == [1, 1, 2, 2, 3, 3, 4, 4]  # window 4, 2 steps: frame k joins at step 2k
+    assert sizes[8:] == [4] * 12  # rolling steps always see the whole window
 
 
 def test_a_window_longer_than_the_model_is_refused(recorded):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from typer.testing import CliRunner
 
-import tiny
 from rflav_cli import audio as audio_lib
 from rflav_cli.cli import app
 from rflav_cli.flow import rolling_sample
@@ -41,8 +41,20 @@ def run_cli(*args: str, env: dict | None = None):
 
 def ffprobe(path: Path) -> dict:
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(path)],
-        capture_output=True, text=True, check=True,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     info = json.loads(out.stdout)
     streams = {s["codec_type"]: s for s in info["streams"]}
@@ -50,15 +62,48 @@ def ffprobe(path: Path) -> dict:
 
 
 def decode_frames(path: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-fps_mode", "passthrough", "-f", "rawvideo",
-                          "-pix_fmt", "rgb24", "-"],
-                         capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, 256, 256, 3)
 
 
 def decode_audio(path: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "-ac", "1",
-                          "-ar", "16000", "-"], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-f",
+            "f32le",
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     return np.frombuffer(raw, np.float32)
 
 
@@ -77,15 +122,34 @@ def check_mp4(path: Path, frames: int) -> dict:
 
 def test_generate_from_local_folder(ckpt, tmp_path):
     out = tmp_path / "clip.mp4"
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--seconds", "1.2",
-                     "--output", str(out), "--wav", "--quiet", "--device", "cpu", "--dtype", "fp32")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--seconds",
+        "1.2",
+        "--output",
+        str(out),
+        "--wav",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
     assert result.exit_code == 0, result.output
     check_mp4(out, 12)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["frames"] == 12 and side["seconds"] == 1.2 and side["seed"] == 0 and side["steps"] == 2
     assert side["dtype"] == "float32" and side["device"] == "cpu" and len(side["model_sha256"]) == 64
-    wav = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(out.with_suffix(".wav"))],
-                         capture_output=True, text=True, check=True)
+    wav = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(out.with_suffix(".wav"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stream = json.loads(wav.stdout)["streams"][0]
     assert int(stream["duration_ts"]) == 12 * 1600 and stream["sample_rate"] == "16000"
     assert not list(tmp_path.glob(".*partial*"))
@@ -97,25 +161,70 @@ def test_generate_from_offline_hf_cache(ckpt, tmp_path):
     tiny.install_in_hf_cache(ckpt["vae"], cache, "someone/tiny-vae")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "hub.mp4"
-    result = run_cli("generate", "--model", "someone/tiny-flav", "--vae", "someone/tiny-vae", "--frames", "7",
-                     "-o", str(out), "--json", "--device", "cpu", "--dtype", "fp32", env=env)
+    result = run_cli(
+        "generate",
+        "--model",
+        "someone/tiny-flav",
+        "--vae",
+        "someone/tiny-vae",
+        "--frames",
+        "7",
+        "-o",
+        str(out),
+        "--json",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["model"] == "someone/tiny-flav" and summary["revision"] == "0123456789abcdef0123456789abcdef01234567"
+    assert (
+        summary["model"] == "someone/tiny-flav"
+        and summary["revision"] == "0123456789abcdef0123456789abcdef01234567"
+    )
     check_mp4(out, 7)
     # A repo that is not cached fails in one line naming repo, file and the local-folder fix.
-    missing = run_cli("generate", "--model", "someone/absent", "--frames", "3", "-o", str(tmp_path / "x.mp4"), env=env)
+    missing = run_cli(
+        "generate", "--model", "someone/absent", "--frames", "3", "-o", str(tmp_path / "x.mp4"), env=env
+    )
     assert missing.exit_code == 2
-    assert "someone/absent" in missing.stderr and "--model" in missing.stderr and "Traceback" not in missing.output
+    assert (
+        "someone/absent" in missing.stderr
+        and "--model" in missing.stderr
+        and "Traceback" not in missing.output
+    )
 
 
 def test_same_seed_same_frames_and_seed_plus_i(ckpt, tmp_path):
-    args = ["--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "5", "--quiet", "--device", "cpu",
-            "--dtype", "fp32"]
+    args = [
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "5",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    ]
     assert run_cli("generate", *args, "--seed", "3", "-o", str(tmp_path / "a.mp4")).exit_code == 0
     assert run_cli("generate", *args, "--seed", "3", "-o", str(tmp_path / "b.mp4")).exit_code == 0
-    result = run_cli("generate", *args, "--seed", "2", "--num-samples", "2", "--batch-size", "2",
-                     "-o", str(tmp_path / "many"))
+    result = run_cli(
+        "generate",
+        *args,
+        "--seed",
+        "2",
+        "--num-samples",
+        "2",
+        "--batch-size",
+        "2",
+        "-o",
+        str(tmp_path / "many"),
+    )
     assert result.exit_code == 0, result.output
     a, b = decode_frames(tmp_path / "a.mp4"), decode_frames(tmp_path / "b.mp4")
     assert np.array_equal(a, b)
@@ -144,7 +253,7 @@ def test_stream_audio_equals_whole_clip_vocoding(ckpt):
 
     with torch.no_grad():
         sampler = rolling_sample(lambda v, a, t: pipe.model(v, a, t), v0, a0, steps=2, noise=noise)
-        mel = torch.cat([next(sampler)[1] for _ in range(9)], dim=-1)[:, 0]   # (1, 256, 90)
+        mel = torch.cat([next(sampler)[1] for _ in range(9)], dim=-1)[:, 0]  # (1, 256, 90)
         whole = pipe.vocoder(audio_lib.denormalize_log_mel(mel, pipe.audio_scale))[0, 0].numpy()
     assert np.abs(streamed - whole).max() <= 1e-4
     video = np.stack([f.video[0] for f in frames])
@@ -152,20 +261,66 @@ def test_stream_audio_equals_whole_clip_vocoding(ckpt):
 
 
 def _make_tone(path: Path, seconds: float) -> None:
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-                    "-ar", "44100", "-ac", "2", str(path)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-ar",
+            "44100",
+            "-ac",
+            "2",
+            str(path),
+        ],
+        check=True,
+    )
 
 
 def test_audio_to_video_keeps_the_given_audio(ckpt, tmp_path):
     tone = tmp_path / "tone.wav"
     _make_tone(tone, 0.8)
     out = tmp_path / "a2v.mp4"
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--audio", str(tone),
-                     "-o", str(out), "--quiet", "--device", "cpu", "--dtype", "fp32", "--wav")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--audio",
+        str(tone),
+        "-o",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--wav",
+    )
     assert result.exit_code == 0, result.output
-    check_mp4(out, 8)     # the input's length sets the duration
-    given = subprocess.run(["ffmpeg", "-v", "error", "-i", str(tone), "-af", "pan=mono|c0=c0", "-f", "f32le",
-                            "-ar", "16000", "-"], capture_output=True, check=True).stdout
+    check_mp4(out, 8)  # the input's length sets the duration
+    given = subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(tone),
+            "-af",
+            "pan=mono|c0=c0",
+            "-f",
+            "f32le",
+            "-ar",
+            "16000",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     given = np.frombuffer(given, np.float32)
     written = decode_audio(out.with_suffix(".wav"))
     n = min(len(given), len(written))
@@ -174,23 +329,72 @@ def test_audio_to_video_keeps_the_given_audio(ckpt, tmp_path):
 
 def test_video_to_audio_keeps_the_given_video(ckpt, tmp_path):
     src = tmp_path / "src.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=256x256:rate=10:duration=0.6",
-                    "-pix_fmt", "yuv420p", "-c:v", "libx264", "-crf", "10", str(src)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=256x256:rate=10:duration=0.6",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-crf",
+            "10",
+            str(src),
+        ],
+        check=True,
+    )
     out = tmp_path / "v2a.mp4"
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--video", str(src),
-                     "-o", str(out), "--quiet", "--device", "cpu", "--dtype", "fp32")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--video",
+        str(src),
+        "-o",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
     assert result.exit_code == 0, result.output
     check_mp4(out, 6)
     diff = np.abs(decode_frames(out).astype(float) - decode_frames(src).astype(float)).mean()
-    assert diff < 6.0    # the same picture, up to two lossy encodes
+    assert diff < 6.0  # the same picture, up to two lossy encodes
 
 
 def test_sigint_during_forever_leaves_a_playable_file(ckpt, tmp_path):
     out = tmp_path / "forever.mp4"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rflav_cli", "generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]),
-         "--forever", "-o", str(out), "--quiet", "--device", "cpu", "--dtype", "fp32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "rflav_cli",
+            "generate",
+            "--model",
+            str(ckpt["model"]),
+            "--vae",
+            str(ckpt["vae"]),
+            "--forever",
+            "-o",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.time() + 120
     while time.time() < deadline and not any(tmp_path.glob(".forever*partial*")):
@@ -230,11 +434,40 @@ def test_seconds_not_a_number_exits_2():
 def test_unknown_class_of_class_conditional_checkpoint(tmp_path):
     model = tiny.build_tiny_model(tmp_path / "cond", num_classes=2, class_names=["drums", "piano"])
     vae = tiny.build_tiny_vae(tmp_path / "vae")
-    result = run_cli("generate", "--model", str(model), "--vae", str(vae), "--class", "violin", "--frames", "2",
-                     "-o", str(tmp_path / "c.mp4"), "--device", "cpu")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(model),
+        "--vae",
+        str(vae),
+        "--class",
+        "violin",
+        "--frames",
+        "2",
+        "-o",
+        str(tmp_path / "c.mp4"),
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 2 and "drums, piano" in result.stderr
-    result = run_cli("generate", "--model", str(model), "--vae", str(vae), "--class", "piano", "--cfg-scale", "2",
-                     "--frames", "2", "-o", str(tmp_path / "c.mp4"), "--device", "cpu", "--quiet")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(model),
+        "--vae",
+        str(vae),
+        "--class",
+        "piano",
+        "--cfg-scale",
+        "2",
+        "--frames",
+        "2",
+        "-o",
+        str(tmp_path / "c.mp4"),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     check_mp4(tmp_path / "c.mp4", 2)
 
@@ -242,7 +475,9 @@ def test_unknown_class_of_class_conditional_checkpoint(tmp_path):
 def test_input_without_the_needed_stream(ckpt, tmp_path):
     tone = tmp_path / "tone.wav"
     _make_tone(tone, 0.3)
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--video", str(tone), "-o", str(tmp_path / "o.mp4"))
+    result = run_cli(
+        "generate", "--model", str(ckpt["model"]), "--video", str(tone), "-o", str(tmp_path / "o.mp4")
+    )
     assert result.exit_code == 2 and "has no video stream" in result.stderr
 
 
@@ -276,20 +511,39 @@ def test_compiled_stream_matches_eager(tmp_path):
     vae = tiny.build_tiny_vae(tmp_path / "vae")
     runs = {}
     for compiled in (False, True):
-        pipe = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32", compile=compiled)
+        pipe = Pipeline.from_pretrained(
+            str(model), vae=str(vae), device="cpu", dtype="fp32", compile=compiled
+        )
         runs[compiled] = list(pipe.generate(num_frames=5, seeds=[0, 1], label="b", cfg_scale=2.0))
     assert len(runs[True]) == 5 and pipe.model.blocks_compiled
     # The compiled blocks are not sub-modules: the state dict keeps the release keys.
     assert set(pipe.model.state_dict()) == set(FLAV.from_pretrained(model).state_dict())
     for eager, fast in zip(runs[False], runs[True]):
-        assert np.abs(eager.video.astype(int) - fast.video.astype(int)).max() <= 1   # float rounding only
+        assert np.abs(eager.video.astype(int) - fast.video.astype(int)).max() <= 1  # float rounding only
         assert np.abs(eager.audio - fast.audio).max() <= 1e-4
     # The two samples differ: the compiled graph did not collapse the batch.
     assert np.abs(runs[True][-1].video[0].astype(int) - runs[True][-1].video[1]).mean() > 1
 
     out = tmp_path / "c.mp4"
-    result = run_cli("generate", "--model", str(model), "--vae", str(vae), "--class", "b", "--frames", "3",
-                     "--device", "cpu", "--dtype", "fp32", "--compile", "--json", "-o", str(out))
+    result = run_cli(
+        "generate",
+        "--model",
+        str(model),
+        "--vae",
+        str(vae),
+        "--class",
+        "b",
+        "--frames",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--compile",
+        "--json",
+        "-o",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["compiled"] is True
     assert int(ffprobe(out)["video"]["nb_read_frames"]) == 3
@@ -324,7 +578,9 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "sampling")
     monkeypatch.setattr(torch.cuda, "stream", OnStream)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append("record"), raising=False)
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda self, stream: log.append("record"), raising=False
+    )
 
     generation = pipe.generate(num_frames=4, seeds=[3])
     generation._output_stream = StandInStream()
@@ -333,6 +589,7 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
         def call(*args):
             log.append(name if inside[0] else f"{name} OUTSIDE")
             return fn(*args)
+
         return call
 
     generation._decode = traced("decode", generation._decode)
@@ -342,9 +599,9 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
 
     assert not [entry for entry in log if "OUTSIDE" in entry]
     assert log.count("decode") == 4 and log.count("push") == 4 and log.count("flush") == 1
-    assert log.count("record") == 8                      # video and audio of each frame
+    assert log.count("record") == 8  # video and audio of each frame
     first_decode = log.index("decode")
-    assert log[first_decode - 3:first_decode] == ["wait:sampling", "record", "record"]
+    assert log[first_decode - 3 : first_decode] == ["wait:sampling", "record", "record"]
     for a, b in zip(plain, streamed):
         assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
 
@@ -356,15 +613,32 @@ def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
 
     def failing_compile(self, mode=None):
         def block(*args):
-            raise BackendCompilerFailed(lambda: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"),
-                                        None)
+            raise BackendCompilerFailed(
+                lambda: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None
+            )
+
         self._compiled_blocks = [block] * len(self.blocks)
         return self
 
     monkeypatch.setattr(FLAV, "compile_blocks", failing_compile)
     out = tmp_path / "c.mp4"
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "3",
-                     "--device", "cpu", "--dtype", "fp32", "--compile", "--quiet", "-o", str(out))
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--compile",
+        "--quiet",
+        "-o",
+        str(out),
+    )
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--compile failed" in lines[0] and "without --compile" in lines[0]
@@ -387,6 +661,7 @@ def _failing_compile(self, mode=None):
 
     def block(*args):
         raise BackendCompilerFailed(lambda: None, RuntimeError("triton not found"), None)
+
     self._compiled_blocks = [block] * len(self.blocks)
     return self
 
@@ -398,13 +673,29 @@ def test_failed_automatic_compile_goes_on_eagerly(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr("rflav_cli.generate.auto_compile", lambda *args, **kwargs: True)
     monkeypatch.setattr(FLAV, "compile_blocks", _failing_compile)
-    common = ("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "4",
-              "--device", "cpu", "--dtype", "fp32", "--json")
+    common = (
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--json",
+    )
     auto, eager = tmp_path / "auto.mp4", tmp_path / "eager.mp4"
     result = run_cli(*common, "-o", str(auto))
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "compiling failed (RuntimeError: triton not found)" in lines[0] and "--no-compile" in lines[0]
+    assert (
+        len(lines) == 1
+        and "compiling failed (RuntimeError: triton not found)" in lines[0]
+        and "--no-compile" in lines[0]
+    )
     assert json.loads(result.stdout)["compiled"] is False
 
     monkeypatch.setattr(FLAV, "compile_blocks", lambda self, mode=None: pytest.fail("--no-compile compiled"))

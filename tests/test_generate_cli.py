@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from typer.testing import CliRunner
 
-import tiny
 from rflav_cli.cli import app
 from rflav_cli.errors import RflavError
 from rflav_cli.flow import Guide, _GuideState
@@ -44,20 +44,52 @@ def run_cli(*args: str, env: dict | None = None):
 def one_error_line(result, exit_code: int = 2) -> str:
     assert result.exit_code == exit_code, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and "Traceback" not in result.output, lines
+    assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and "Traceback" not in result.output, (
+        lines
+    )
     return lines[0]
 
 
 def video_frames(path: Path) -> int:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                          "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.strip().split(",")[0])
 
 
 def has_audio(path: Path) -> bool:
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=codec_name",
-                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "a:0",
+            "-show_entries",
+            "stream=codec_name",
+            "-of",
+            "csv=p=0",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip() == "aac"
 
 
@@ -71,13 +103,28 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 def test_missing_or_incomplete_vocoder_is_an_error_naming_the_way_out(ckpt, tmp_path):
     bare = copy_model(ckpt["model"], tmp_path / "bare")
-    shutil.rmtree(bare / "vocoder")           # as checkpoints trained with --vocoder none by older versions
+    shutil.rmtree(bare / "vocoder")  # as checkpoints trained with --vocoder none by older versions
     half = copy_model(ckpt["model"], tmp_path / "half")
     (half / "vocoder" / "vocoder.pt").unlink()
-    for folder, what in ((bare, f"{bare} has no vocoder/"), (half, f"{half / 'vocoder'} is incomplete: it lacks vocoder.pt")):
+    for folder, what in (
+        (bare, f"{bare} has no vocoder/"),
+        (half, f"{half / 'vocoder'} is incomplete: it lacks vocoder.pt"),
+    ):
         out = tmp_path / f"{folder.name}.mp4"
-        line = one_error_line(run_cli("generate", "--model", str(folder), "--vae", str(ckpt["vae"]), "--frames", "2",
-                                      "-o", str(out), *FAST))
+        line = one_error_line(
+            run_cli(
+                "generate",
+                "--model",
+                str(folder),
+                "--vae",
+                str(ckpt["vae"]),
+                "--frames",
+                "2",
+                "-o",
+                str(out),
+                *FAST,
+            )
+        )
         assert what in line and "--griffin-lim" in line
         assert not out.exists() and not out.with_suffix(".json").exists()
     # The library says the same with the parameter's name.
@@ -89,8 +136,19 @@ def test_griffin_lim_when_asked_or_declared_and_the_sidecar_says_which(ckpt, tmp
     bare = copy_model(ckpt["model"], tmp_path / "bare")
     shutil.rmtree(bare / "vocoder")
     asked = tmp_path / "asked.mp4"
-    result = run_cli("generate", "--model", str(bare), "--vae", str(ckpt["vae"]), "--frames", "3", "--griffin-lim",
-                     "-o", str(asked), *FAST)
+    result = run_cli(
+        "generate",
+        "--model",
+        str(bare),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "3",
+        "--griffin-lim",
+        "-o",
+        str(asked),
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     side = json.loads(asked.with_suffix(".json").read_text())
     assert side["vocoder"] == "griffin-lim" and side["vocoder_source"] is None
@@ -106,14 +164,27 @@ def test_griffin_lim_when_asked_or_declared_and_the_sidecar_says_which(ckpt, tmp
     pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
     assert pipe.vocoder_name == "hifigan" and pipe.vocoder_source == str(ckpt["model"] / "vocoder")
     # ... unless Griffin-Lim is asked for.
-    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32",
-                                    griffin_lim=True)
+    pipe = Pipeline.from_pretrained(
+        str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32", griffin_lim=True
+    )
     assert pipe.vocoder_name == "griffin-lim"
 
     odd = copy_model(bare, tmp_path / "odd")
     write_side_file(odd, {"audio_scale": tiny.TINY_SCALE, "vocoder": "wavenet"})
-    line = one_error_line(run_cli("generate", "--model", str(odd), "--vae", str(ckpt["vae"]), "--frames", "2",
-                                  "-o", str(tmp_path / "odd.mp4"), *FAST))
+    line = one_error_line(
+        run_cli(
+            "generate",
+            "--model",
+            str(odd),
+            "--vae",
+            str(ckpt["vae"]),
+            "--frames",
+            "2",
+            "-o",
+            str(tmp_path / "odd.mp4"),
+            *FAST,
+        )
+    )
     assert str(odd / "rflav.json") in line and "'wavenet'" in line
 
 
@@ -123,8 +194,21 @@ def test_hub_checkpoint_without_cached_vocoder_says_griffin_lim(ckpt, tmp_path):
     snapshot = tiny.install_in_hf_cache(ckpt["model"], cache, "someone/no-vocoder")
     shutil.rmtree(snapshot / "vocoder")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    line = one_error_line(run_cli("generate", "--model", "someone/no-vocoder", "--vae", str(ckpt["vae"]), "--frames",
-                                  "2", "-o", str(tmp_path / "h.mp4"), *FAST, env=env))
+    line = one_error_line(
+        run_cli(
+            "generate",
+            "--model",
+            "someone/no-vocoder",
+            "--vae",
+            str(ckpt["vae"]),
+            "--frames",
+            "2",
+            "-o",
+            str(tmp_path / "h.mp4"),
+            *FAST,
+            env=env,
+        )
+    )
     assert "vocoder/config.json" in line and "someone/no-vocoder" in line and "--griffin-lim" in line
 
 
@@ -134,13 +218,41 @@ def test_hub_checkpoint_without_cached_vocoder_says_griffin_lim(ckpt, tmp_path):
 def test_class_on_an_unconditional_checkpoint_is_refused(ckpt, tmp_path):
     for label in ("dance", "piano"):
         out = tmp_path / f"{label}.mp4"
-        line = one_error_line(run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]),
-                                      "--class", label, "--frames", "2", "-o", str(out), *FAST))
+        line = one_error_line(
+            run_cli(
+                "generate",
+                "--model",
+                str(ckpt["model"]),
+                "--vae",
+                str(ckpt["vae"]),
+                "--class",
+                label,
+                "--frames",
+                "2",
+                "-o",
+                str(out),
+                *FAST,
+            )
+        )
         assert f"--class {label}: this checkpoint is unconditional" in line
         assert not out.exists() and not out.with_suffix(".json").exists()
-    assert "--model" not in line                  # the preset hint is for preset names only
-    line = one_error_line(run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]),
-                                  "--class", "dance", "--frames", "2", "-o", str(tmp_path / "d.mp4"), *FAST))
+    assert "--model" not in line  # the preset hint is for preset names only
+    line = one_error_line(
+        run_cli(
+            "generate",
+            "--model",
+            str(ckpt["model"]),
+            "--vae",
+            str(ckpt["vae"]),
+            "--class",
+            "dance",
+            "--frames",
+            "2",
+            "-o",
+            str(tmp_path / "d.mp4"),
+            *FAST,
+        )
+    )
     assert "without --model, or with --model dance" in line
     pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
     with pytest.raises(RflavError, match="label dance: this checkpoint is unconditional"):
@@ -154,7 +266,9 @@ def test_class_on_an_unconditional_checkpoint_is_refused(ckpt, tmp_path):
 # ---------------------------------------------------------------------------------------- interruption
 
 
-def _poll_frames(partial_glob, folder: Path, at_least: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _poll_frames(
+    partial_glob, folder: Path, at_least: int, proc: subprocess.Popen, timeout: float = 300
+) -> None:
     """Wait until the partial MP4 being written holds at least `at_least` frames."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -172,12 +286,27 @@ def _poll_frames(partial_glob, folder: Path, at_least: int, proc: subprocess.Pop
 def test_sigint_during_a_fixed_length_run_exits_130_and_says_what_was_written(ckpt, tmp_path):
     out = tmp_path / "short.mp4"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rflav_cli", "generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]),
-         "--frames", "3000", "-o", str(out), *FAST],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "rflav_cli",
+            "generate",
+            "--model",
+            str(ckpt["model"]),
+            "--vae",
+            str(ckpt["vae"]),
+            "--frames",
+            "3000",
+            "-o",
+            str(out),
+            *FAST,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        _poll_frames(".short.mp4*partial*", tmp_path, 10, proc)   # one fragment (a second) on disk
+        _poll_frames(".short.mp4*partial*", tmp_path, 10, proc)  # one fragment (a second) on disk
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -187,8 +316,10 @@ def test_sigint_during_a_fixed_length_run_exits_130_and_says_what_was_written(ck
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["interrupted"] is True and side["frames_requested"] == 3000 and 10 <= side["frames"] < 3000
     lines = stderr.decode().strip().splitlines()
-    assert lines == [f"rflav: interrupted: {side['frames']} of 3000 frames written to {out} "
-                     "(finalised and playable; its .json says interrupted)"], lines
+    assert lines == [
+        f"rflav: interrupted: {side['frames']} of 3000 frames written to {out} "
+        "(finalised and playable; its .json says interrupted)"
+    ], lines
     assert stdout == b""
     assert video_frames(out) == side["frames"] and has_audio(out)
     assert not list(tmp_path.glob(".*partial*"))
@@ -205,12 +336,25 @@ def test_sigterm_in_a_later_batch_says_which_samples_are_missing(ckpt, tmp_path,
     def write_then_signal(self, frame):
         write(self, frame)
         count["frames"] += 1
-        if count["frames"] == 6 + 2:                 # frame 2 of the second sample
+        if count["frames"] == 6 + 2:  # frame 2 of the second sample
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(gen._Outputs, "write", write_then_signal)
-    result = run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "6",
-                     "--num-samples", "3", "-o", str(tmp_path / "many"), "--json", *FAST)
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "6",
+        "--num-samples",
+        "3",
+        "-o",
+        str(tmp_path / "many"),
+        "--json",
+        *FAST,
+    )
     assert result.exit_code == 143, result.output
     first, second = json.loads(result.stdout)
     assert (first["frames"], first["interrupted"]) == (6, False)
@@ -218,7 +362,8 @@ def test_sigterm_in_a_later_batch_says_which_samples_are_missing(ckpt, tmp_path,
     assert result.stderr.strip() == (
         f"rflav: interrupted: {second['frames']} of 6 frames written to {tmp_path / 'many' / 'model-seed1.mp4'} "
         "(finalised and playable; its .json says interrupted); 1 complete sample before; "
-        "1 of 3 samples not generated")
+        "1 of 3 samples not generated"
+    )
     assert video_frames(tmp_path / "many" / "model-seed1.mp4") == second["frames"]
     assert not (tmp_path / "many" / "model-seed2.mp4").exists()
 
@@ -241,8 +386,19 @@ def test_a_failure_mid_run_leaves_no_partial_file_or_fifo_folder(ckpt, tmp_path,
     monkeypatch.setattr(Generation, "_produce_one", failing)
     out = tmp_path / "out" / "broken.mp4"
     with pytest.raises(RuntimeError, match="a bug"):
-        run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--frames", "8", "--wav",
-                "-o", str(out), *FAST)
+        run_cli(
+            "generate",
+            "--model",
+            str(ckpt["model"]),
+            "--vae",
+            str(ckpt["vae"]),
+            "--frames",
+            "8",
+            "--wav",
+            "-o",
+            str(out),
+            *FAST,
+        )
     assert list(tmp.iterdir()) == []
     assert list(out.parent.iterdir()) == []
 
@@ -263,10 +419,34 @@ def test_a_failing_endless_stream_keeps_what_it_made(ckpt, tmp_path, monkeypatch
     monkeypatch.setattr(Generation, "_produce_one", failing)
     out = tmp_path / "stream.mp4"
     with pytest.raises(RuntimeError, match="a bug"):
-        run_cli("generate", "--model", str(ckpt["model"]), "--vae", str(ckpt["vae"]), "--forever",
-                "-o", str(out), *FAST)
-    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=nb_read_frames", "-of", "csv=p=0", str(out)], capture_output=True, text=True)
+        run_cli(
+            "generate",
+            "--model",
+            str(ckpt["model"]),
+            "--vae",
+            str(ckpt["vae"]),
+            "--forever",
+            "-o",
+            str(out),
+            *FAST,
+        )
+    probe = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode == 0 and int(probe.stdout) >= 1
 
 
@@ -294,8 +474,10 @@ def test_output_names(ckpt, tmp_path):
     req = GenerateRequest(output=str(tmp_path / "new"), seed=4)
     assert generate_output_paths(req, "m", [4]) == [tmp_path / "new" / "m-seed4.mp4"]
     req = GenerateRequest(output=str(tmp_path / "many"), num_samples=2)
-    assert generate_output_paths(req, "m", [0, 1]) == [tmp_path / "many" / "m-seed0.mp4",
-                                                       tmp_path / "many" / "m-seed1.mp4"]
+    assert generate_output_paths(req, "m", [0, 1]) == [
+        tmp_path / "many" / "m-seed0.mp4",
+        tmp_path / "many" / "m-seed1.mp4",
+    ]
     line = one_error_line(run_cli(*args, "--num-samples", "2", "-o", str(tmp_path / "x.mp4")))
     assert "--num-samples 2 writes several files: give --output a folder" in line
 
@@ -324,8 +506,13 @@ print(json.dumps([result.exit_code, result.stderr, "torch" in sys.modules]))
 
 def test_bad_values_are_reported_before_torch_is_imported(tmp_path):
     for args, message in BEFORE_TORCH:
-        out = subprocess.run([sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)], cwd=tmp_path,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         code, stderr, torch_imported = json.loads(out.stdout)
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
         assert not torch_imported, args
@@ -356,7 +543,7 @@ def test_guidance_noise_comes_from_the_seeded_cpu_generator_on_any_device(ckpt, 
 
     monkeypatch.setattr("rflav_cli.pipeline.Guide", recording_guide)
     pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
-    pipe.device = torch.device("meta")            # stands in for a GPU: nothing is computed here
+    pipe.device = torch.device("meta")  # stands in for a GPU: nothing is computed here
     wave = np.zeros(3 * 1600, np.float32)
     pipe.generate(num_frames=2, seeds=[7, 8], audio=wave)
     generator = captured[0].generator
@@ -367,8 +554,12 @@ def test_guidance_noise_comes_from_the_seeded_cpu_generator_on_any_device(ckpt, 
     state = _GuideState(Guide("audio", iter(frames), generator=torch.Generator().manual_seed(5)), window=3)
     assert all(n.device.type == "meta" and n.shape == shape for n in state.noise)
 
-    on_cpu = _GuideState(Guide("audio", iter([torch.zeros(shape) for _ in range(3)]),
-                               generator=torch.Generator().manual_seed(5)), window=3)
+    on_cpu = _GuideState(
+        Guide(
+            "audio", iter([torch.zeros(shape) for _ in range(3)]), generator=torch.Generator().manual_seed(5)
+        ),
+        window=3,
+    )
     reference = torch.Generator().manual_seed(5)
     for noise in on_cpu.noise:
         assert torch.equal(noise, torch.randn(shape, generator=reference))

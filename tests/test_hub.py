@@ -65,8 +65,9 @@ def model_payload(tag: str) -> dict[str, bytes]:
 VAE_PAYLOAD = {"config.json": b'{"latent_channels": 4}', "diffusion_pytorch_model.safetensors": b"vae"}
 
 
-def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
-                 ref: str | None = "main") -> Path:
+def add_to_cache(
+    cache: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT, ref: str | None = "main"
+) -> Path:
     """Lay files out exactly as huggingface_hub does: blobs, relative symlinks, refs/<branch>."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
@@ -130,8 +131,20 @@ def test_valid_repo_ids(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["name", "a/b/c", "org/", "/abs", "./rel/x", "org/na--me", "org/a..b", "org/-x", "org/x.git",
-             "org/with space", "o/" + "x" * 95],
+    "name",
+    [
+        "name",
+        "a/b/c",
+        "org/",
+        "/abs",
+        "./rel/x",
+        "org/na--me",
+        "org/a..b",
+        "org/-x",
+        "org/x.git",
+        "org/with space",
+        "o/" + "x" * 95,
+    ],
 )
 def test_invalid_repo_ids(name: str) -> None:
     assert not hub.is_repo_id(name)
@@ -260,8 +273,9 @@ def test_resolve_local_folder_missing_files(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "broken", files)
     with pytest.raises(ResolveError, match="model.safetensors"):
         resolve_model(str(folder))
-    no_vocoder = make_folder(tmp_path / "novoc", {k: v for k, v in model_payload("m").items()
-                                                   if not k.startswith("vocoder/")})
+    no_vocoder = make_folder(
+        tmp_path / "novoc", {k: v for k, v in model_payload("m").items() if not k.startswith("vocoder/")}
+    )
     with pytest.raises(ResolveError, match="vocoder/vocoder.pt"):
         resolve_model(str(no_vocoder))
     model = resolve_model(str(no_vocoder), need_vocoder=False)
@@ -287,7 +301,13 @@ def test_a_file_is_not_a_folder(tmp_path: Path) -> None:
 
 
 def test_side_file_round_trip_and_atomic(tmp_path: Path) -> None:
-    data = {"class_names": ["a"], "audio_scale": 3.5, "autoencoder": VAE_REPO_ID, "fps": 10, "sample_rate": 16000}
+    data = {
+        "class_names": ["a"],
+        "audio_scale": 3.5,
+        "autoencoder": VAE_REPO_ID,
+        "fps": 10,
+        "sample_rate": 16000,
+    }
     path = write_side_file(tmp_path, data)
     assert path == tmp_path / "rflav.json"
     assert read_side_file(tmp_path) == data
@@ -296,8 +316,15 @@ def test_side_file_round_trip_and_atomic(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["{not json", "[1, 2]", '{"audio_scale": "big"}', '{"audio_scale": -1}', '{"class_names": [1]}',
-             '{"autoencoder": 3}'],
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"audio_scale": "big"}',
+        '{"audio_scale": -1}',
+        '{"class_names": [1]}',
+        '{"autoencoder": 3}',
+    ],
 )
 def test_bad_side_file(tmp_path: Path, text: str) -> None:
     (tmp_path / "rflav.json").write_text(text)
@@ -396,7 +423,9 @@ def online_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (lambda: OSError("disk full"), "disk full"),
     ],
 )
-def test_hub_errors_become_one_line(online_env: None, monkeypatch: pytest.MonkeyPatch, error, expected: str) -> None:
+def test_hub_errors_become_one_line(
+    online_env: None, monkeypatch: pytest.MonkeyPatch, error, expected: str
+) -> None:
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeDownload(error()))
     with pytest.raises(ResolveError) as info:
         resolve_model("org/model")
@@ -405,7 +434,9 @@ def test_hub_errors_become_one_line(online_env: None, monkeypatch: pytest.Monkey
     assert "--model" in message and "\n" not in message
 
 
-def test_offline_switch_and_commit_pinning(online_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_switch_and_commit_pinning(
+    online_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeDownload(root=tmp_path / "snap")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     folder = local_folder("org/model", MODEL_FILES)
@@ -423,8 +454,9 @@ def test_offline_switch_and_commit_pinning(online_env: None, tmp_path: Path, mon
     assert fake.calls[0]["local_files_only"] is True
 
 
-def test_download_to_folder_online_uses_local_dir(online_env: None, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_to_folder_online_uses_local_dir(
+    online_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeDownload()
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     bars_before = are_progress_bars_disabled()
@@ -443,8 +475,8 @@ def test_download_to_folder_online_uses_local_dir(online_env: None, tmp_path: Pa
 
 # ---------------------------------------------------------------- an unreachable or silent Hub, via the CLI
 
-REFUSED_LIMIT_S = 5.0   # the whole command, when the endpoint refuses connections
-SILENT_LIMIT_S = 15.0   # the whole command, when the endpoint accepts and never answers
+REFUSED_LIMIT_S = 5.0  # the whole command, when the endpoint refuses connections
+SILENT_LIMIT_S = 15.0  # the whole command, when the endpoint accepts and never answers
 
 
 @pytest.fixture
@@ -542,7 +574,7 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         pieces = 10
         step = max(1, -(-len(data) // pieces))
         for start in range(0, len(data), step):
-            self.wfile.write(data[start:start + step])
+            self.wfile.write(data[start : start + step])
             self.wfile.flush()
             time.sleep(self.server.seconds_per_file / pieces)
 
@@ -557,15 +589,32 @@ def fake_hub() -> Iterator[FakeHub]:
     server.server_close()
 
 
-def rflav(args: list[str], endpoint: str, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+def rflav(
+    args: list[str], endpoint: str, tmp_path: Path, **env: str
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run `rflav ARGS` in a fresh process against ``endpoint``; returns the result and seconds taken."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_VERBOSITY",
-                             "RFLAV_HUB_TIMEOUT")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "HF_HUB_OFFLINE",
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_HUB_VERBOSITY",
+            "RFLAV_HUB_TIMEOUT",
+        )
+    }
     full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), **env)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "rflav_cli", *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rflav_cli", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, time.monotonic() - start
 
 
@@ -597,11 +646,15 @@ def test_refused_endpoint_fails_download_at_once_and_cleans_up(refused_endpoint:
     # No lock files, partial files or .cache/huggingface left in the folders; ours kept.
     assert tree(target) == before
     # A folder the call would have made is not made at all.
-    proc, _ = rflav(["download", "dance", "--to", str(tmp_path / "new" / "deeper")], refused_endpoint, tmp_path)
+    proc, _ = rflav(
+        ["download", "dance", "--to", str(tmp_path / "new" / "deeper")], refused_endpoint, tmp_path
+    )
     assert proc.returncode == 2 and not (tmp_path / "new").exists()
 
 
-def test_silent_endpoint_fails_download_within_the_default_timeout(silent_endpoint: str, tmp_path: Path) -> None:
+def test_silent_endpoint_fails_download_within_the_default_timeout(
+    silent_endpoint: str, tmp_path: Path
+) -> None:
     proc, seconds = rflav(["download", "dance", "--to", str(tmp_path / "w")], silent_endpoint, tmp_path)
     assert proc.returncode == 2
     line = only_line(proc)
@@ -620,7 +673,9 @@ def test_silent_endpoint_honours_the_timeout_variable(silent_endpoint: str, tmp_
     assert proc.returncode == 2 and "RFLAV_HUB_TIMEOUT must be a positive number" in only_line(proc)
 
 
-def test_generate_with_a_hub_model_fails_fast(refused_endpoint: str, silent_endpoint: str, tmp_path: Path) -> None:
+def test_generate_with_a_hub_model_fails_fast(
+    refused_endpoint: str, silent_endpoint: str, tmp_path: Path
+) -> None:
     # What starting `rflav generate` costs without any Hub access (torch and the models' code).
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", "import rflav_cli.cli, rflav_cli.generate"], check=True)
@@ -691,4 +746,4 @@ def test_failed_download_to_folder_removes_what_it_added(fake_hub: FakeHub, tmp_
     line = only_line(proc)
     assert DANCE in line and "vocoder/vocoder.pt" in line and "no such file" in line
     assert len(fake_hub.gets) == 3  # the files before it did arrive ...
-    assert tree(target) == before   # ... and are gone again, with the .cache/huggingface bookkeeping
+    assert tree(target) == before  # ... and are gone again, with the .cache/huggingface bookkeeping

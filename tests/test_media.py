@@ -56,15 +56,15 @@ def _fresh_ffmpeg_lookup_and_deadline():
 # ---------------------------------------------------------------------------- helpers
 def synth(path: Path, *args: str) -> Path:
     """Make a clip with the system ffmpeg (lavfi sources)."""
-    subprocess.run([FFMPEG, "-v", "error", "-y", *args, str(path)], check=True,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run([FFMPEG, "-v", "error", "-y", *args, str(path)], check=True, stdin=subprocess.DEVNULL)
     return path
 
 
 def ffprobe_streams(path: Path) -> dict[str, dict]:
     res = subprocess.run(
         [FFPROBE, "-v", "error", "-count_packets", "-show_streams", "-of", "json", str(path)],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     )
     streams = json.loads(res.stdout)["streams"]
     return {s["codec_type"]: s for s in streams}
@@ -79,8 +79,9 @@ def colour(i: int) -> tuple[int, int, int]:
 
 
 def pattern_frames(start: int, n: int) -> np.ndarray:
-    return np.stack([np.broadcast_to(np.array(colour(i), np.uint8), (256, 256, 3))
-                     for i in range(start, start + n)])
+    return np.stack(
+        [np.broadcast_to(np.array(colour(i), np.uint8), (256, 256, 3)) for i in range(start, start + n)]
+    )
 
 
 def burst_audio(start: int, n: int) -> np.ndarray:
@@ -138,10 +139,10 @@ def test_writer_roundtrip_format_pattern_and_sync(tmp_path):
     assert abs(len(back) - 25 * SPF) <= 1024
     loud = np.flatnonzero(np.abs(back) > 0.1)
     assert abs(loud[0] - 10 * SPF) <= 160 and abs(loud[-1] - 15 * SPF) <= 160
-    seg = back[10 * SPF + 800: 15 * SPF - 800]
+    seg = back[10 * SPF + 800 : 15 * SPF - 800]
     spectrum = np.abs(np.fft.rfft(seg * np.hanning(len(seg))))
     assert abs(np.argmax(spectrum) * SR / len(seg) - 440) < 5
-    assert abs(np.sqrt(np.mean(seg ** 2)) - 0.5 / np.sqrt(2)) < 0.03
+    assert abs(np.sqrt(np.mean(seg**2)) - 0.5 / np.sqrt(2)) < 0.03
 
 
 def test_writer_video_only(tmp_path):
@@ -259,9 +260,21 @@ def test_partial_file_plays_after_ffmpeg_is_killed(tmp_path):
         w._proc.send_signal(signal.SIGKILL)
         w._proc.wait()
         res = subprocess.run(
-            [FFPROBE, "-v", "quiet", "-select_streams", "v:0", "-count_frames",
-             "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(w.partial_path)],
-            capture_output=True, text=True,
+            [
+                FFPROBE,
+                "-v",
+                "quiet",
+                "-select_streams",
+                "v:0",
+                "-count_frames",
+                "-show_entries",
+                "stream=nb_read_frames",
+                "-of",
+                "csv=p=0",
+                str(w.partial_path),
+            ],
+            capture_output=True,
+            text=True,
         )
         assert int(res.stdout.strip().split(",")[0]) >= 10
         with pytest.raises(MediaError, match="ffmpeg"):
@@ -293,9 +306,17 @@ def test_write_wav(tmp_path):
 # ---------------------------------------------------------------------------- reading
 def test_read_video_letterbox_wide_and_fps(tmp_path):
     # 320x180 at 25 fps, 2 s; brightness rises with the source frame number.
-    clip = synth(tmp_path / "wide.mp4", "-f", "lavfi", "-i",
-                 "color=c=black:s=320x180:r=25:d=2,format=yuv420p,geq=lum='60+3*N':cb=128:cr=128",
-                 "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    clip = synth(
+        tmp_path / "wide.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=black:s=320x180:r=25:d=2,format=yuv420p,geq=lum='60+3*N':cb=128:cr=128",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+    )
     frames = list(read_video_frames(clip))
     assert len(frames) == 20 == count_frames(clip)
     assert all(f.shape == (256, 256, 3) and f.dtype == np.uint8 for f in frames)
@@ -306,16 +327,23 @@ def test_read_video_letterbox_wide_and_fps(tmp_path):
     brightness = [f[56:200].mean() for f in frames]
     assert np.all(np.diff(brightness) > 0)  # later source frames, in order
     # output frame k shows source frame ~2.5k: luma 60 + 7.5k, i.e. RGB (luma-16)*255/219
-    np.testing.assert_allclose(brightness, [(60 + 7.5 * k - 16) * 255 / 219 for k in range(20)],
-                               atol=6)
+    np.testing.assert_allclose(brightness, [(60 + 7.5 * k - 16) * 255 / 219 for k in range(20)], atol=6)
 
 
 @pytest.mark.parametrize("w,h", [(320, 179), (179, 320), (322, 100)])
 def test_read_video_letterbox_odd_padding_goes_bottom_right(tmp_path, w, h):
     # lavfi's colour source rounds sizes to even numbers: crop to the odd size afterwards.
-    clip = synth(tmp_path / "odd.mkv", "-f", "lavfi", "-i",
-                 f"color=c=white:s={w + 1}x{h + 1}:r=10:d=0.3,format=rgb24,crop={w}:{h}:0:0",
-                 "-c:v", "ffv1", "-pix_fmt", "bgr0")
+    clip = synth(
+        tmp_path / "odd.mkv",
+        "-f",
+        "lavfi",
+        "-i",
+        f"color=c=white:s={w + 1}x{h + 1}:r=10:d=0.3,format=rgb24,crop={w}:{h}:0:0",
+        "-c:v",
+        "ffv1",
+        "-pix_fmt",
+        "bgr0",
+    )
     assert (probe(clip).width, probe(clip).height) == (w, h)
     # The original R-FLAV rule: ratio = min(256/h, 256/w), new side = int(side * ratio).
     ratio = min(256 / h, 256 / w)
@@ -330,24 +358,46 @@ def test_read_video_letterbox_odd_padding_goes_bottom_right(tmp_path, w, h):
 
 
 def test_read_audio_takes_first_channel(tmp_path):
-    clip = synth(tmp_path / "st.wav", "-f", "lavfi", "-i",
-                 "aevalsrc=0.5*sin(2*PI*440*t)|0.5*sin(2*PI*1000*t):s=44100:d=1",
-                 "-c:a", "pcm_s16le")
+    clip = synth(
+        tmp_path / "st.wav",
+        "-f",
+        "lavfi",
+        "-i",
+        "aevalsrc=0.5*sin(2*PI*440*t)|0.5*sin(2*PI*1000*t):s=44100:d=1",
+        "-c:a",
+        "pcm_s16le",
+    )
     a = read_audio(clip)
     assert a.dtype == np.float32 and a.shape == (SR,)
     spectrum = np.abs(np.fft.rfft(a * np.hanning(len(a))))
     assert spectrum[440] > 100 * spectrum[1000]
     assert abs(np.sqrt(np.mean(a[1000:-1000] ** 2)) - 0.5 / np.sqrt(2)) < 0.01  # not a downmix
 
-    silent_right = synth(tmp_path / "l.wav", "-f", "lavfi", "-i",
-                         "aevalsrc=0.5*sin(2*PI*440*t)|0:s=22050:d=1", "-c:a", "pcm_s16le")
+    silent_right = synth(
+        tmp_path / "l.wav",
+        "-f",
+        "lavfi",
+        "-i",
+        "aevalsrc=0.5*sin(2*PI*440*t)|0:s=22050:d=1",
+        "-c:a",
+        "pcm_s16le",
+    )
     b = read_audio(silent_right, sample_rate=8000)
     assert b.shape == (8000,) and abs(np.sqrt(np.mean(b[500:-500] ** 2)) - 0.3536) < 0.01
 
 
 def test_missing_streams_and_bad_files(tmp_path):
-    video_only = synth(tmp_path / "v.mp4", "-f", "lavfi", "-i", "testsrc=s=64x64:r=10:d=0.5",
-                       "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    video_only = synth(
+        tmp_path / "v.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x64:r=10:d=0.5",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+    )
     audio_only = synth(tmp_path / "a.wav", "-f", "lavfi", "-i", "sine=f=440:d=0.5")
     with pytest.raises(MediaError, match="v.mp4 has no audio stream"):
         read_audio(video_only)
@@ -365,9 +415,23 @@ def test_missing_streams_and_bad_files(tmp_path):
 
 @pytest.mark.parametrize("use_ffprobe", [True, False])
 def test_probe_with_and_without_ffprobe(tmp_path, monkeypatch, use_ffprobe):
-    clip = synth(tmp_path / "p.mp4", "-f", "lavfi", "-i", "testsrc=s=320x180:r=25:d=2",
-                 "-f", "lavfi", "-i", "aevalsrc=0.1*sin(2*PI*440*t)|0:s=44100:d=2",
-                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac")
+    clip = synth(
+        tmp_path / "p.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=320x180:r=25:d=2",
+        "-f",
+        "lavfi",
+        "-i",
+        "aevalsrc=0.1*sin(2*PI*440*t)|0:s=44100:d=2",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+    )
     wav = synth(tmp_path / "m.wav", "-f", "lavfi", "-i", "sine=f=440:d=0.5:sample_rate=22050")
     if not use_ffprobe:
         monkeypatch.setattr(media, "_ffprobe_exe", lambda: None)
@@ -404,9 +468,23 @@ def test_find_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch, tmp_path):
         exe = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception:
         pytest.skip("imageio-ffmpeg has no binary here")
-    clip = synth(tmp_path / "c.mp4", "-f", "lavfi", "-i", "testsrc=s=64x48:r=10:d=0.5",
-                 "-f", "lavfi", "-i", "sine=f=440:d=0.5", "-c:v", "libx264",
-                 "-pix_fmt", "yuv420p", "-c:a", "aac")
+    clip = synth(
+        tmp_path / "c.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=10:d=0.5",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=440:d=0.5",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+    )
     monkeypatch.delenv(media.FFMPEG_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no ffmpeg, no ffprobe
     assert find_ffmpeg() == exe
@@ -429,12 +507,12 @@ def test_stale_fifo_folders_of_dead_processes_are_removed(tmp_path, monkeypatch)
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     dead = subprocess.Popen(["true"])
-    dead.wait()                                   # exited and reaped: its pid names no process
+    dead.wait()  # exited and reaped: its pid names no process
     alive = subprocess.Popen(["sleep", "60"])
     try:
         stale = tmp / f"rflav-ffmpeg-{dead.pid}-k1ll3d_x"
         live = tmp / f"rflav-ffmpeg-{alive.pid}-busy0_ab"
-        older = tmp / "rflav-ffmpeg-a1b2c3d4"     # an older version's folder: its process is unknown
+        older = tmp / "rflav-ffmpeg-a1b2c3d4"  # an older version's folder: its process is unknown
         for folder in (stale, live, older):
             folder.mkdir()
             os.mkfifo(folder / "video.rgb")
@@ -461,7 +539,7 @@ def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     w = VideoWriter(tmp_path / "x.mp4")
     w.write(pattern_frames(0, 2), burst_audio(0, 2))
-    w._proc.kill()                                 # ffmpeg dies under the writer
+    w._proc.kill()  # ffmpeg dies under the writer
     w._proc.wait()
     with pytest.raises(MediaError, match="ffmpeg"):
         for i in range(100):
@@ -479,5 +557,6 @@ def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
     w._stderr.close()
     del w, f
     import gc
+
     gc.collect()
     assert list(tmp.iterdir()) == []

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rounding_bounds as rb
 import scipy.linalg
 import torch
 from safetensors.torch import load_file
 
-import rounding_bounds as rb
 from rflav_cli.metrics import frechet
 from rflav_cli.metrics.frechet import frechet_distance, frechet_distance_f64
 from rflav_cli.metrics.kernel import polynomial_kernel, polynomial_mmd
@@ -62,8 +62,7 @@ def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     d = a.mean(0) - b.mean(0)
-    return float(d @ d + np.trace(s1) + np.trace(s2)
-                 - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,8 +163,14 @@ def test_kvd_matches_evaluator(mm, case):
     # Protocol changes move KVD far outside the bound: the biased estimator, another degree,
     # gamma off by 10 %, no constant term (the smallest here is 1300 bounds).
     d = fake.shape[1]
-    for change in ({"biased": True}, {"degree": 2}, {"degree": 4}, {"gamma": 1.1 / d}, {"gamma": 0.9 / d},
-                   {"coef0": 0.0}):
+    for change in (
+        {"biased": True},
+        {"degree": 2},
+        {"degree": 4},
+        {"gamma": 1.1 / d},
+        {"gamma": 0.9 / d},
+        {"coef0": 0.0},
+    ):
         assert abs(rb.kvd_variant(fake, real, **change) - exact) > 5 * bound, change
 
 
@@ -205,7 +210,9 @@ def test_identical_sets():
         k = polynomial_kernel(x.astype(np.float64), x.astype(np.float64))
         m = len(x)
         gap = np.diagonal(k).mean() - (k.sum() - np.trace(k)) / (m * (m - 1))
-        assert abs(polynomial_mmd(x, x, dtype=np.float64) - (-2 / m * gap)) <= 2 * rb.kvd_bound(x, x, unit=rb.UNIT64)
+        assert abs(polynomial_mmd(x, x, dtype=np.float64) - (-2 / m * gap)) <= 2 * rb.kvd_bound(
+            x, x, unit=rb.UNIT64
+        )
 
 
 def test_kvd_near_zero_for_same_distribution_and_not_for_shifted():

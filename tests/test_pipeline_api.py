@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from rflav_cli.errors import RflavError, UsageError
 from rflav_cli.pipeline import Pipeline, PipelineOutput
 
@@ -22,12 +22,15 @@ def ckpt(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipe(ckpt) -> Pipeline:
-    return Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.float32,
-                                    device="cpu")
+    return Pipeline.from_pretrained(
+        str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.float32, device="cpu"
+    )
 
 
 def test_bounded_call_equals_the_stream(ckpt):
-    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.float32).to("cpu")
+    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.float32).to(
+        "cpu"
+    )
     out = pipe(seconds=1, seed=0)
 
     assert isinstance(out, PipelineOutput)
@@ -36,38 +39,45 @@ def test_bounded_call_equals_the_stream(ckpt):
     assert (out.fps, out.sample_rate) == (10, 16_000)
 
     # An independent load with the command line's string spellings, streamed frame by frame.
-    streamed = list(Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
-                    .generate(num_frames=10, seeds=[0]))
+    streamed = list(
+        Pipeline.from_pretrained(
+            str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32"
+        ).generate(num_frames=10, seeds=[0])
+    )
     assert [f.index for f in streamed] == list(range(10))
     np.testing.assert_array_equal(out.frames[0], np.stack([f.video[0] for f in streamed]))
     np.testing.assert_array_equal(out.audio[0], np.concatenate([f.audio[0] for f in streamed]))
-    assert out.frames.std() > 1 and np.abs(out.audio).max() > 0   # not a blank clip
+    assert out.frames.std() > 1 and np.abs(out.audio).max() > 0  # not a blank clip
 
 
 def test_call_batches_seeds_and_counts_frames(pipe):
     out = pipe(frames=3, seeds=[7, 8])
     assert out.frames.shape == (2, 3, 256, 256, 3) and out.audio.shape == (2, 3 * 1600)
-    assert np.abs(out.frames[0].astype(int) - out.frames[1]).mean() > 1   # two seeds, two clips
+    assert np.abs(out.frames[0].astype(int) - out.frames[1]).mean() > 1  # two seeds, two clips
     one = pipe(frames=3, seed=7)
     assert np.abs(one.frames[0].astype(int) - out.frames[0]).max() <= 1
-    assert pipe(seconds=0.04, seed=1).frames.shape[1] == 1                 # rounds up to one frame, as the CLI
+    assert pipe(seconds=0.04, seed=1).frames.shape[1] == 1  # rounds up to one frame, as the CLI
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"seconds": 1, "frames": 10}, "give either seconds or frames"),
-    ({"seconds": -1}, "seconds must be a positive number"),
-    ({"frames": 0}, "frames must be at least 1"),
-    ({"frames": 1, "seed": 1, "seeds": [1]}, "give either seed or seeds"),
-    ({"frames": 1, "seeds": []}, "seeds must hold at least one seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"seconds": 1, "frames": 10}, "give either seconds or frames"),
+        ({"seconds": -1}, "seconds must be a positive number"),
+        ({"frames": 0}, "frames must be at least 1"),
+        ({"frames": 1, "seed": 1, "seeds": [1]}, "give either seed or seeds"),
+        ({"frames": 1, "seeds": []}, "seeds must hold at least one seed"),
+    ],
+)
 def test_call_rejects_bad_requests(pipe, kwargs, needle):
     with pytest.raises(UsageError, match=needle):
         pipe(**kwargs)
 
 
 def test_torch_dtype_bfloat16_gives_a_bf16_model(ckpt):
-    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.bfloat16,
-                                    device=torch.device("cpu"))
+    pipe = Pipeline.from_pretrained(
+        str(ckpt["model"]), vae=str(ckpt["vae"]), torch_dtype=torch.bfloat16, device=torch.device("cpu")
+    )
     assert pipe.dtype == torch.bfloat16 and pipe.model.dtype == torch.bfloat16
     assert pipe.device == torch.device("cpu")
     assert pipe(frames=2, seed=0).frames.shape == (1, 2, 256, 256, 3)
@@ -82,18 +92,21 @@ def test_to_moves_and_returns_the_same_object(ckpt):
     before = pipe.model._compiled_blocks
     assert pipe.to(torch.bfloat16) is pipe
     assert pipe.dtype == torch.bfloat16 and pipe.model.dtype == torch.bfloat16
-    assert pipe.model.blocks_compiled and pipe.model._compiled_blocks is not before   # compiled anew
+    assert pipe.model.blocks_compiled and pipe.model._compiled_blocks is not before  # compiled anew
     assert pipe.to("cpu", dtype=torch.float32) is pipe
     assert pipe.model.dtype == torch.float32
     assert next(pipe.vae.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"torch_dtype": torch.int8}, "unknown torch_dtype torch.int8"),
-    ({"torch_dtype": torch.float64}, "unknown torch_dtype"),
-    ({"torch_dtype": "bf16"}, "unknown torch_dtype 'bf16'"),
-    ({"torch_dtype": torch.float32, "dtype": "fp32"}, "give either dtype or torch_dtype, not both"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"torch_dtype": torch.int8}, "unknown torch_dtype torch.int8"),
+        ({"torch_dtype": torch.float64}, "unknown torch_dtype"),
+        ({"torch_dtype": "bf16"}, "unknown torch_dtype 'bf16'"),
+        ({"torch_dtype": torch.float32, "dtype": "fp32"}, "give either dtype or torch_dtype, not both"),
+    ],
+)
 def test_from_pretrained_rejects_bad_dtypes(ckpt, kwargs, needle):
     with pytest.raises(UsageError, match=needle):
         Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", **kwargs)
@@ -106,4 +119,4 @@ def test_to_rejects_bad_dtypes_and_devices(pipe):
         pipe.to(torch.float16)
     with pytest.raises(RflavError, match="unknown device 'tpu'"):
         pipe.to("tpu")
-    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32   # unchanged after the refusals
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32  # unchanged after the refusals

@@ -13,12 +13,14 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import load_fixture, strip_prefix
+
 from rflav_cli.flow import rolling_sample
 from rflav_cli.models.flav import FLAV, FLAVConfig
 
-SMALL = dict(latent_size=32, patch_size=4, hidden_size=192, depth=4, num_heads=3, predict_frames=10, num_classes=4)
+SMALL = dict(
+    latent_size=32, patch_size=4, hidden_size=192, depth=4, num_heads=3, predict_frames=10, num_classes=4
+)
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,7 +53,7 @@ def test_bf16_forward_is_within_2e_2_of_fp32(models):
     assert out_v.dtype == torch.bfloat16 and out_a.dtype == torch.bfloat16
     for out, ref in ((out_v, ref_v), (out_a, ref_a)):
         err = rel(out, ref)
-        assert 1e-4 < err <= 2e-2, err   # > 1e-4: the forward really ran in bf16
+        assert 1e-4 < err <= 2e-2, err  # > 1e-4: the forward really ran in bf16
 
 
 def test_bf16_forward_of_reference_model_is_within_2e_2_of_its_output():
@@ -65,7 +67,9 @@ def test_bf16_forward_of_reference_model_is_within_2e_2_of_its_output():
     assert rel(a, tensors["out.a"]) <= 2e-2
 
 
-def _first_frames(model: FLAV, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+def _first_frames(
+    model: FLAV, count: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     v0 = torch.randn(1, 10, 4, 32, 32, generator=g)
     a0 = torch.randn(1, 10, 1, 256, 10, generator=g)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rounding_bounds as rb
 import torch
 import torchvision.transforms as T
 from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
-import rounding_bounds as rb
 from rflav_cli.media import MediaError, find_ffmpeg
 from rflav_cli.metrics import protocol as P
 from rflav_cli.metrics.frechet import frechet_distance
@@ -51,10 +51,12 @@ def synth(path: Path, *args: str) -> Path:
 # --------------------------------------------------------------------------------------
 def test_resampling_to_10_fps(tmp_path):
     # 20 fps: every 2nd frame; 25 fps: floor(k·2.5) on ⌊N·10/25⌋ frames (torchvision VideoClips).
-    v20 = synth(tmp_path / "a20.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=20:d=1.7",
-                "-pix_fmt", "yuv420p")
-    v25 = synth(tmp_path / "b25.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=25:d=1.8",
-                "-pix_fmt", "yuv420p")
+    v20 = synth(
+        tmp_path / "a20.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=20:d=1.7", "-pix_fmt", "yuv420p"
+    )
+    v25 = synth(
+        tmp_path / "b25.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=25:d=1.8", "-pix_fmt", "yuv420p"
+    )
     clips = P.enumerate_clips([v20, v25])
     c20 = [c for c in clips if c.path == v20]
     c25 = [c for c in clips if c.path == v25]
@@ -63,7 +65,7 @@ def test_resampling_to_10_fps(tmp_path):
     assert c20[0].start_t == 0.0 and c20[0].end_t == float(np.float32(31) / np.float32(20))
     assert c20[1].start_t == float(np.float32(0.1))
     idx25 = [math.floor(k * 2.5) for k in range(45 * 10 // 25)]
-    assert [c.frames for c in c25] == [tuple(idx25[w:w + 16]) for w in range(3)]
+    assert [c.frames for c in c25] == [tuple(idx25[w : w + 16]) for w in range(3)]
     assert c25[0].end_t == float(np.float32(38) / np.float32(25))
 
 
@@ -93,15 +95,18 @@ def test_loader_batches():
 @pytest.mark.parametrize("hw", [(48, 80), (81, 50), (64, 64), (256, 256)])
 def test_letterbox_equals_torchvision_resize_and_pad(hw, antialias):
     h, w = hw
-    frames = torch.randint(0, 256, (3, 3, h, w), generator=torch.Generator().manual_seed(h * w),
-                           dtype=torch.uint8)
+    frames = torch.randint(
+        0, 256, (3, 3, h, w), generator=torch.Generator().manual_seed(h * w), dtype=torch.uint8
+    )
     ratio = min(64 / h, 64 / w)
     fit = (int(h * ratio), int(w * ratio))
     left, top = (64 - fit[1]) // 2, (64 - fit[0]) // 2
-    reference = T.Compose([
-        T.Resize(fit, interpolation=InterpolationMode.BICUBIC, antialias=antialias),
-        T.Pad((left, top, 64 - fit[1] - left, 64 - fit[0] - top)),
-    ])(frames)
+    reference = T.Compose(
+        [
+            T.Resize(fit, interpolation=InterpolationMode.BICUBIC, antialias=antialias),
+            T.Pad((left, top, 64 - fit[1] - left, 64 - fit[0] - top)),
+        ]
+    )(frames)
     assert torch.equal(P.letterbox(frames, antialias=antialias), reference)
 
 
@@ -111,7 +116,7 @@ def test_uint8_round_trip_truncates():
     assert torch.equal(P.uint8_round_trip(u), expected)
 
 
-I3D_INPUT_TOL = rb.I3D_INPUT_TOL   # see rounding_bounds
+I3D_INPUT_TOL = rb.I3D_INPUT_TOL  # see rounding_bounds
 
 
 def test_i3d_input_matches_evaluator_preprocessing(monkeypatch):
@@ -119,10 +124,15 @@ def test_i3d_input_matches_evaluator_preprocessing(monkeypatch):
     pre_meta = json.loads((FIXTURES / "i3d_formula.json").read_text())["preprocessed"]
     pre = P.i3d_input(tensors["video_uint8"])
     assert pre.dtype == torch.float32 and tuple(pre.shape) == (2, 3, 16, 224, 224)
-    torch.testing.assert_close(pre[0, :, 0, 0:8, 0:8], tensors["pre_clip0_c_t0_r0-8_c0-8"],
-                               rtol=0, atol=I3D_INPUT_TOL)
-    torch.testing.assert_close(pre[1, :, 15, 108:116, 108:116],
-                               tensors["pre_clip1_c_t15_r108-116_c108-116"], rtol=0, atol=I3D_INPUT_TOL)
+    torch.testing.assert_close(
+        pre[0, :, 0, 0:8, 0:8], tensors["pre_clip0_c_t0_r0-8_c0-8"], rtol=0, atol=I3D_INPUT_TOL
+    )
+    torch.testing.assert_close(
+        pre[1, :, 15, 108:116, 108:116],
+        tensors["pre_clip1_c_t15_r108-116_c108-116"],
+        rtol=0,
+        atol=I3D_INPUT_TOL,
+    )
     assert pre[0].double().mean().item() == pytest.approx(pre_meta["clip0_mean"], abs=I3D_INPUT_TOL)
     assert pre[0].double().std().item() == pytest.approx(pre_meta["clip0_std_unbiased"], abs=I3D_INPUT_TOL)
     # Another resize convention (corner-aligned sampling) is far outside the tolerance.
@@ -138,17 +148,44 @@ def test_i3d_input_matches_evaluator_preprocessing(monkeypatch):
 # audio
 # --------------------------------------------------------------------------------------
 def full_decode_ch0(path: Path) -> np.ndarray:
-    cmd = [find_ffmpeg(), "-loglevel", "error", "-i", str(path), "-vn", "-f", "s16le",
-           "-acodec", "pcm_s16le", "-ar", "44100", "-ac", "2", "-"]
+    cmd = [
+        find_ffmpeg(),
+        "-loglevel",
+        "error",
+        "-i",
+        str(path),
+        "-vn",
+        "-f",
+        "s16le",
+        "-acodec",
+        "pcm_s16le",
+        "-ar",
+        "44100",
+        "-ac",
+        "2",
+        "-",
+    ]
     pcm = subprocess.run(cmd, capture_output=True, check=True).stdout
     return np.frombuffer(pcm, "<i2").reshape(-1, 2)[:, 0] / 32768.0
 
 
 def test_clip_audio_far_into_a_file_relaunches_ffmpeg(tmp_path):
     """A clip starting past ≈29.5 s makes moviepy restart ffmpeg with a seek (quirk 5c)."""
-    long_file = synth(tmp_path / "long.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=10:d=33",
-                      "-f", "lavfi", "-i", "sine=f=440:r=22050:d=33", "-pix_fmt", "yuv420p",
-                      "-c:a", "libmp3lame")
+    long_file = synth(
+        tmp_path / "long.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=32x24:r=10:d=33",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=440:r=22050:d=33",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "libmp3lame",
+    )
     clip = P.enumerate_clips([long_file])[310]
     assert clip.start_t == pytest.approx(31.0)
     opened: list[float] = []
@@ -165,7 +202,7 @@ def test_clip_audio_far_into_a_file_relaunches_ffmpeg(tmp_path):
     # MP3 input seeking is sample exact here: the window equals the full decode's.
     first, n = round(44100 * clip.start_t), int(44100 * (clip.end_t - clip.start_t))
     assert n == 70559  # float32 clip times
-    np.testing.assert_array_equal(wave[:n], full_decode_ch0(long_file)[first:first + n])
+    np.testing.assert_array_equal(wave[:n], full_decode_ch0(long_file)[first : first + n])
     assert wave[n] == 0
 
 
@@ -176,16 +213,28 @@ def test_clip_audio_when_the_stream_ends_before_the_clip(tmp_path):
     ``capacity − start + 1`` samples of a buffer that holds only ``len`` samples, so it is the
     decode shifted by ``capacity + 1 − len`` samples (checked against moviepy 1.0.3).
     """
-    short = synth(tmp_path / "short.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=10:d=2",
-                  "-f", "lavfi", "-i", "sine=f=300:r=16000:d=1.5", "-pix_fmt", "yuv420p",
-                  "-c:a", "aac")
+    short = synth(
+        tmp_path / "short.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=32x24:r=10:d=2",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=300:r=16000:d=1.5",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+    )
     full = full_decode_ch0(short)
     capacity = int(44100 * P.moviepy_duration(short)) + 1
     assert 35280 < len(full) < 70560 < capacity
     wave = P.clip_audio(P.enumerate_clips([short])[0])
     np.testing.assert_array_equal(wave[:35280], full[:35280])
     shift = capacity + 1 - len(full)
-    np.testing.assert_array_equal(wave[35280:], full[35280 - shift:70560 - shift])
+    np.testing.assert_array_equal(wave[35280:], full[35280 - shift : 70560 - shift])
 
 
 def test_scale_audio_is_float32_with_dc_offset():
@@ -199,8 +248,7 @@ def test_scale_audio_is_float32_with_dc_offset():
 
 
 def test_clip_audio_needs_an_audio_stream(tmp_path):
-    silent = synth(tmp_path / "v.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=10:d=2",
-                   "-pix_fmt", "yuv420p")
+    silent = synth(tmp_path / "v.mp4", "-f", "lavfi", "-i", "testsrc=s=32x24:r=10:d=2", "-pix_fmt", "yuv420p")
     clip = P.enumerate_clips([silent])[0]
     with pytest.raises(MediaError, match="no audio stream"):
         P.clip_audio(clip)
@@ -210,9 +258,22 @@ def test_clip_audio_needs_an_audio_stream(tmp_path):
 # features and scores
 # --------------------------------------------------------------------------------------
 def test_compute_features_order_batches_and_inputs(tmp_path):
-    clip_file = synth(tmp_path / "s.mp4", "-f", "lavfi", "-i", "testsrc=s=64x48:r=10:d=3",
-                      "-f", "lavfi", "-i", "sine=f=440:r=16000:d=3", "-pix_fmt", "yuv420p",
-                      "-c:a", "aac", "-shortest")
+    clip_file = synth(
+        tmp_path / "s.mp4",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=10:d=3",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=440:r=16000:d=3",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-shortest",
+    )
     clips = P.enumerate_clips([clip_file])
     assert len(clips) == 15
     batches = P.loader_batches(len(clips), 20, seed=1)
@@ -224,8 +285,7 @@ def test_compute_features_order_batches_and_inputs(tmp_path):
 
     def audio_features(x: torch.Tensor) -> torch.Tensor:
         audio_calls.append(x)
-        return torch.stack([x.mean(1).double(), torch.full((len(x),), float(len(x)),
-                                                          dtype=torch.float64)], 1)
+        return torch.stack([x.mean(1).double(), torch.full((len(x),), float(len(x)), dtype=torch.float64)], 1)
 
     video, audio = P.compute_features(clips, batches, 20, video_features, audio_features)
     order = [i for b in batches for i in b][:20]
@@ -240,8 +300,14 @@ def test_compute_features_order_batches_and_inputs(tmp_path):
     mean_bound = len(first) * rb.UNIT64 * np.abs(first).mean()
     assert abs(audio[0, 0].item() - first.mean()) <= mean_bound
     scaled_calls: list[torch.Tensor] = []
-    P.compute_features(clips, [[0, 1]], 2, video_features,
-                       lambda x: scaled_calls.append(x) or x[:, :3], scale_audio_input=True)
+    P.compute_features(
+        clips,
+        [[0, 1]],
+        2,
+        video_features,
+        lambda x: scaled_calls.append(x) or x[:, :3],
+        scale_audio_input=True,
+    )
     assert torch.equal(scaled_calls[0][0], P.scale_audio(torch.from_numpy(P.clip_audio(clips[0]))))
 
 
@@ -261,8 +327,12 @@ def test_scores_from_saved_features(e2e):
     exact["fad"] = P.FAD_SCALE * frechet_distance(fake, real, dtype=torch.float64).item()
     bounds["fad"] = P.FAD_SCALE * rb.frechet_bound(fake, real)
 
-    got = P.mmdiffusion_scores(tensors["fake.i3d_logits"], tensors["real.i3d_logits"],
-                               tensors["fake.audio_emb"], tensors["real.audio_emb"])
+    got = P.mmdiffusion_scores(
+        tensors["fake.i3d_logits"],
+        tensors["real.i3d_logits"],
+        tensors["fake.audio_emb"],
+        tensors["real.audio_emb"],
+    )
     want = meta["metric"]
     for key in ("fvd", "kvd", "fad"):
         assert abs(got[key] - exact[key]) <= bounds[key], key

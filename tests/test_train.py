@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import tiny
 from rflav_cli import flow
 from rflav_cli import train as train_mod
 from rflav_cli.cli import app
@@ -26,7 +26,16 @@ MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 4, "n_mels
 
 
 def _video(path: Path, pattern: str, tone: int, seconds: float, audio: bool = True) -> None:
-    cmd = [find_ffmpeg(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{pattern}=size=32x24:rate=10:duration={seconds}"]
+    cmd = [
+        find_ffmpeg(),
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"{pattern}=size=32x24:rate=10:duration={seconds}",
+    ]
     if audio:
         cmd += ["-f", "lavfi", "-i", f"sine=frequency={tone}:duration={seconds}", "-c:a", "aac", "-shortest"]
     subprocess.run(cmd + ["-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
@@ -54,24 +63,70 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(data: Path, assets: dict, out: Path, **overrides) -> train_mod.TrainConfig:
-    base = dict(data=str(data), output=str(out), model_config=str(assets["model_config"]), autoencoder="none",
-                vocoder=str(assets["vocoder"]), image_size=16, window=3, batch_size=2, lr=1e-3, max_steps=4,
-                save_every=2, keep=2, log_every=1, device="cpu", num_workers=2, seed=3)
+    base = dict(
+        data=str(data),
+        output=str(out),
+        model_config=str(assets["model_config"]),
+        autoencoder="none",
+        vocoder=str(assets["vocoder"]),
+        image_size=16,
+        window=3,
+        batch_size=2,
+        lr=1e-3,
+        max_steps=4,
+        save_every=2,
+        keep=2,
+        log_every=1,
+        device="cpu",
+        num_workers=2,
+        seed=3,
+    )
     return train_mod.TrainConfig(**{**base, **overrides})
 
 
 def test_cli_trains_counts_bad_files_and_checkpoint_generates(data, assets, tmp_path):
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", str(data), "-o", str(run), "--model-config", str(assets["model_config"]), "--autoencoder", "none",
-        "--vocoder", str(assets["vocoder"]), "--image-size", "16", "--window", "3", "--batch-size", "2",
-        "--max-steps", "4", "--save-every", "2", "--keep", "1", "--device", "cpu"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "-o",
+            str(run),
+            "--model-config",
+            str(assets["model_config"]),
+            "--autoencoder",
+            "none",
+            "--vocoder",
+            str(assets["vocoder"]),
+            "--image-size",
+            "16",
+            "--window",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--keep",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     latest = run / "latest"
     assert latest.is_symlink() and latest.resolve().name == "checkpoint-00000004"
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000004"]   # --keep 1
-    assert {p.name for p in latest.iterdir()} >= {"config.json", "model.safetensors", "vocoder", "rflav.json",
-                                                  "training_state"}
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000004"]  # --keep 1
+    assert {p.name for p in latest.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "vocoder",
+        "rflav.json",
+        "training_state",
+    }
     side = json.loads((latest / "rflav.json").read_text())
     assert side["class_names"] == ["a", "b"] and side["pixel_space"] is True and side["audio_scale"] > 0
     assert side["vocoder"] == "hifigan"
@@ -83,14 +138,47 @@ def test_cli_trains_counts_bad_files_and_checkpoint_generates(data, assets, tmp_
     assert len(json.loads((latest / "config.json").read_text())) == 14
 
     out = tmp_path / "sample.mp4"
-    gen = CliRunner().invoke(app, ["generate", "--model", str(latest), "--class", "b", "--frames", "4",
-                                   "-o", str(out), "--device", "cpu", "--quiet"], catch_exceptions=False)
+    gen = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(latest),
+            "--class",
+            "b",
+            "--frames",
+            "4",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        catch_exceptions=False,
+    )
     assert gen.exit_code == 0, gen.output
-    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
-                            "stream=codec_type,width,nb_read_frames", "-of", "json", str(out)],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=codec_type,width,nb_read_frames",
+            "-of",
+            "json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     streams = {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
-    assert streams["video"]["width"] == 16 and int(streams["video"]["nb_read_frames"]) == 4 and "audio" in streams
+    assert (
+        streams["video"]["width"] == 16
+        and int(streams["video"]["nb_read_frames"]) == 4
+        and "audio" in streams
+    )
 
 
 def _fixed_batch_loss(model: FLAV, dataset) -> float:
@@ -102,14 +190,18 @@ def _fixed_batch_loss(model: FLAV, dataset) -> float:
     t = flow.sample_training_levels(len(items), 3, generator=g)
     model.eval()
     with torch.no_grad():
-        return float(flow.flow_matching_loss(lambda vv, aa, tt: model(vv, aa, tt, y), v, a, t, generator=g)["loss"])
+        return float(
+            flow.flow_matching_loss(lambda vv, aa, tt: model(vv, aa, tt, y), v, a, t, generator=g)["loss"]
+        )
 
 
 def test_loss_on_a_fixed_batch_goes_down(data, assets, tmp_path):
     cfg = config(data, assets, tmp_path / "run", max_steps=40, save_every=40, lr=3e-3)
     ckpt = train_mod.train(cfg)
     state = json.loads((ckpt / "training_state" / "state.json").read_text())
-    dataset = open_training_data(data, "train", 3, image_size=16, audio_scale=state["audio_scale"], progress=False)
+    dataset = open_training_data(
+        data, "train", 3, image_size=16, audio_scale=state["audio_scale"], progress=False
+    )
     torch.manual_seed(3)
     start = FLAV(train_mod.build_model_config(cfg, 2))
     start.initialize_weights()
@@ -127,7 +219,10 @@ def test_resume_is_bit_identical(data, assets, tmp_path):
         a = load_file(str(whole / "training_state" / name))
         b = load_file(str(resumed / "training_state" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert load_file(str(whole / "model.safetensors")).keys() == load_file(str(resumed / "model.safetensors")).keys()
+    assert (
+        load_file(str(whole / "model.safetensors")).keys()
+        == load_file(str(resumed / "model.safetensors")).keys()
+    )
 
 
 def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monkeypatch):
@@ -143,7 +238,7 @@ def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monk
     with pytest.raises(OSError, match="simulated crash"):
         train_mod.train(config(data, assets, run))
     monkeypatch.setattr(train_mod.os, "replace", real_replace)
-    assert not list(run.glob(".checkpoint-*"))          # a failed save leaves no temp folder
+    assert not list(run.glob(".checkpoint-*"))  # a failed save leaves no temp folder
     assert (run / "latest").resolve().name == "checkpoint-00000002"
     FLAV.from_pretrained(run / "latest")
     # Running again resumes from step 2 and finishes.
@@ -154,10 +249,39 @@ def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monk
 
 def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "rflav_cli", "train", str(data), "-o", str(run), "--model-config", str(assets["model_config"]),
-           "--autoencoder", "none", "--vocoder", str(assets["vocoder"]), "--image-size", "16", "--window", "3",
-           "--batch-size", "1", "--max-steps", "3", "--save-every", "3", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "rflav_cli",
+        "train",
+        str(data),
+        "-o",
+        str(run),
+        "--model-config",
+        str(assets["model_config"]),
+        "--autoencoder",
+        "none",
+        "--vocoder",
+        str(assets["vocoder"]),
+        "--image-size",
+        "16",
+        "--window",
+        "3",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "3",
+        "--save-every",
+        "3",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,15 +294,41 @@ def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
 def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp_path):
     vae = tiny.build_tiny_vae(tmp_path / "vae")
     cache = tmp_path / "cache"
-    prepared = CliRunner().invoke(app, ["prepare", str(data), "-o", str(cache), "--autoencoder", str(vae),
-                                        "--image-size", "32", "--device", "cpu"], catch_exceptions=False)
+    prepared = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(data),
+            "-o",
+            str(cache),
+            "--autoencoder",
+            str(vae),
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+        ],
+        catch_exceptions=False,
+    )
     assert prepared.exit_code == 0, prepared.output
     (tmp_path / "latent.json").write_text(json.dumps({**MODEL, "patch_size": 2}))
-    cfg = config(cache, assets, tmp_path / "run", autoencoder=str(vae), image_size=32,
-                 model_config=str(tmp_path / "latent.json"), max_steps=2, save_every=2, sample_every=2,
-                 sample_frames=3)
+    cfg = config(
+        cache,
+        assets,
+        tmp_path / "run",
+        autoencoder=str(vae),
+        image_size=32,
+        model_config=str(tmp_path / "latent.json"),
+        max_steps=2,
+        save_every=2,
+        sample_every=2,
+        sample_frames=3,
+    )
     last = train_mod.train(cfg)
-    assert FLAV.from_pretrained(last).config.in_channels == 4 and FLAV.from_pretrained(last).config.latent_size == 4
+    assert (
+        FLAV.from_pretrained(last).config.in_channels == 4
+        and FLAV.from_pretrained(last).config.latent_size == 4
+    )
     side = json.loads((last / "rflav.json").read_text())
     assert side["autoencoder"] == str(vae) and side["class_names"] == ["a", "b"]
-    assert (last / "sample.mp4").stat().st_size > 0      # the periodic sample, from the EMA weights
+    assert (last / "sample.mp4").stat().st_size > 0  # the periodic sample, from the EMA weights

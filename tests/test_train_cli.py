@@ -14,17 +14,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import typer
+from test_train import MODEL, _video
 from typer.testing import CliRunner
 
-import tiny
 from rflav_cli import train as train_mod
 from rflav_cli.cli import app
 from rflav_cli.hub import VAE_REPO_ID
 from rflav_cli.models.vocoder import HiFiGAN
 from rflav_cli.requests import TRAIN_DEFAULT_AUTOENCODER
-from test_train import MODEL, _video
 
 # A model config that fixes the window (3 frames) and the input (16×16 pixels) by itself.
 PIXEL_MODEL = {**MODEL, "in_channels": 3, "latent_size": 16, "predict_frames": 3}
@@ -50,9 +50,31 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(data: Path, assets: dict, run: Path, *extra: str) -> list[str]:
-    return ["train", str(data), "-o", str(run), "--model-config", str(assets["model_config"]), "--autoencoder", "none",
-            "--vocoder", str(assets["vocoder"]), "--image-size", "16", "--window", "3", "--batch-size", "2",
-            "--lr", "1e-3", "--save-every", "2", "--device", "cpu", *extra]
+    return [
+        "train",
+        str(data),
+        "-o",
+        str(run),
+        "--model-config",
+        str(assets["model_config"]),
+        "--autoencoder",
+        "none",
+        "--vocoder",
+        str(assets["vocoder"]),
+        "--image-size",
+        "16",
+        "--window",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _invoke(args: list[str]):
@@ -76,7 +98,7 @@ def _tree(folder: Path) -> dict[str, float]:
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")   # rich reads it: no wrapped lines to piece together
+    monkeypatch.setenv("COLUMNS", "400")  # rich reads it: no wrapped lines to piece together
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +125,7 @@ def test_default_vocoder_that_cannot_be_fetched_stops_before_training(data, asse
     run = tmp_path / "run"
     args = [a for a in _args(data, assets, run, "--max-steps", "2")]
     at = args.index("--vocoder")
-    del args[at:at + 2]                                  # no --vocoder: the default is asked for
+    del args[at : at + 2]  # no --vocoder: the default is asked for
     result = _invoke(args)
     assert result.exit_code == 2, result.output
     line = _error(result)
@@ -113,7 +135,7 @@ def test_default_vocoder_that_cannot_be_fetched_stops_before_training(data, asse
 
 
 def test_vocoder_none_is_recorded_as_griffin_lim(data, assets, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")            # nothing may be fetched
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be fetched
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     run = tmp_path / "run"
     args = _args(data, assets, run, "--max-steps", "2")
@@ -168,7 +190,7 @@ def test_resume_with_another_image_size_or_model_is_refused(two_step_run, data, 
     result = _invoke(["train", str(data), "-o", str(run), "--model", "FLAV-S/8", "--max-steps", "4"])
     assert result.exit_code == 2, result.output
     assert "hidden_size 32 → 384" in _error(result) and "--size FLAV-S/8" in _error(result)
-    assert _tree(run) == before                          # nothing written by a refused resume
+    assert _tree(run) == before  # nothing written by a refused resume
 
 
 def test_resume_at_or_past_max_steps_does_nothing(two_step_run, data, assets, tmp_path):
@@ -184,7 +206,9 @@ def test_resume_at_or_past_max_steps_does_nothing(two_step_run, data, assets, tm
 def test_resume_says_so_keeps_the_runs_settings_and_takes_allowed_changes(two_step_run, data, tmp_path):
     run = _copy(two_step_run, tmp_path)
     # Only the data and what changes: window, image size, model, vocoder … come from the run.
-    result = _invoke(["train", str(data), "-o", str(run), "--max-steps", "3", "--lr", "5e-4", "--save-every", "1"])
+    result = _invoke(
+        ["train", str(data), "-o", str(run), "--max-steps", "3", "--lr", "5e-4", "--save-every", "1"]
+    )
     assert result.exit_code == 0, result.output
     out = _lines(result)
     assert f"resuming from step 2 ({run / 'checkpoint-00000002'})" in out
@@ -197,8 +221,8 @@ def test_resume_says_so_keeps_the_runs_settings_and_takes_allowed_changes(two_st
     assert state["config"]["window"] == 3 and state["config"]["image_size"] == 16
     assert state["config"]["autoencoder"] == "none" and state["config"]["lr"] == 5e-4
     optimizer = torch.load(latest / "training_state" / "optimizer.pt", weights_only=True)
-    assert optimizer["param_groups"][0]["lr"] == 5e-4      # the new rate is used, not the saved one
-    assert (latest / "vocoder" / "vocoder.pt").is_file()   # the run's vocoder, though not given again
+    assert optimizer["param_groups"][0]["lr"] == 5e-4  # the new rate is used, not the saved one
+    assert (latest / "vocoder" / "vocoder.pt").is_file()  # the run's vocoder, though not given again
 
 
 # ------------------------------------------------------------------------ leftovers of killed runs
@@ -206,7 +230,7 @@ def test_resume_says_so_keeps_the_runs_settings_and_takes_allowed_changes(two_st
 
 def test_stale_checkpoint_temp_folder_is_removed_by_the_next_run(two_step_run, data, assets, tmp_path):
     run = _copy(two_step_run, tmp_path)
-    stale = run / ".checkpoint-00000004.tmp"           # what a kill during a save leaves
+    stale = run / ".checkpoint-00000004.tmp"  # what a kill during a save leaves
     (stale / "training_state").mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(os.urandom(100))
     result = _invoke(_args(data, assets, run, "--max-steps", "3"))
@@ -215,10 +239,16 @@ def test_stale_checkpoint_temp_folder_is_removed_by_the_next_run(two_step_run, d
     assert not list(run.glob(".checkpoint-*")) and (run / "latest").resolve().name == "checkpoint-00000003"
 
 
-def test_temp_folder_of_a_live_run_is_kept_and_the_run_folder_is_refused(two_step_run, data, assets, tmp_path):
+def test_temp_folder_of_a_live_run_is_kept_and_the_run_folder_is_refused(
+    two_step_run, data, assets, tmp_path
+):
     run = _copy(two_step_run, tmp_path)
     live = run / ".checkpoint-00000004.tmp"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, sys, time
         lock = open({str(run / ".lock")!r}, "a+")
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -226,18 +256,22 @@ def test_temp_folder_of_a_live_run_is_kept_and_the_run_folder_is_refused(two_ste
         os.mkdir({str(live)!r})
         print("ready", flush=True)
         time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         result = _invoke(_args(data, assets, run, "--max-steps", "3"))
         assert result.exit_code == 2, result.output
         line = _error(result)
         assert f"is being trained by rflav train, pid {holder.pid}" in line and "another --output" in line
-        assert live.is_dir()                               # never removed while its run is alive
+        assert live.is_dir()  # never removed while its run is alive
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    result = _invoke(_args(data, assets, run, "--max-steps", "3"))   # the holder was killed: clean up
+    result = _invoke(_args(data, assets, run, "--max-steps", "3"))  # the holder was killed: clean up
     assert result.exit_code == 0, result.output
     assert not live.exists() and (run / "latest").resolve().name == "checkpoint-00000003"
 
@@ -247,8 +281,24 @@ def test_temp_folder_of_a_live_run_is_kept_and_the_run_folder_is_refused(two_ste
 
 def test_model_config_sets_window_and_size_when_no_flag_is_typed(data, assets, tmp_path):
     run = tmp_path / "run"
-    result = _invoke(["train", str(data), "-o", str(run), "--model-config", str(assets["pixel"]),
-                      "--vocoder", str(assets["vocoder"]), "--batch-size", "2", "--max-steps", "1", "--device", "cpu"])
+    result = _invoke(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(run),
+            "--model-config",
+            str(assets["pixel"]),
+            "--vocoder",
+            str(assets["vocoder"]),
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((run / "latest" / "config.json").read_text())
     side = json.loads((run / "latest" / "rflav.json").read_text())
@@ -256,15 +306,36 @@ def test_model_config_sets_window_and_size_when_no_flag_is_typed(data, assets, t
     assert side["image_size"] == 16 and side["pixel_space"] is True
 
 
-@pytest.mark.parametrize("flag,value,file_says", [
-    ("--window", "10", "predict_frames 3"),
-    ("--image-size", "32", "latent_size 16"),
-    ("--autoencoder", VAE_REPO_ID, "in_channels 3"),
-])
-def test_typed_flag_that_contradicts_the_model_config_names_both(data, assets, tmp_path, flag, value, file_says):
+@pytest.mark.parametrize(
+    "flag,value,file_says",
+    [
+        ("--window", "10", "predict_frames 3"),
+        ("--image-size", "32", "latent_size 16"),
+        ("--autoencoder", VAE_REPO_ID, "in_channels 3"),
+    ],
+)
+def test_typed_flag_that_contradicts_the_model_config_names_both(
+    data, assets, tmp_path, flag, value, file_says
+):
     run = tmp_path / "run"
-    result = _invoke(["train", str(data), "-o", str(run), "--model-config", str(assets["pixel"]), flag, value,
-                      "--vocoder", "none", "--max-steps", "1", "--device", "cpu"])
+    result = _invoke(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(run),
+            "--model-config",
+            str(assets["pixel"]),
+            flag,
+            value,
+            "--vocoder",
+            "none",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 2, result.output
     line = _error(result)
     assert f"{flag} {value} contradicts {file_says} in {assets['pixel']}" in line
@@ -276,10 +347,19 @@ def test_bad_values_are_refused_before_torch_is_imported(data, assets, tmp_path)
         (["train", str(data), "--lr", "0"], "--lr must be greater than 0"),
         (["train", str(data), "--max-steps", "0"], "--max-steps"),
         (["train", str(data), "--weighting", "cosine"], "--weighting"),
-        (["train", str(data), "--model-config", str(assets["pixel"]), "--window", "10"], "contradicts predict_frames 3"),
-        (["train", str(data), "--size", "FLAV-S/2", "--model-config", str(assets["pixel"])], "both define the model"),
+        (
+            ["train", str(data), "--model-config", str(assets["pixel"]), "--window", "10"],
+            "contradicts predict_frames 3",
+        ),
+        (
+            ["train", str(data), "--size", "FLAV-S/2", "--model-config", str(assets["pixel"])],
+            "both define the model",
+        ),
         (["train", str(data), "--image-size", "20"], "--image-size 20 must be a multiple of 8"),
-        (["prepare", str(data), "-o", str(tmp_path / "c"), "--image-size", "20"], "--image-size must be a positive multiple of 8"),
+        (
+            ["prepare", str(data), "-o", str(tmp_path / "c"), "--image-size", "20"],
+            "--image-size must be a positive multiple of 8",
+        ),
     ]
     script = textwrap.dedent(f"""
         import sys
@@ -325,7 +405,7 @@ def test_train_size_alias_and_prepare_output_alias(data, assets, tmp_path):
     assert first.exit_code == 0, first.output
     index = json.loads((cache / "train" / "index.json").read_text())
     assert index["complete"] and index["autoencoder"] == str(vae) and index["image_size"] == 32
-    again = _invoke(["prepare", str(data), "--out", str(cache), *common])     # the old spelling
+    again = _invoke(["prepare", str(data), "--out", str(cache), *common])  # the old spelling
     assert again.exit_code == 0, again.output
     assert json.loads((cache / "train" / "index.json").read_text())["complete"]
 
@@ -338,8 +418,24 @@ def test_library_defaults_match_the_hub():
 def test_init_checkpoint_sets_window_size_and_audio_scale_when_no_flag_is_typed(two_step_run, data, tmp_path):
     source = two_step_run / "latest"
     run = tmp_path / "run"
-    result = _invoke(["train", str(data), "-o", str(run), "--init", str(source), "--vocoder", "none",
-                      "--batch-size", "2", "--max-steps", "1", "--device", "cpu"])
+    result = _invoke(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(run),
+            "--init",
+            str(source),
+            "--vocoder",
+            "none",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((run / "latest" / "config.json").read_text())
     side = json.loads((run / "latest" / "rflav.json").read_text())
@@ -347,8 +443,24 @@ def test_init_checkpoint_sets_window_size_and_audio_scale_when_no_flag_is_typed(
     assert config["predict_frames"] == 3 and config["latent_size"] == 16 and side["pixel_space"] is True
     assert side["audio_scale"] == saved["audio_scale"]
 
-    result = _invoke(["train", str(data), "-o", str(tmp_path / "other"), "--init", str(source), "--window", "5",
-                      "--vocoder", "none", "--max-steps", "1", "--device", "cpu"])
+    result = _invoke(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(tmp_path / "other"),
+            "--init",
+            str(source),
+            "--window",
+            "5",
+            "--vocoder",
+            "none",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 2, result.output
     assert f"--window 5 contradicts predict_frames 3 in the checkpoint {source}" in _error(result)
 
@@ -358,17 +470,23 @@ def test_run_saved_by_an_older_version_resumes(two_step_run, data, tmp_path):
     state_path = run / "latest" / "training_state" / "state.json"
     state = json.loads(state_path.read_text())
     config = state["config"]
-    config["model"] = "FLAV-B/1"                          # the old field name, and its old default
+    config["model"] = "FLAV-B/1"  # the old field name, and its old default
     del config["size"]
     state_path.write_text(json.dumps(state))
     result = _invoke(["train", str(data), "-o", str(run), "--max-steps", "3"])
     assert result.exit_code == 0, result.output
-    assert "resuming from step 2" in _lines(result) and (run / "latest").resolve().name == "checkpoint-00000003"
+    assert (
+        "resuming from step 2" in _lines(result) and (run / "latest").resolve().name == "checkpoint-00000003"
+    )
 
 
 def test_broken_model_config_is_one_line(data, tmp_path):
-    for text, expected in (("{not json", "is not valid JSON"), ('{"depth": "4"}', "depth must be a whole number"),
-                           ('{"dept": 4}', "unknown key dept"), ("[1, 2]", "must hold a JSON object")):
+    for text, expected in (
+        ("{not json", "is not valid JSON"),
+        ('{"depth": "4"}', "depth must be a whole number"),
+        ('{"dept": 4}', "unknown key dept"),
+        ("[1, 2]", "must hold a JSON object"),
+    ):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
         result = _invoke(["train", str(data), "-o", str(tmp_path / "run"), "--model-config", str(bad)])
@@ -389,7 +507,9 @@ def test_damaged_training_state_is_one_line(two_step_run, data, tmp_path):
 def test_damaged_training_weights_are_one_line(two_step_run, data, tmp_path, name):
     run = _copy(two_step_run, tmp_path)
     damaged = run / "latest" / "training_state" / name
-    damaged.write_bytes(damaged.read_bytes()[:200])        # a truncated copy
+    damaged.write_bytes(damaged.read_bytes()[:200])  # a truncated copy
     result = _invoke(["train", str(data), "-o", str(run), "--max-steps", "3"])
     assert result.exit_code == 2, result.output
-    assert str(damaged.resolve()) in _error(result) and "delete it to resume from the one before" in _error(result)
+    assert str(damaged.resolve()) in _error(result) and "delete it to resume from the one before" in _error(
+        result
+    )

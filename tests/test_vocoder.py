@@ -111,7 +111,9 @@ def test_saved_file_equals_official_format(
     tiny.save_pretrained(tmp_path)
     ours = torch.load(tmp_path / "vocoder.pt", weights_only=True)["generator"]
     official = torch.load(TINY / "vocoder.pt", weights_only=True)["generator"]
-    assert [(k, v.shape, v.dtype) for k, v in ours.items()] == [(k, v.shape, v.dtype) for k, v in official.items()]
+    assert [(k, v.shape, v.dtype) for k, v in ours.items()] == [
+        (k, v.shape, v.dtype) for k, v in official.items()
+    ]
     for key, value in ours.items():
         if key.endswith(".weight_g"):
             # (g, v) is only defined up to v's scale: check that it folds to the fused reference.
@@ -121,7 +123,9 @@ def test_saved_file_equals_official_format(
             torch.testing.assert_close(v, ref["fused." + stem], atol=1e-6, rtol=1e-5)
         elif key.endswith(".bias"):
             torch.testing.assert_close(value, official[key], atol=0, rtol=0)
-    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((TINY / "config.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
+        (TINY / "config.json").read_text()
+    )
 
 
 def test_plain_weight_keys_are_accepted(tmp_path: Path, tiny: HiFiGAN) -> None:
@@ -193,8 +197,10 @@ def _stream(model: HiFiGAN, mel: torch.Tensor, sizes: list[int]) -> tuple[torch.
     stream = StreamingVocoder(model)
     pieces, pos, most = [], 0, 0
     for n in sizes:
-        piece = stream.push(mel[..., pos:pos + n])
-        assert piece.shape[-1] == (stream.frames_emitted * model.hop_length) - sum(p.shape[-1] for p in pieces)
+        piece = stream.push(mel[..., pos : pos + n])
+        assert piece.shape[-1] == (stream.frames_emitted * model.hop_length) - sum(
+            p.shape[-1] for p in pieces
+        )
         pieces.append(piece)
         pos += n
         most = max(most, stream.buffered_frames)
@@ -258,10 +264,10 @@ def test_griffin_lim_keeps_the_pitch_of_a_tone(hz: float) -> None:
     mel = log_mel(0.5 * torch.sin(2 * torch.pi * hz * t))
     mel = mel.reshape(1, mel.shape[-2], mel.shape[-1])
     stream = StreamingVocoder(GriffinLim(mel.shape[1]))
-    chunks = [stream.push(mel[..., i:i + 10]) for i in range(0, mel.shape[-1], 10)] + [stream.flush()]
+    chunks = [stream.push(mel[..., i : i + 10]) for i in range(0, mel.shape[-1], 10)] + [stream.flush()]
     wav = torch.cat([c for c in chunks if c.numel()], dim=-1)[0]
     assert wav.shape[-1] == seconds * SAMPLE_RATE
-    frames = wav[SAMPLES_PER_FRAME: -SAMPLES_PER_FRAME].reshape(-1, SAMPLES_PER_FRAME)
+    frames = wav[SAMPLES_PER_FRAME:-SAMPLES_PER_FRAME].reshape(-1, SAMPLES_PER_FRAME)
     spectrum = torch.fft.rfft(frames * torch.hann_window(SAMPLES_PER_FRAME), dim=-1).abs()
     peaks = spectrum.argmax(dim=-1).float() * SAMPLE_RATE / SAMPLES_PER_FRAME
     assert torch.all((peaks - hz).abs() <= SAMPLE_RATE / SAMPLES_PER_FRAME), peaks

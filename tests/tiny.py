@@ -48,11 +48,26 @@ def _randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def build_tiny_model(folder: Path, *, num_classes: int = 0, class_names: list[str] | None = None,
-                     window: int = 3, audio_scale: float | None = TINY_SCALE) -> Path:
+def build_tiny_model(
+    folder: Path,
+    *,
+    num_classes: int = 0,
+    class_names: list[str] | None = None,
+    window: int = 3,
+    audio_scale: float | None = TINY_SCALE,
+) -> Path:
     """FLAV (256 mels, 32×32 latents) + hop-160 HiFi-GAN in release layout, plus rflav.json."""
-    config = FLAVConfig(latent_size=32, patch_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=num_classes,
-                        predict_frames=window, n_mels=256, causal_attn=True)
+    config = FLAVConfig(
+        latent_size=32,
+        patch_size=8,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=num_classes,
+        predict_frames=window,
+        n_mels=256,
+        causal_attn=True,
+    )
     model = FLAV(config)
     _randomise(model, 1)
     model.save_pretrained(folder)
@@ -76,7 +91,9 @@ def build_tiny_vae(folder: Path) -> Path:
     return folder
 
 
-def install_in_hf_cache(src: Path, cache: Path, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def install_in_hf_cache(
+    src: Path, cache: Path, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
     """Lay a folder out as a Hugging Face cache entry (refs/main → snapshot)."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)

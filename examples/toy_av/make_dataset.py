@@ -75,7 +75,9 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             video, audio = render_clip(rng, args.seconds, args.size)
-            with VideoWriter(folder / f"ball-{i:04d}.mp4", width=args.size, height=args.size, overwrite=True) as w:
+            with VideoWriter(
+                folder / f"ball-{i:04d}.mp4", width=args.size, height=args.size, overwrite=True
+            ) as w:
                 w.write(video, audio)
     print(f"wrote {args.train} train and {args.test} test clips to {args.out}")
 

@@ -37,7 +37,7 @@ def pitches(path: Path, frames: int) -> np.ndarray:
     band = (freqs > 200) & (freqs < 1800)
     out = []
     for k in range(frames):
-        chunk = audio[k * SAMPLES_PER_FRAME:(k + 1) * SAMPLES_PER_FRAME]
+        chunk = audio[k * SAMPLES_PER_FRAME : (k + 1) * SAMPLES_PER_FRAME]
         if len(chunk) < SAMPLES_PER_FRAME:
             out.append(np.nan)
             continue
@@ -72,8 +72,12 @@ def main() -> None:
         order = rng.permutation(len(files))
     shuffled = [correlation(heights[i], sounds[j]) for i, j in enumerate(order)]
     print(f"clips: {len(files)}")
-    print(f"agreement (matched audio):  {np.mean(matched):+.3f} ± {np.std(matched) / np.sqrt(len(files)):.3f}")
-    print(f"baseline (shuffled audio): {np.mean(shuffled):+.3f} ± {np.std(shuffled) / np.sqrt(len(files)):.3f}")
+    print(
+        f"agreement (matched audio):  {np.mean(matched):+.3f} ± {np.std(matched) / np.sqrt(len(files)):.3f}"
+    )
+    print(
+        f"baseline (shuffled audio): {np.mean(shuffled):+.3f} ± {np.std(shuffled) / np.sqrt(len(files)):.3f}"
+    )
 
 
 if __name__ == "__main__":

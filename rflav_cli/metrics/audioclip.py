@@ -42,17 +42,17 @@ __all__ = [
     "rescale_like_int16",
 ]
 
-AUDIOCLIP_PREFIX = "audio."    # the head's keys inside AudioCLIP-Full-Training.pt
+AUDIOCLIP_PREFIX = "audio."  # the head's keys inside AudioCLIP-Full-Training.pt
 AUDIOCLIP_SAMPLE_RATE = 44_100
-AUDIOCLIP_SAMPLES = 70_560     # 1.6 s at 44.1 kHz, the clip length of the protocol
+AUDIOCLIP_SAMPLES = 70_560  # 1.6 s at 44.1 kHz, the clip length of the protocol
 EMBED_DIM = 1024
 
 N_FFT = 2048
 WIN_LENGTH = 1654
 HOP_LENGTH = 561
 N_BINS = N_FFT // 2 + 1
-N_BANDS = 3                    # input channels of the ResNeXt stem
-POWER_FLOOR = 1e-18            # replaces zero power before log10
+N_BANDS = 3  # input channels of the ResNeXt stem
+POWER_FLOOR = 1e-18  # replaces zero power before log10
 _FBSP_EPS = 1e-8
 _BLACKMAN_HARRIS = (0.35875, 0.48829, 0.14128, 0.01168)
 
@@ -131,7 +131,10 @@ class FBSPFilterbank(nn.Module):
         env_re, env_im = envelope * torch.cos(phase), envelope * torch.sin(phase)
         gain = fb.sqrt()
         taps = torch.stack(
-            (gain * (env_re * carrier_re - env_im * carrier_im), gain * (env_re * carrier_im + env_im * carrier_re)),
+            (
+                gain * (env_re * carrier_re - env_im * carrier_im),
+                gain * (env_re * carrier_im + env_im * carrier_re),
+            ),
             dim=-1,
         )
         return taps / (in_features**0.5)
@@ -145,7 +148,9 @@ class FBSPFilterbank(nn.Module):
 class Bottleneck(nn.Module):
     """ResNeXt bottleneck: 1x1, grouped 3x3 (carries the stride), 1x1 expansion x4, residual."""
 
-    def __init__(self, in_channels: int, planes: int, stride: int, groups: int = 32, group_width: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, groups: int = 32, group_width: int = 4
+    ) -> None:
         super().__init__()
         width = planes * group_width // 64 * groups
         out_channels = planes * 4
@@ -158,7 +163,8 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), BatchStatNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                BatchStatNorm2d(out_channels),
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,7 +226,9 @@ class AudioCLIPAudio(nn.Module):
         if audio.dim() == 3 and audio.shape[1] == 1:
             audio = audio[:, 0]
         if audio.dim() != 2:
-            raise ValueError(f"AudioCLIP expects audio of shape (B, L) or (B, 1, L), got {tuple(audio.shape)}")
+            raise ValueError(
+                f"AudioCLIP expects audio of shape (B, L) or (B, 1, L), got {tuple(audio.shape)}"
+            )
         return audio
 
     def log_power(self, audio: Tensor) -> Tensor:
@@ -252,8 +260,12 @@ class AudioCLIPAudio(nn.Module):
         input of the final projection."""
         x = x_db[:, 0].to(self.conv1.weight.device)
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
-        for stage, gate in ((self.layer1, self.att1), (self.layer2, self.att2),
-                            (self.layer3, self.att3), (self.layer4, self.att4)):
+        for stage, gate in (
+            (self.layer1, self.att1),
+            (self.layer2, self.att2),
+            (self.layer3, self.att3),
+            (self.layer4, self.att4),
+        ):
             y = stage(x)
             x = y * gate(x, y.shape[-2:])
         pooled = F.adaptive_avg_pool2d(x, (1, 1))
@@ -277,10 +289,15 @@ def load_audioclip_audio(path: str | Path) -> AudioCLIPAudio:
     """
     path = Path(path)
     full = read_tensor_file(path, "AudioCLIP weights")
-    state = {k[len(AUDIOCLIP_PREFIX):]: v for k, v in full.items() if k.startswith(AUDIOCLIP_PREFIX)}
+    state = {k[len(AUDIOCLIP_PREFIX) :]: v for k, v in full.items() if k.startswith(AUDIOCLIP_PREFIX)}
     model = AudioCLIPAudio()
-    check_weights(model, state, path, f"the AudioCLIP audio head under '{AUDIOCLIP_PREFIX}*'",
-                  optional=lambda key: key in _OPTIONAL_KEYS or key.endswith(_OPTIONAL_SUFFIXES),
-                  shown_prefix=AUDIOCLIP_PREFIX)
+    check_weights(
+        model,
+        state,
+        path,
+        f"the AudioCLIP audio head under '{AUDIOCLIP_PREFIX}*'",
+        optional=lambda key: key in _OPTIONAL_KEYS or key.endswith(_OPTIONAL_SUFFIXES),
+        shown_prefix=AUDIOCLIP_PREFIX,
+    )
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)

@@ -59,9 +59,7 @@ def frechet_distance(fake: Any, real: Any, *, dtype: torch.dtype | None = None) 
     xf = _as_2d_tensor(fake, dtype)
     xr = _as_2d_tensor(real, dtype)
     if xf.dtype != xr.dtype or xf.shape[1] != xr.shape[1]:
-        raise ValueError(
-            f"feature sets differ: {xf.dtype} {tuple(xf.shape)} vs {xr.dtype} {tuple(xr.shape)}"
-        )
+        raise ValueError(f"feature sets differ: {xf.dtype} {tuple(xf.shape)} vs {xr.dtype} {tuple(xr.shape)}")
     # Means first: the covariance step centres the tensors in place.
     mu_f, mu_r = xf.mean(dim=0), xr.mean(dim=0)
     cov_f, cov_r = _covariance_(xf), _covariance_(xr)

@@ -191,7 +191,12 @@ def load_i3d(path: str | Path) -> InceptionI3d:
     path = Path(path)
     state = read_tensor_file(path, "I3D weights")
     model = InceptionI3d()
-    check_weights(model, state, path, "Kinetics-400 I3D weights in the i3d_pretrained_400.pt layout",
-                  optional=lambda key: key.endswith(".num_batches_tracked"))
+    check_weights(
+        model,
+        state,
+        path,
+        "Kinetics-400 I3D weights in the i3d_pretrained_400.pt layout",
+        optional=lambda key: key.endswith(".num_batches_tracked"),
+    )
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)

@@ -67,14 +67,14 @@ __all__ = [
     "uint8_round_trip",
 ]
 
-EVAL_FPS = 10                 # the evaluator resamples every video to 10 fps
-CLIP_FRAMES = 16              # frames per clip (1.6 s)
-LETTERBOX_SIZE = 64           # evaluator's video_size [16, 3, 64, 64]
-I3D_SIZE = 224                # I3D input resolution
-AUDIO_RATE = 44_100           # moviepy decode rate
-AUDIO_SAMPLES = 70_560        # int(44100 · 1.6)
-BATCH_SIZE = 8                # loader batch size, also the audio network's BatchNorm group
-FAD_SCALE = 1e4               # FAD is reported as Fréchet distance × 10,000
+EVAL_FPS = 10  # the evaluator resamples every video to 10 fps
+CLIP_FRAMES = 16  # frames per clip (1.6 s)
+LETTERBOX_SIZE = 64  # evaluator's video_size [16, 3, 64, 64]
+I3D_SIZE = 224  # I3D input resolution
+AUDIO_RATE = 44_100  # moviepy decode rate
+AUDIO_SAMPLES = 70_560  # int(44100 · 1.6)
+BATCH_SIZE = 8  # loader batch size, also the audio network's BatchNorm group
+FAD_SCALE = 1e4  # FAD is reported as Fréchet distance × 10,000
 VIDEO_EXTENSIONS = ("avi", "gif", "mp4")
 
 # moviepy 1.0.3 constants: reader buffer, to_soundarray chunk, relaunch distance.
@@ -126,12 +126,28 @@ class Clip:
 
 def _video_pts(path: Path) -> np.ndarray:
     """Presentation timestamps of the first video stream's packets, sorted (no decoding)."""
-    cmd = [find_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),
-           "-map", "0:v:0", "-c", "copy", "-f", "framemd5", "-"]
+    cmd = [
+        find_ffmpeg(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-i",
+        str(path),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "framemd5",
+        "-",
+    ]
     res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
-        raise MediaError(f"cannot read the video timestamps of {path}: "
-                         f"{res.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+        raise MediaError(
+            f"cannot read the video timestamps of {path}: "
+            f"{res.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+        )
     pts = []
     for line in res.stdout.decode("ascii", "replace").splitlines():
         if line.startswith("#"):
@@ -184,12 +200,18 @@ def enumerate_clips(
             raise MediaError(f"{path}: its first two video frames share a timestamp")
         idx = _resampled_indices(len(pts), info.fps, fps)
         for window, first in enumerate(range(0, len(idx) - clip_frames + 1, clip_stride)):
-            frames = idx[first:first + clip_frames]
+            frames = idx[first : first + clip_frames]
             first_pid = int(pts[frames[0]] // tick)
             last_pid = int(pts[frames[-1]] // tick)
-            clips.append(Clip(path, window, tuple(int(i) for i in frames),
-                              _seconds_f32(first_pid, info.fps),
-                              _seconds_f32(last_pid + 1, info.fps)))
+            clips.append(
+                Clip(
+                    path,
+                    window,
+                    tuple(int(i) for i in frames),
+                    _seconds_f32(first_pid, info.fps),
+                    _seconds_f32(last_pid + 1, info.fps),
+                )
+            )
     return clips
 
 
@@ -210,7 +232,7 @@ def loader_batches(
     order = list(range(n_clips))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    epoch = [order[i:i + batch_size] for i in range(0, n_clips, batch_size)]
+    epoch = [order[i : i + batch_size] for i in range(0, n_clips, batch_size)]
     batches: list[list[int]] = []
     covered = 0
     while covered < num:
@@ -223,7 +245,8 @@ def loader_batches(
         raise EvalError(
             f"{n_clips} clips in batches of {batch_size} leave a batch of one clip, which the "
             "audio network (BatchNorm on batch statistics) cannot process: change the number "
-            "of clips or {num}", params=("num",)
+            "of clips or {num}",
+            params=("num",),
         )
     return batches
 
@@ -244,12 +267,13 @@ def letterbox(frames: torch.Tensor, size: int = LETTERBOX_SIZE, *, antialias: bo
     ratio = min(size / h, size / w)
     fit_h, fit_w = int(h * ratio), int(w * ratio)
     if (fit_h, fit_w) != (h, w):
-        resized = F.interpolate(frames.float(), size=[fit_h, fit_w], mode="bicubic",
-                                align_corners=False, antialias=antialias)
+        resized = F.interpolate(
+            frames.float(), size=[fit_h, fit_w], mode="bicubic", align_corners=False, antialias=antialias
+        )
         frames = resized.clamp(0, 255).round().to(torch.uint8)
     top, left = (size - fit_h) // 2, (size - fit_w) // 2
     out = torch.zeros((*frames.shape[:2], size, size), dtype=torch.uint8)
-    out[..., top:top + fit_h, left:left + fit_w] = frames
+    out[..., top : top + fit_h, left : left + fit_w] = frames
     return out
 
 
@@ -274,7 +298,7 @@ def i3d_input(clips: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
         target = (size, math.ceil(w * factor)) if h < w else (math.ceil(h * factor), size)
         x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
         top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = x[..., top:top + size, left:left + size].permute(1, 0, 2, 3).contiguous()
+        x = x[..., top : top + size, left : left + size].permute(1, 0, 2, 3).contiguous()
         x -= 0.5
         out.append(x)
     return torch.stack(out) * 2
@@ -283,8 +307,22 @@ def i3d_input(clips: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _passthrough_option() -> tuple[str, str]:
     """ffmpeg's option for one output frame per decoded frame (-vsync left in ffmpeg 9)."""
-    cmd = [find_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
-           "-i", "nullsrc=d=0.1", "-fps_mode", "passthrough", "-f", "null", "-"]
+    cmd = [
+        find_ffmpeg(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-f",
+        "lavfi",
+        "-i",
+        "nullsrc=d=0.1",
+        "-fps_mode",
+        "passthrough",
+        "-f",
+        "null",
+        "-",
+    ]
     ok = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
     return ("-fps_mode", "passthrough") if ok else ("-vsync", "passthrough")
 
@@ -297,14 +335,29 @@ def _decode_rgb(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
     w, h = info.width, info.height
     # One output frame per decoded frame, stored size, no autorotation, BT.601 matrix and
     # bilinear chroma: what PyAV's to_ndarray("rgb24") gives by default.
-    cmd = [find_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-noautorotate",
-           "-i", str(path), "-map", "0:v:0", *_passthrough_option(),
-           "-vf", "scale=in_color_matrix=bt601:flags=bilinear",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    cmd = [
+        find_ffmpeg(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-noautorotate",
+        "-i",
+        str(path),
+        "-map",
+        "0:v:0",
+        *_passthrough_option(),
+        "-vf",
+        "scale=in_color_matrix=bt601:flags=bilinear",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-",
+    ]
     last = max(wanted)
     frame_bytes = w * h * 3
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         index = 0
@@ -312,8 +365,10 @@ def _decode_rgb(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
             buf = proc.stdout.read(frame_bytes)
             if len(buf) < frame_bytes:
                 err = proc.stderr.read().decode("utf-8", "replace").strip()
-                raise MediaError(f"{path}: decoded {index} frames, clip needs frame {last}"
-                                 + (f" ({err[-300:]})" if err else ""))
+                raise MediaError(
+                    f"{path}: decoded {index} frames, clip needs frame {last}"
+                    + (f" ({err[-300:]})" if err else "")
+                )
             if index in wanted:
                 yield index, np.frombuffer(buf, np.uint8).reshape(h, w, 3)
             index += 1
@@ -355,8 +410,11 @@ def moviepy_duration(path: str | Path) -> float:
     It follows the ffmpeg in use: for an R-FLAV MP4, ffmpeg 4.2.2 (the evaluator's) and 5.1
     print 24.08 where ffmpeg 9 prints 24.01. Samples at or past it read as silence.
     """
-    res = subprocess.run([find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)],
-                         capture_output=True, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     text = res.stderr.decode("utf-8", "replace")
     line = next((ln for ln in text.splitlines() if "Duration: " in ln), "")
     found = re.search(r"(\d\d):(\d\d):(\d\d\.\d\d)", line)
@@ -381,10 +439,24 @@ class _PcmPipe:
             head = ["-ss", "%.05f" % (start - lead), "-i", str(path), "-vn", "-ss", "%.05f" % lead]
         else:
             head = ["-i", str(path), "-vn"]
-        cmd = [find_ffmpeg(), *head, "-loglevel", "error", "-f", "s16le", "-acodec", "pcm_s16le",
-               "-ar", str(AUDIO_RATE), "-ac", "2", "-"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+        cmd = [
+            find_ffmpeg(),
+            *head,
+            "-loglevel",
+            "error",
+            "-f",
+            "s16le",
+            "-acodec",
+            "pcm_s16le",
+            "-ar",
+            str(AUDIO_RATE),
+            "-ac",
+            "2",
+            "-",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
 
     def read(self, n: int) -> np.ndarray:
         assert self.proc.stdout is not None
@@ -457,8 +529,10 @@ class MoviepyAudioReader:
         """Stereo samples (len(times), 2) at absolute times in seconds (moviepy ``get_frame``)."""
         inside = (times >= 0) & (times < self.duration)
         if not inside.any():
-            raise MediaError(f"{self.path}: audio requested at {times[0]:.2f}-{times[-1]:.2f} s, "
-                             f"outside the file ({self.duration:.2f} s)")
+            raise MediaError(
+                f"{self.path}: audio requested at {times[0]:.2f}-{times[-1]:.2f} s, "
+                f"outside the file ({self.duration:.2f} s)"
+            )
         wanted = np.round(AUDIO_RATE * times).astype(int)[inside]
         lo, hi = wanted.min(), wanted.max()
         if not 0 <= lo - self._buf_start < len(self._buf):
@@ -489,14 +563,18 @@ def clip_audio(clip: Clip, *, samples: int = AUDIO_SAMPLES) -> np.ndarray:
     """
     with MoviepyAudioReader(clip.path) as reader:
         if clip.start_t > reader.duration:
-            raise MediaError(f"{clip.path}: clip starts at {clip.start_t:.2f} s, "
-                             f"after the end of the file ({reader.duration:.2f} s)")
+            raise MediaError(
+                f"{clip.path}: clip starts at {clip.start_t:.2f} s, "
+                f"after the end of the file ({reader.duration:.2f} s)"
+            )
         length = clip.end_t - clip.start_t
         if length > _SOUNDARRAY_CHUNK / AUDIO_RATE:
             total = int(AUDIO_RATE * length)
             bounds = np.linspace(0, total, total // _SOUNDARRAY_CHUNK + 2, endpoint=True, dtype=int)
-            parts = [reader.samples_at((1.0 / AUDIO_RATE) * np.arange(a, b) + clip.start_t)
-                     for a, b in zip(bounds[:-1], bounds[1:])]
+            parts = [
+                reader.samples_at((1.0 / AUDIO_RATE) * np.arange(a, b) + clip.start_t)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ]
             stereo = np.concatenate(parts)
         else:
             stereo = reader.samples_at(np.arange(0, length, 1.0 / AUDIO_RATE) + clip.start_t)
@@ -550,12 +628,12 @@ def compute_features(
         needed = sorted({i for b in batches for i in b})
         video_out: dict[int, torch.Tensor] = {}
         for start in range(0, len(needed), 64):  # bounded memory: 64 clips of 64×64 at a time
-            chunk = needed[start:start + 64]
+            chunk = needed[start : start + 64]
             videos = read_clip_videos([clips[i] for i in chunk], antialias=antialias)
             for s in range(0, len(chunk), video_batch):
                 with torch.no_grad():
-                    feats = video_features(i3d_input(torch.stack(videos[s:s + video_batch])))
-                for j, f in zip(chunk[s:s + video_batch], feats):
+                    feats = video_features(i3d_input(torch.stack(videos[s : s + video_batch])))
+                for j, f in zip(chunk[s : s + video_batch], feats):
                     video_out[j] = f.detach().float().cpu()
         video = torch.stack([video_out[i] for i in order])
     if audio_features is None:
@@ -572,8 +650,10 @@ def compute_features(
 
 
 def mmdiffusion_scores(
-    fake_video: torch.Tensor, real_video: torch.Tensor,
-    fake_audio: torch.Tensor, real_audio: torch.Tensor,
+    fake_video: torch.Tensor,
+    real_video: torch.Tensor,
+    fake_audio: torch.Tensor,
+    real_audio: torch.Tensor,
 ) -> dict[str, float]:
     """``{"fvd", "kvd", "fad"}`` from float32 features, as the evaluator reports them."""
     return {

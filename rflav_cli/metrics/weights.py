@@ -93,7 +93,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
-def resolve_weights(name: str, path: str | Path | None = None, offline: bool = False, progress: bool = True) -> Path:
+def resolve_weights(
+    name: str, path: str | Path | None = None, offline: bool = False, progress: bool = True
+) -> Path:
     """Local path of weight file `name`: `path` if given (a file, or a folder holding it), else the
     cache, else a checked download into the cache (unless `offline`)."""
     entry = WEIGHTS[name]
@@ -170,13 +172,26 @@ def read_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
     return load_tensor_file(path, what, error=EvalWeightsError, missing_error=MissingWeightsError)
 
 
-def check_weights(model: torch.nn.Module, state: dict[str, Tensor], path: Path, description: str, *,
-                  optional: Callable[[str], bool] = lambda key: False, shown_prefix: str = "") -> None:
+def check_weights(
+    model: torch.nn.Module,
+    state: dict[str, Tensor],
+    path: Path,
+    description: str,
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+    shown_prefix: str = "",
+) -> None:
     """Refuse ``state`` in one line unless it fits ``model`` (``optional`` keys may be absent)."""
     mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state, optional)
     wrong = [k for k, _, _ in mismatch.misshaped]
     if mismatch:
-        parts = [f"{len(keys)} {label} (e.g. {shown_prefix}{keys[0]})"
-                 for label, keys in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected),
-                                     ("wrong shape", wrong)) if keys]
+        parts = [
+            f"{len(keys)} {label} (e.g. {shown_prefix}{keys[0]})"
+            for label, keys in (
+                ("missing", mismatch.missing),
+                ("unexpected", mismatch.unexpected),
+                ("wrong shape", wrong),
+            )
+            if keys
+        ]
         raise EvalWeightsError(f"{path} does not hold {description}: {'; '.join(parts)}")

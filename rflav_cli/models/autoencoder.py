@@ -18,8 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FileFormatError
-from ..files import (REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors,
-                     state_dict_mismatch)
+from ..files import (
+    REDOWNLOAD,
+    atomic_write,
+    load_safetensors,
+    read_json_object,
+    save_safetensors,
+    state_dict_mismatch,
+)
 from ..hub import local_folder
 
 CONFIG_NAME = "config.json"
@@ -84,9 +90,20 @@ class VAEWeightsError(VAEFileError):
 
 
 # Keys whose constructor defaults describe another network than SD-VAE: a config must give them.
-_REQUIRED_CONFIG = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                    "latent_channels")
-_POSITIVE_INT_CONFIG = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups")
+_REQUIRED_CONFIG = (
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "latent_channels",
+)
+_POSITIVE_INT_CONFIG = (
+    "in_channels",
+    "out_channels",
+    "latent_channels",
+    "layers_per_block",
+    "norm_num_groups",
+)
 _BOOL_CONFIG = ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 
 
@@ -113,7 +130,9 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         return f"every block_out_channels entry must be divisible by norm_num_groups {groups}, got {channels}"
     for key, expected in (("down_block_types", _DOWN_BLOCK), ("up_block_types", _UP_BLOCK)):
         types = config[key]
-        if not (isinstance(types, list) and len(types) == len(channels) and all(t == expected for t in types)):
+        if not (
+            isinstance(types, list) and len(types) == len(channels) and all(t == expected for t in types)
+        ):
             return f"{key} must be {len(channels)} x {expected!r} (one per block_out_channels), got {json.dumps(types, default=repr)}"
     act = config.get("act_fn", "silu")
     if not (isinstance(act, str) and act.lower() in _ACTIVATIONS):
@@ -209,9 +228,7 @@ class _SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        )
+        out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
@@ -222,12 +239,8 @@ class _MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool) -> None:
         super().__init__()
         # Registered before ``resnets`` so state_dict order matches diffusers.
-        self.attentions = nn.ModuleList(
-            [_SelfAttention(channels, groups)] if add_attention else []
-        )
-        self.resnets = nn.ModuleList(
-            [_ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)]
-        )
+        self.attentions = nn.ModuleList([_SelfAttention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([_ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -467,7 +480,9 @@ class AutoencoderKL(nn.Module):
         _check_state(model, state, weights_path)
         odd = sorted(k for k, v in state.items() if not v.is_floating_point())
         if odd:
-            raise VAEFileError(f"{weights_path} (VAE weights) holds non-float tensors ({_short_list(odd)}): {REDOWNLOAD}")
+            raise VAEFileError(
+                f"{weights_path} (VAE weights) holds non-float tensors ({_short_list(odd)}): {REDOWNLOAD}"
+            )
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(dtype or torch.float32).eval()
 

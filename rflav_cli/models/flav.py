@@ -21,8 +21,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
 from ..errors import FileFormatError, RflavError, UsageError
-from ..files import (REDOWNLOAD, atomic_write, load_safetensors, read_json_object, save_safetensors,
-                     state_dict_mismatch)
+from ..files import (
+    REDOWNLOAD,
+    atomic_write,
+    load_safetensors,
+    read_json_object,
+    save_safetensors,
+    state_dict_mismatch,
+)
 from ..hub import local_folder
 
 CONFIG_NAME = "config.json"
@@ -49,8 +55,9 @@ class FLAVConfig:
     causal_attn: bool = True
 
     @classmethod
-    def from_dict(cls, data: dict, source: str | os.PathLike | None = None,
-                  required: tuple[str, ...] = ()) -> "FLAVConfig":
+    def from_dict(
+        cls, data: dict, source: str | os.PathLike | None = None, required: tuple[str, ...] = ()
+    ) -> "FLAVConfig":
         """A config from the known keys of ``data`` (others are ignored), each checked for its
         type and range. ``source`` names the file the dict came from: its problems are then
         :class:`CheckpointFileError` naming it, otherwise :class:`UsageError`. ``required``
@@ -59,7 +66,9 @@ class FLAVConfig:
         def refuse(problem: str) -> RflavError:
             if source is None:
                 return UsageError(f"model config: {problem}")
-            return CheckpointFileError(f"{source} (FLAV config) {problem}: fix it or pass another checkpoint folder")
+            return CheckpointFileError(
+                f"{source} (FLAV config) {problem}: fix it or pass another checkpoint folder"
+            )
 
         missing = [k for k in required if k not in data]
         if missing:
@@ -76,7 +85,9 @@ class FLAVConfig:
         if config.hidden_size % config.num_heads:
             raise refuse(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
         if config.latent_size % config.patch_size:
-            raise refuse(f"latent_size {config.latent_size} is not divisible by patch_size {config.patch_size}")
+            raise refuse(
+                f"latent_size {config.latent_size} is not divisible by patch_size {config.patch_size}"
+            )
         if int(config.hidden_size * config.mlp_ratio) < 1:
             raise refuse(f"mlp_ratio {config.mlp_ratio} leaves the MLP without a hidden unit")
         return config
@@ -90,10 +101,29 @@ class FLAVConfig:
 
 
 # Config keys that shape the network's parameters: a checkpoint's config.json must give them.
-ARCHITECTURE_KEYS = ("latent_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-                     "mlp_ratio", "num_classes", "predict_frames", "n_mels")
-_POSITIVE_INT_FIELDS = {"latent_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-                        "predict_frames", "n_mels", "audio_fr"}
+ARCHITECTURE_KEYS = (
+    "latent_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "num_classes",
+    "predict_frames",
+    "n_mels",
+)
+_POSITIVE_INT_FIELDS = {
+    "latent_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "predict_frames",
+    "n_mels",
+    "audio_fr",
+}
 _FLOAT_FIELDS = {"mlp_ratio", "class_dropout_prob"}
 _BOOL_FIELDS = {"grad_ckpt", "causal_attn"}
 
@@ -134,8 +164,10 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
     """Raise one message naming every missing, unexpected and mis-shaped key."""
     mismatch = state_dict_mismatch(expected, found)
     missing, unexpected = sorted(mismatch.missing), sorted(mismatch.unexpected)
-    misshaped = [f"{k} (file {file_shape}, model {model_shape})"
-                 for k, file_shape, model_shape in sorted(mismatch.misshaped)]
+    misshaped = [
+        f"{k} (file {file_shape}, model {model_shape})"
+        for k, file_shape, model_shape in sorted(mismatch.misshaped)
+    ]
     if mismatch:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -143,8 +175,10 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
                 shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
         raise CheckpointMismatchError(
-            f"{what} does not match its config; " + "; ".join(parts)
-            + ": use the config.json that came with these weights or download the checkpoint again")
+            f"{what} does not match its config; "
+            + "; ".join(parts)
+            + ": use the config.json that came with these weights or download the checkpoint again"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -228,10 +262,10 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     if compiling:
         outs = []
         for start in range(0, total, chunk):
-            scores = torch.bmm(q[start:start + chunk], k_t[start:start + chunk])
+            scores = torch.bmm(q[start : start + chunk], k_t[start : start + chunk])
             if mask is not None:
                 scores = scores.masked_fill(mask, float("-inf"))
-            outs.append(torch.bmm(scores.softmax(dim=-1), v[start:start + chunk]))
+            outs.append(torch.bmm(scores.softmax(dim=-1), v[start : start + chunk]))
         return torch.cat(outs).view(n, heads, length, head_dim)
 
     out = torch.empty_like(q)
@@ -239,11 +273,11 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     probs_buffer = torch.empty_like(scores_buffer)
     for start in range(0, total, chunk):
         size = min(chunk, total - start)
-        scores = torch.bmm(q[start:start + size], k_t[start:start + size], out=scores_buffer[:size])
+        scores = torch.bmm(q[start : start + size], k_t[start : start + size], out=scores_buffer[:size])
         if mask is not None:
             scores.masked_fill_(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, out=probs_buffer[:size])
-        torch.bmm(probs, v[start:start + size], out=out[start:start + size])
+        torch.bmm(probs, v[start : start + size], out=out[start : start + size])
     return out.view(n, heads, length, head_dim)
 
 
@@ -268,12 +302,16 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
         # Always float32: bf16 cannot resolve t ≈ 1000 finely enough.
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t.float()[:, None] * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))
@@ -402,7 +440,7 @@ class FLAV(nn.Module):
         self.video_final_layer = FinalLayer(d, c.patch_size**2 * c.in_channels)
         self.audio_final_layer = FinalLayer(d, c.n_mels)
         self.gradient_checkpointing = c.grad_ckpt
-        self._compiled_blocks: list[nn.Module] | None = None   # not sub-modules: no state-dict keys
+        self._compiled_blocks: list[nn.Module] | None = None  # not sub-modules: no state-dict keys
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -451,8 +489,12 @@ class FLAV(nn.Module):
         w = self.v_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.v_embedder.proj.bias)
-        for p in (self.video_spatial_pos_embed, self.video_temporal_pos_embed,
-                  self.audio_spatial_pos_embed, self.audio_temporal_pos_embed):
+        for p in (
+            self.video_spatial_pos_embed,
+            self.video_temporal_pos_embed,
+            self.audio_spatial_pos_embed,
+            self.audio_temporal_pos_embed,
+        ):
             nn.init.zeros_(p)
         if self.num_classes > 0:
             nn.init.normal_(self.video_y_embedder.embedding_table.weight, std=0.02)
@@ -460,11 +502,19 @@ class FLAV(nn.Module):
         for emb in (self.video_t_embedder, self.audio_t_embedder):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        zeroed = [self.video_final_layer.linear, self.audio_final_layer.linear,
-                  self.video_final_layer.adaLN_modulation[1], self.audio_final_layer.adaLN_modulation[1]]
+        zeroed = [
+            self.video_final_layer.linear,
+            self.audio_final_layer.linear,
+            self.video_final_layer.adaLN_modulation[1],
+            self.audio_final_layer.adaLN_modulation[1],
+        ]
         for block in self.blocks:
-            zeroed += [block.video_adaLN_modulation[1], block.audio_adaLN_modulation[1],
-                       block.video_scale[1], block.audio_scale[1]]
+            zeroed += [
+                block.video_adaLN_modulation[1],
+                block.audio_adaLN_modulation[1],
+                block.video_scale[1],
+                block.audio_scale[1],
+            ]
         for linear in zeroed:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
@@ -497,7 +547,11 @@ class FLAV(nn.Module):
         # Fewer frames than the window are the window's first frames (a causal model's
         # outputs for them do not depend on the rest).
         v = self.v_embedder(v.reshape(b * frames, channels, height, width).to(self.dtype))
-        v = v.view(b, frames, -1, v.shape[-1]) + self.video_temporal_pos_embed[:, :frames] + self.video_spatial_pos_embed
+        v = (
+            v.view(b, frames, -1, v.shape[-1])
+            + self.video_temporal_pos_embed[:, :frames]
+            + self.video_spatial_pos_embed
+        )
         a = self.a_embedder(a.squeeze(2).transpose(-1, -2).to(self.dtype))
         a = a + self.audio_temporal_pos_embed[:, :frames] + self.audio_spatial_pos_embed
 
@@ -513,11 +567,11 @@ class FLAV(nn.Module):
             else:
                 v, a = block(v, a, v_c, a_c)
 
-        v = self.video_final_layer(v, v_c)                       # (B, T, L, p*p*C)
+        v = self.video_final_layer(v, v_c)  # (B, T, L, p*p*C)
         h, w = height // p, width // p
         v = v.view(b, frames, h, w, p, p, channels).permute(0, 1, 6, 2, 4, 3, 5)
         v = v.reshape(b, frames, channels, height, width)
-        a = self.audio_final_layer(a, a_c).transpose(-1, -2).unsqueeze(2)   # (B, T, 1, n_mels, 10)
+        a = self.audio_final_layer(a, a_c).transpose(-1, -2).unsqueeze(2)  # (B, T, 1, n_mels, 10)
         return v, a
 
     def forward_with_cfg(
@@ -528,7 +582,9 @@ class FLAV(nn.Module):
         if self.num_classes <= 0:
             raise ValueError("classifier-free guidance needs a class-conditional model")
         null = torch.full_like(y, self.num_classes)
-        v_out, a_out = self.forward(torch.cat([v, v]), torch.cat([a, a]), torch.cat([t, t]), torch.cat([y, null]))
+        v_out, a_out = self.forward(
+            torch.cat([v, v]), torch.cat([a, a]), torch.cat([t, t]), torch.cat([y, null])
+        )
         v_cond, v_uncond = v_out.chunk(2)
         a_cond, a_uncond = a_out.chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond), a_uncond + cfg_scale * (a_cond - a_uncond)
@@ -552,14 +608,19 @@ class FLAV(nn.Module):
         config = FLAVConfig.from_dict(data, source=config_path, required=ARCHITECTURE_KEYS)
         with torch.device("meta"):
             model = cls(config)
-        state = load_safetensors(weights_path, "FLAV weights", error=CheckpointFileError,
-                                 device=str(device) if device is not None else "cpu")
+        state = load_safetensors(
+            weights_path,
+            "FLAV weights",
+            error=CheckpointFileError,
+            device=str(device) if device is not None else "cpu",
+        )
         expected = {k: v.shape for k, v in model.state_dict().items()}
         check_state_dict(expected, state, f"{weights_path}")
         odd = sorted(k for k, v in state.items() if not v.is_floating_point())
         if odd:
             raise CheckpointFileError(
-                f"{weights_path} (FLAV weights) holds non-float tensors ({', '.join(odd[:4])}): {REDOWNLOAD}")
+                f"{weights_path} (FLAV weights) holds non-float tensors ({', '.join(odd[:4])}): {REDOWNLOAD}"
+            )
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, assign=True)
@@ -574,4 +635,3 @@ class FLAV(nn.Module):
         text = json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n"
         atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
         return folder
-

@@ -42,9 +42,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "vocoder.pt"
 HUB_SUBFOLDER = "vocoder"
 
-RESBLOCK_SLOPE = 0.1   # leaky-ReLU slope inside the generator
-FINAL_SLOPE = 0.01     # the activation before conv_post uses torch's default slope
-EDGE_KERNEL = 7        # kernel size of conv_pre and conv_post
+RESBLOCK_SLOPE = 0.1  # leaky-ReLU slope inside the generator
+FINAL_SLOPE = 0.01  # the activation before conv_post uses torch's default slope
+EDGE_KERNEL = 7  # kernel size of conv_pre and conv_post
 
 _REQUIRED_KEYS = (
     "resblock",
@@ -63,8 +63,11 @@ class CheckpointFormatError(FileFormatError):
 
 
 def _positive_ints(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
 
 
 def _config_problem(config: Mapping[str, Any]) -> str | None:
@@ -128,8 +131,7 @@ class _ResBlock1(nn.Module):
             for d in dilations
         )
         self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size))
-            for _ in dilations
+            nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size)) for _ in dilations
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -177,7 +179,7 @@ class HiFiGAN(nn.Module):
             raise ValueError(f"vocoder config lacks the key(s) {', '.join(missing)}")
         resblock = str(config["resblock"])
         if resblock not in ("1", "2"):
-            raise ValueError(f"vocoder config: resblock must be \"1\" or \"2\", got {config['resblock']!r}")
+            raise ValueError(f'vocoder config: resblock must be "1" or "2", got {config["resblock"]!r}')
         rates = [int(u) for u in config["upsample_rates"]]
         kernels = [int(k) for k in config["upsample_kernel_sizes"]]
         if len(rates) != len(kernels):
@@ -201,8 +203,12 @@ class HiFiGAN(nn.Module):
             padding, output_padding = _upsample_padding(k, u)
             self.ups.append(
                 nn.ConvTranspose1d(
-                    channels >> i, channels >> (i + 1), k, u,
-                    padding=padding, output_padding=output_padding,
+                    channels >> i,
+                    channels >> (i + 1),
+                    k,
+                    u,
+                    padding=padding,
+                    output_padding=output_padding,
                 )
             )
         block = _ResBlock1 if resblock == "1" else _ResBlock2
@@ -230,7 +236,7 @@ class HiFiGAN(nn.Module):
             # Output j reads the inputs n with 0 <= j + p - n*u < k.
             left += Fraction(k - 1 - p, rate)
             right += Fraction(p, rate)
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             left += Fraction(max(b.reach()[0] for b in blocks), rate)
             right += Fraction(max(b.reach()[1] for b in blocks), rate)
         lo, hi = _conv_reach(self.conv_post)
@@ -242,7 +248,7 @@ class HiFiGAN(nn.Module):
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, RESBLOCK_SLOPE))
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             acc = blocks[0](x)
             for block in blocks[1:]:
                 acc = acc + block(x)
@@ -281,7 +287,9 @@ class HiFiGAN(nn.Module):
         if problem is not None:
             raise CheckpointFormatError(f"{config_path} (vocoder config) {problem}: fix it, {REDOWNLOAD}")
         model = cls(config)
-        state = load_tensor_file(weights_path, "vocoder weights", error=CheckpointFormatError, unwrap="generator")
+        state = load_tensor_file(
+            weights_path, "vocoder weights", error=CheckpointFormatError, unwrap="generator"
+        )
         try:
             model.load_state_dict(state)
         except CheckpointFormatError as e:
@@ -297,11 +305,16 @@ class HiFiGAN(nn.Module):
         state_dict = fold_weight_norm(state_dict)
         if strict:
             mismatch = state_dict_mismatch({k: v.shape for k, v in self.state_dict().items()}, state_dict)
-            misshaped = [f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped]
+            misshaped = [
+                f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped
+            ]
             problems = [
                 f"{label}: {', '.join(keys)}"
-                for label, keys in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected),
-                                    ("mis-shaped", misshaped))
+                for label, keys in (
+                    ("missing", mismatch.missing),
+                    ("unexpected", mismatch.unexpected),
+                    ("mis-shaped", misshaped),
+                )
                 if keys
             ]
             if problems:
@@ -316,7 +329,9 @@ class HiFiGAN(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.to("cpu", torch.float32).contiguous() for k, v in self.weight_norm_state_dict().items()}
-        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(self.config, indent=2)))
+        atomic_write(
+            folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(self.config, indent=2))
+        )
         atomic_write(folder / WEIGHTS_NAME, lambda tmp: torch.save({"generator": state}, tmp))
 
 
@@ -343,7 +358,9 @@ def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out[prefix] = v * (g / norm)
     orphans = [k for k in state_dict if k.endswith(".weight_v") and k[:-2] + "_g" not in state_dict]
     if orphans:
-        raise CheckpointFormatError(f"vocoder weights have {', '.join(orphans)} without the matching weight_g")
+        raise CheckpointFormatError(
+            f"vocoder weights have {', '.join(orphans)} without the matching weight_g"
+        )
     return out
 
 
@@ -354,7 +371,9 @@ def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
             return path / HUB_SUBFOLDER
         return path
     if path.exists():
-        raise ResolveError(f"{path} is a file: pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} as the vocoder")
+        raise ResolveError(
+            f"{path} is a file: pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} as the vocoder"
+        )
     if not _REPO_ID.match(str(folder)):
         raise FileNotFoundError(f"vocoder folder not found: {path} (nor is it a Hub repo id like owner/name)")
     files = [f"{HUB_SUBFOLDER}/{CONFIG_NAME}", f"{HUB_SUBFOLDER}/{WEIGHTS_NAME}"]
@@ -380,8 +399,8 @@ class StreamingVocoder:
 
     def _reset(self) -> None:
         self._buffer: Tensor | None = None  # mel frames [self._start, self._start + width)
-        self._start = 0      # global index of the first buffered frame
-        self._emitted = 0    # frames whose samples have been returned
+        self._start = 0  # global index of the first buffered frame
+        self._emitted = 0  # frames whose samples have been returned
 
     @property
     def buffered_frames(self) -> int:
@@ -404,7 +423,9 @@ class StreamingVocoder:
             self._buffer = mel_chunk
         else:
             if mel_chunk.shape[0] != self._buffer.shape[0]:
-                raise ValueError(f"batch size changed mid-stream: {self._buffer.shape[0]} → {mel_chunk.shape[0]}")
+                raise ValueError(
+                    f"batch size changed mid-stream: {self._buffer.shape[0]} → {mel_chunk.shape[0]}"
+                )
             self._buffer = torch.cat([self._buffer, mel_chunk], dim=-1)
         total = self._start + self._buffer.shape[-1]
         return self._emit(total - self.right)
@@ -426,10 +447,10 @@ class StreamingVocoder:
         # Buffer starts at frame 0 or exactly `left` frames before the first frame to emit.
         wav = self.vocoder(self._buffer)[:, 0]
         first = (self._emitted - self._start) * self.hop
-        out = wav[:, first:(upto - self._start) * self.hop]
+        out = wav[:, first : (upto - self._start) * self.hop]
         self._emitted = upto
         keep_from = max(self._start, self._emitted - self.left)
-        self._buffer = self._buffer[..., keep_from - self._start:]
+        self._buffer = self._buffer[..., keep_from - self._start :]
         self._start = keep_from
         return out
 
@@ -467,8 +488,16 @@ class GriffinLim(nn.Module):
         frames = mel.shape[-1]
         magnitude = torch.clamp(self.inverse_fb @ torch.exp(mel.float()), min=0.0)
         wav = torchaudio.functional.griffinlim(
-            magnitude, window=self.window, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH,
-            power=1.0, n_iter=self.iterations, momentum=0.99, length=(frames - 1) * HOP_LENGTH, rand_init=False,
+            magnitude,
+            window=self.window,
+            n_fft=N_FFT,
+            hop_length=HOP_LENGTH,
+            win_length=WIN_LENGTH,
+            power=1.0,
+            n_iter=self.iterations,
+            momentum=0.99,
+            length=(frames - 1) * HOP_LENGTH,
+            rand_init=False,
         )
         # Frame k of the front end is centred half a hop after k·hop: shift by that, pad the end.
         wav = F.pad(wav, (HOP_LENGTH // 2, HOP_LENGTH - HOP_LENGTH // 2))
