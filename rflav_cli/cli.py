@@ -167,7 +167,7 @@ def generate(
     compile_model: Optional[bool] = typer.Option(
         None,
         "--compile/--no-compile",
-        help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames (1.4–2.3× on an H100) [default: on for CUDA and 20 s or more].",
+        help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames after that [default: on for CUDA and 20 s or more].",
     ),
     output: Optional[str] = typer.Option(
         None,

@@ -154,10 +154,11 @@ AUTO_COMPILE_MIN_FRAMES = 200
 
 def auto_compile(device: torch.device, num_frames: int | None, guided: bool = False) -> bool:
     """Whether compiling pays off when nobody said: on CUDA, for streams of at least
-    AUTO_COMPILE_MIN_FRAMES frames (or unbounded) without audio/video guidance. Compiling costs
-    a few seconds before the first frame (about 20 s the very first time, while the compiler
-    cache fills) and makes every frame 1.4–2.3× as fast on an H100; guided steps need gradients
-    and run eagerly anyway. On CPUs it gains about 10 % for a long compile, so it stays opt-in."""
+    AUTO_COMPILE_MIN_FRAMES frames (or unbounded) without audio/video guidance. Compiling delays
+    the first frame (most the very first time, while the compiler cache fills) and makes every
+    later frame faster, which pays off over a long stream; guided steps need gradients and run
+    eagerly anyway. On CPUs the gain is small for a long compile, so it stays opt-in.
+    benchmarks/RESULTS.md has the measured costs and gains."""
     return (
         device.type == "cuda" and not guided and (num_frames is None or num_frames >= AUTO_COMPILE_MIN_FRAMES)
     )
