@@ -389,13 +389,7 @@ def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> Non
                 params=("cfg_scale",),
             )
         return
-    if label is None:
-        raise UsageError(
-            "this checkpoint is class-conditional: pass {label} with one of "
-            + ", ".join(pipe.class_names or [str(i) for i in range(pipe.model.num_classes)]),
-            params=("label",),
-        )
-    pipe.class_index(label)  # unknown class names fail here
+    pipe.class_index(label)  # a missing label or an unknown class name fails here
 
 
 def _wants_compile(req: GenerateRequest, num_frames: int | None, audio_given: bool) -> bool:

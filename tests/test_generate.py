@@ -450,6 +450,11 @@ def test_unknown_class_of_class_conditional_checkpoint(tmp_path):
         "cpu",
     )
     assert result.exit_code == 2 and "drums, piano" in result.stderr
+    no_class = ["--frames", "2", "-o", str(tmp_path / "n.mp4"), "--device", "cpu"]
+    result = run_cli("generate", "--model", str(model), "--vae", str(vae), *no_class)
+    assert result.exit_code == 2
+    assert "class-conditional: pass --class with one of drums, piano" in result.stderr
+    assert not (tmp_path / "n.mp4").exists()
     result = run_cli(
         "generate",
         "--model",
