@@ -184,6 +184,16 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
         HiFiGAN.from_pretrained(tmp_path / "nowhere" / "deeper")
 
 
+@pytest.mark.parametrize("name", ["my--vocoder/v1", "owner/voc.git", "-owner/voc"])
+def test_missing_folder_that_is_no_repo_id_is_not_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Names the Hub refuses as repo ids are missing folders, not Hub look-ups."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="vocoder folder not found"):
+        HiFiGAN.from_pretrained(name)
+
+
 def test_upsampling_lengths_for_both_padding_rules() -> None:
     for config in (HOP160_CONFIG, ODD_CONFIG):
         model = random_vocoder(config)

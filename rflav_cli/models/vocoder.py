@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..audio import mel_filterbank
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
 from ..errors import FileFormatError
 from ..files import REDOWNLOAD, atomic_write, load_tensor_file, read_json_object, state_dict_mismatch
-from ..hub import ResolveError, local_folder
+from ..hub import ResolveError, is_repo_id, local_folder
 
 __all__ = [
     "CONFIG_NAME",
@@ -55,7 +54,6 @@ _REQUIRED_KEYS = (
     "resblock_dilation_sizes",
     "num_mels",
 )
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class CheckpointFormatError(FileFormatError):
@@ -374,7 +372,7 @@ def _resolve_folder(folder: str | Path, revision: str | None) -> Path:
         raise ResolveError(
             f"{path} is a file: pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME} as the vocoder"
         )
-    if not _REPO_ID.match(str(folder)):
+    if not is_repo_id(str(folder)):
         raise FileNotFoundError(f"vocoder folder not found: {path} (nor is it a Hub repo id like owner/name)")
     files = [f"{HUB_SUBFOLDER}/{CONFIG_NAME}", f"{HUB_SUBFOLDER}/{WEIGHTS_NAME}"]
     # Hub failures (unreachable, no such repo) are one-line ResolveErrors naming the repo and file.
