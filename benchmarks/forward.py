@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rflav_cli.bench import device_name, random_flav, time_forward  # noqa: E402
 from rflav_cli.models.flav import set_attention_backend  # noqa: E402
-from rflav_cli.pipeline import pick_device  # noqa: E402
+from rflav_cli.runtime import pick_device  # noqa: E402
 
 
 def main() -> None:

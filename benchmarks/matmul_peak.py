@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rflav_cli.bench import device_name, flav_config, timed_calls  # noqa: E402
 from rflav_cli.models.flav import FLAV  # noqa: E402
-from rflav_cli.pipeline import pick_device  # noqa: E402
+from rflav_cli.runtime import pick_device  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -35,8 +35,8 @@ from .hub import PRESETS, resolve_model, write_side_file
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
-from .pipeline import (
-    Pipeline,
+from .pipeline import Pipeline
+from .runtime import (
     compile_failure_message,
     compile_mode,
     is_compile_error,

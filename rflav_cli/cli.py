@@ -413,11 +413,11 @@ def train(
     )
     _run(lambda: check_train_config(cfg))  # before torch is imported: a bad value fails at once
 
-    from .generate import _stop_on_signals
+    from .runtime import stop_on_signals
     from .train import train as run_train
 
     def go():
-        with _stop_on_signals() as stop:
+        with stop_on_signals() as stop:
             return run_train(cfg, stop=stop, name_of=_flag)
 
     last = _run(go)
@@ -466,7 +466,7 @@ def prepare(
 
     from .data import prepare_cache, scan_dataset
     from .models.autoencoder import AutoencoderKL
-    from .pipeline import pick_device
+    from .runtime import pick_device
 
     def go():
         index = scan_dataset(data, split, missing_audio=missing_audio)

@@ -6,8 +6,6 @@ frames waiting for their audio, so a stream can run for hours at constant memory
 
 from __future__ import annotations
 
-import functools
-import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,8 +34,14 @@ from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import GenerateRequest, generate_frame_count
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .runtime import (
+    compile_mode,
+    cpu_has_native_bf16,
+    dtype_from_torch,
+    new_graph_step,
+    pick_dtype,
+    resolve_device,
+)
 
 
 class PipelineError(RflavError, ValueError):
@@ -47,72 +51,6 @@ class PipelineError(RflavError, ValueError):
 # ----------------------------------------------------------------------------------------
 # Device and precision
 # ----------------------------------------------------------------------------------------
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` → CUDA, else Apple MPS, else CPU. An explicit device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", name):
-        raise PipelineError(
-            f"unknown {{device}} {name!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PipelineError(
-                f"{{device}} {name} was asked for but no CUDA GPU is visible; use cpu", params=("device",)
-            )
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise PipelineError(
-                f"{{device}} {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                "(cuda:0 is the first)",
-                params=("device",),
-            )
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError(
-            "{device} mps was asked for but MPS is not available; use cpu", params=("device",)
-        )
-    return torch.device(name)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` → bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise PipelineError(f"unknown {{dtype}} {name!r}: use auto, fp32, bf16 or fp16", params=("dtype",))
-    if name == "fp16" and device.type == "cpu":
-        raise PipelineError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
-    return DTYPES[name]
-
-
-def dtype_from_torch(torch_dtype: object, device: torch.device, param: str = "torch_dtype") -> torch.dtype:
-    """A precision given as a torch.dtype (the diffusers spelling), checked as `pick_dtype` checks
-    names; `param` is the parameter that gave it, for the message."""
-    names = {value: name for name, value in DTYPES.items()}
-    if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in names:
-        raise UsageError(
-            f"unknown {{{param}}} {torch_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16",
-            params=(param,),
-        )
-    return pick_dtype(names[torch_dtype], device)
 
 
 def vae_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -141,59 +79,6 @@ class AVFrame:
 def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Decoded frames (B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, rounding as the original."""
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def compile_mode(device: torch.device) -> str | None:
-    """torch.compile mode for the rolling step: CUDA graphs on GPUs (every step has the same
-    shapes, so one capture serves the whole stream), the default elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else None
-
-
-AUTO_COMPILE_MIN_FRAMES = 200
-
-
-def auto_compile(device: torch.device, num_frames: int | None, guided: bool = False) -> bool:
-    """Whether compiling pays off when nobody said: on CUDA, for streams of at least
-    AUTO_COMPILE_MIN_FRAMES frames (or unbounded) without audio/video guidance. Compiling delays
-    the first frame (most the very first time, while the compiler cache fills) and makes every
-    later frame faster, which pays off over a long stream; guided steps need gradients and run
-    eagerly anyway. On CPUs the gain is small for a long compile, so it stays opt-in.
-    benchmarks/RESULTS.md has the measured costs and gains."""
-    return (
-        device.type == "cuda" and not guided and (num_frames is None or num_frames >= AUTO_COMPILE_MIN_FRAMES)
-    )
-
-
-def is_compile_error(err: BaseException) -> bool:
-    """True for the errors torch.compile raises when it cannot compile (no C++ compiler, …)."""
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(err, TorchDynamoException)
-
-
-def compile_failure_reason(err: BaseException) -> str:
-    """The last line of a compilation error: the cause, without the compiler's traceback."""
-    text = str(err).strip()
-    return text.splitlines()[-1] if text else type(err).__name__
-
-
-def compile_failure_message(err: BaseException, asked: bool = True) -> str:
-    reason = compile_failure_reason(err)
-    what, way_out = (
-        ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
-    )
-    return (
-        f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
-        "(a C++ compiler on CPU, Triton and a C compiler on GPUs)"
-    )
-
-
-def new_graph_step(model: FLAV) -> None:
-    """Call before each forward of a model whose blocks replay as CUDA graphs: graphs reuse
-    their output memory on the next replay, and every forward's outputs are consumed (turned
-    into new tensors) before the next forward starts."""
-    if model.blocks_compiled and model.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()
 
 
 class HostCopy:
@@ -511,7 +396,7 @@ class Pipeline:
                 params=("audio_scale",),
             )
         vocoder_folder, vocoder_source = _vocoder_of(resolved, side, griffin_lim, revision, offline)
-        torch_device = _device_of(device)
+        torch_device = resolve_device(device)
         torch_dtype = (
             dtype_from_torch(torch_dtype, torch_device)
             if torch_dtype is not None
@@ -553,7 +438,7 @@ class Pipeline:
             if dtype is not None:
                 raise UsageError("give one dtype: as the first argument or as {dtype}", params=("dtype",))
             device, dtype = None, device
-        new_device = self.device if device is None else _device_of(device)
+        new_device = self.device if device is None else resolve_device(device)
         new_dtype = self.dtype if dtype is None else dtype_from_torch(dtype, new_device, "dtype")
         if new_dtype == torch.float16 and new_device.type == "cpu":
             pick_dtype("fp16", new_device)  # raises: fp16 does not run on CPU
@@ -772,15 +657,6 @@ class Pipeline:
             given_audio=audio,
             output_stream=torch.cuda.Stream(self.device) if self._overlaps else None,
         )
-
-
-def _device_of(device: str | torch.device | None) -> torch.device:
-    """A device name or torch.device, checked to be available (None: auto)."""
-    if device is None:
-        return pick_device("auto")
-    if isinstance(device, torch.device):
-        return pick_device(device.type if device.type != "cuda" or device.index is None else str(device))
-    return pick_device(device)
 
 
 def _tee(frames: Iterator[np.ndarray]) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:

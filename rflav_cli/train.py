@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ from .requests import (
     resolve_train_config,
     resume_train_config,
 )
+from .runtime import Dist, init_distributed, rank_device
 
 STATE_DIR = "training_state"
 LOCK_FILE = ".lock"
@@ -62,27 +63,6 @@ DEFAULT_VOCODER_PRESET = "dance"  # checkpoints get its HiFi-GAN unless --vocode
 # ----------------------------------------------------------------------------------------
 # Distributed helpers
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _barrier(d: Dist) -> None:
@@ -239,16 +219,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    from .pipeline import pick_device
-
-    device = pick_device(name)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
 def _vocoder_folder(cfg: TrainConfig) -> Path | None:
     """The vocoder copied into every checkpoint: --vocoder FOLDER, none (Griffin-Lim), or by
     default the dance checkpoint's. A default that cannot be fetched stops the run before it
@@ -396,7 +366,7 @@ def train(
         cfg, init_source = _new_run_config(cfg)
     vocoder_folder = _vocoder_folder(cfg)
 
-    device = _device(cfg.device)
+    device = rank_device(cfg.device)
     d = init_distributed(device)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -652,7 +652,7 @@ def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
 
 def test_auto_compile_policy():
     """Compiling pays off on GPUs for long streams; short clips, guided runs and CPUs stay eager."""
-    from rflav_cli.pipeline import AUTO_COMPILE_MIN_FRAMES, auto_compile
+    from rflav_cli.runtime import AUTO_COMPILE_MIN_FRAMES, auto_compile
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert auto_compile(cuda, AUTO_COMPILE_MIN_FRAMES) and auto_compile(cuda, None)

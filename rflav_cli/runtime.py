@@ -1,0 +1,245 @@
+"""Where and how the computation runs: device, precision, the compile policy, stop signals and
+the torchrun group. Entry points resolve these once and pass `torch.device`/`torch.dtype` down.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .models.flav import FLAV
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` → CUDA, else Apple MPS, else CPU. An explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", name):
+        raise UsageError(
+            f"unknown {{device}} {name!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"{{device}} {name} was asked for but no CUDA GPU is visible; use cpu", params=("device",)
+            )
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"{{device}} {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                "(cuda:0 is the first)",
+                params=("device",),
+            )
+    if name == "mps" and not _mps_available():
+        raise UsageError("{device} mps was asked for but MPS is not available; use cpu", params=("device",))
+    return torch.device(name)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A device name or torch.device, checked to be available (None: auto)."""
+    if device is None:
+        return pick_device("auto")
+    if isinstance(device, torch.device):
+        return pick_device(device.type if device.type != "cuda" or device.index is None else str(device))
+    return pick_device(device)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown {{dtype}} {name!r}: use auto, fp32, bf16 or fp16", params=("dtype",))
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
+    return DTYPES[name]
+
+
+def dtype_from_torch(torch_dtype: object, device: torch.device, param: str = "torch_dtype") -> torch.dtype:
+    """A precision given as a torch.dtype (the diffusers spelling), checked as `pick_dtype` checks
+    names; `param` is the parameter that gave it, for the message."""
+    names = {value: name for name, value in DTYPES.items()}
+    if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in names:
+        raise UsageError(
+            f"unknown {{{param}}} {torch_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16",
+            params=(param,),
+        )
+    return pick_dtype(names[torch_dtype], device)
+
+
+# ----------------------------------------------------------------------------------------
+# Compile policy
+# ----------------------------------------------------------------------------------------
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """torch.compile mode for the rolling step: CUDA graphs on GPUs (every step has the same
+    shapes, so one capture serves the whole stream), the default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+AUTO_COMPILE_MIN_FRAMES = 200
+
+
+def auto_compile(device: torch.device, num_frames: int | None, guided: bool = False) -> bool:
+    """Whether compiling pays off when nobody said: on CUDA, for streams of at least
+    AUTO_COMPILE_MIN_FRAMES frames (or unbounded) without audio/video guidance. Compiling delays
+    the first frame (most the very first time, while the compiler cache fills) and makes every
+    later frame faster, which pays off over a long stream; guided steps need gradients and run
+    eagerly anyway. On CPUs the gain is small for a long compile, so it stays opt-in.
+    benchmarks/RESULTS.md has the measured costs and gains."""
+    return (
+        device.type == "cuda" and not guided and (num_frames is None or num_frames >= AUTO_COMPILE_MIN_FRAMES)
+    )
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """True for the errors torch.compile raises when it cannot compile (no C++ compiler, …)."""
+    # Deliberately lazy: `import torch` does not load the compiler stack, and only a failure
+    # needs its exception type.
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(err, TorchDynamoException)
+
+
+def compile_failure_reason(err: BaseException) -> str:
+    """The last line of a compilation error: the cause, without the compiler's traceback."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
+def compile_failure_message(err: BaseException, asked: bool = True) -> str:
+    """One line for a failed compilation: what failed, why, and the two ways out."""
+    reason = compile_failure_reason(err)
+    what, way_out = (
+        ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
+    )
+    return (
+        f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
+        "(a C++ compiler on CPU, Triton and a C compiler on GPUs)"
+    )
+
+
+def new_graph_step(model: FLAV) -> None:
+    """Call before each forward of a model whose blocks replay as CUDA graphs: graphs reuse
+    their output memory on the next replay, and every forward's outputs are consumed (turned
+    into new tensors) before the next forward starts."""
+    if model.blocks_compiled and model.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+# ----------------------------------------------------------------------------------------
+# Stop requests (Ctrl-C, SIGTERM)
+# ----------------------------------------------------------------------------------------
+
+
+class StopRequest(threading.Event):
+    """Set by the first Ctrl-C or SIGTERM; `signum` says which signal asked."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """First Ctrl-C / SIGTERM asks for a clean stop; a second one interrupts at once."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.signum = signum
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------
+# torchrun
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place in the torchrun group (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_device(name: str) -> torch.device:
+    """The device named, or under torchrun on CUDA this process's own GPU (LOCAL_RANK), made
+    the current one."""
+    device = pick_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    if not launched_by_torchrun():
+        return Dist()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
