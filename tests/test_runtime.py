@@ -1,0 +1,61 @@
+"""rflav_cli.runtime: device and precision names, stop signals, the torchrun group."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from rflav_cli.cli import _flag
+from rflav_cli.errors import UsageError
+from rflav_cli.runtime import (
+    Dist,
+    init_distributed,
+    pick_device,
+    pick_dtype,
+    rank_device,
+    resolve_device,
+    stop_on_signals,
+)
+
+
+def test_unknown_device_is_a_usage_error_naming_the_flag():
+    with pytest.raises(UsageError) as err:
+        pick_device("tpu")
+    assert str(err.value) == "unknown device 'tpu': use auto, cuda (or cuda:N), mps or cpu"
+    assert err.value.render(_flag).startswith("unknown --device 'tpu'")
+
+
+def test_unavailable_cuda_and_cpu_fp16_are_usage_errors():
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU is visible"):
+            pick_device("cuda:0")
+    with pytest.raises(UsageError, match="fp16 is not supported on CPU"):
+        pick_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
+        pick_dtype("fp8", torch.device("cpu"))
+
+
+def test_names_and_devices_resolve_alike():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == resolve_device(cpu) == rank_device("cpu") == cpu
+    assert resolve_device(None) == pick_device("auto")
+    assert pick_dtype("bf16", cpu) is torch.bfloat16 and pick_dtype("fp32", cpu) is torch.float32
+
+
+def test_without_torchrun_there_is_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(torch.device("cpu")) == Dist(0, 1, 0)
+    assert not torch.distributed.is_initialized()
+
+
+def test_first_signal_asks_to_stop_second_interrupts():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.is_set() and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
