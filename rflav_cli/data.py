@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import secrets
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
@@ -64,7 +63,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from . import audio as audio_lib
@@ -82,7 +80,7 @@ from .config import (
     WIN_LENGTH,
 )
 from .errors import RflavError
-from .files import creation_mode
+from .files import atomic_write, save_safetensors
 
 __all__ = [
     "CACHE_INDEX",
@@ -282,13 +280,8 @@ def _fallback_index_path(folder: Path) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _load_index_cache(folder: Path) -> dict[str, dict[str, Any]]:
@@ -737,18 +730,11 @@ def prepare_cache(
             path = index.video_path(i)
             mean, std = _encode_video(path, v, autoencoder, image_size, batch_size, device, dtype)
             mel = video_mel(path, v.frames, v.has_audio)
-            dest = out / shard_name(i)
-            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-            try:
-                save_file(
-                    {"mean": mean.contiguous(), "std": std.contiguous(), "mel": mel},
-                    str(tmp),
-                    metadata=_shard_source(v, image_size, fingerprint),
-                )
-                os.chmod(tmp, creation_mode())  # safetensors writes 0600; shards follow the umask
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            save_safetensors(
+                {"mean": mean.contiguous(), "std": std.contiguous(), "mel": mel},
+                out / shard_name(i),
+                metadata=_shard_source(v, image_size, fingerprint),
+            )
             records[i]["shard"] = shard_name(i)
             header["latent_shape"] = list(mean.shape[1:])
             _write_json_atomic(out / CACHE_INDEX, header)

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .errors import FileFormatError
+from .files import atomic_write
 from .generate import run_generate
 from .media import probe
 from .metrics import protocol as P
@@ -36,6 +37,7 @@ from .metrics.frechet import frechet_distance
 from .metrics.i3d import NUM_CLASSES, load_i3d
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
+from .pipeline import pick_device
 from .requests import (
     EVAL_AUDIO_METRICS,
     EVAL_DEFAULT_BATCH_SIZE,
@@ -53,7 +55,6 @@ from .requests import (
 from .requests import (
     EVAL_METRICS as METRICS,
 )
-from .runtime import init_distributed, launched_by_torchrun, rank_device
 
 __all__ = [
     "DriftRequest",
@@ -127,7 +128,9 @@ def load_feature_nets(
         weights = resolve_feature_weights(
             metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline
         )
-    dev = rank_device(device)
+    dev = pick_device(device)
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type == "cuda":  # TF32 moves I3D logits by ~1e-3; the protocol is float32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -257,12 +260,8 @@ def save_stats(path: Path, video: torch.Tensor, audio: torch.Tensor, meta: dict)
     """Features of the real set as .npz: video (N, 400) and audio (N, 1024), each (N, 0) when
     its metrics were not asked, and the settings they were computed with."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
-        np.savez(tmp, video=video.numpy(), audio=audio.numpy(), meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    arrays = {"video": video.numpy(), "audio": audio.numpy(), "meta": np.array(json.dumps(meta))}
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # savez adds .npz otherwise
 
 
 def _stats_fault(path: Path, problem: str) -> FileFormatError:
@@ -377,8 +376,7 @@ def run_eval(req: EvalRequest, console=None) -> dict:
             len(real_set.clips), req.num_clips, seed=req.seed, allow_fewer=req.allow_fewer, what="real"
         )
 
-    if launched_by_torchrun():  # feature extraction is sharded over the group
-        init_distributed(rank_device(req.device))
+    _init_distributed(req.device)
     with _fake_folder(req, console) as (fake_dir, generated):
         fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
         fake_batches, fake_num = select_batches(
@@ -488,6 +486,17 @@ def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialia
     video = torch.cat([p[1] for p in parts])[:num]
     audio = torch.cat([p[2] for p in parts])[:num]
     return video, audio
+
+
+def _init_distributed(device: str) -> None:
+    """Join the torchrun group when launched by torchrun (feature extraction is sharded)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if not dist.is_initialized():
+        cuda = pick_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def _world() -> tuple[int, int]:
@@ -632,15 +641,14 @@ def run_drift(req: DriftRequest, console=None) -> dict:
         rows.append(row)
 
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    try:
+
+    def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(csv_path, write_csv)
     plot_drift(rows, png_path)
     return {
         "protocol": PROTOCOL,
@@ -681,11 +689,8 @@ def plot_drift(rows: list[dict], path: Path) -> Path:
     axes[-1, 0].set_xlabel("window start (s)")
     fig.suptitle(f"Drift along the videos ({PROTOCOL} protocol, 16-frame windows)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")  # format by extension
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

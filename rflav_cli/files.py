@@ -61,12 +61,13 @@ def creation_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+def atomic_write(target: Path, write: Callable[[str], object], suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``target``, then rename it into place,
     so a crash never leaves a half-written file under the final name. The file gets the mode a
-    plainly created file would get (``mkstemp`` makes it 0600 whatever the umask)."""
+    plainly created file would get (``mkstemp`` makes it 0600 whatever the umask). ``suffix``
+    ends the temporary name, for writers that choose the format by extension (or add one)."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import Tensor
 
 from ..errors import RflavError
-from ..files import creation_mode, load_tensor_file, state_dict_mismatch
+from ..files import atomic_write, load_tensor_file, state_dict_mismatch
 
 __all__ = [
     "CACHE_ENV",
@@ -135,10 +134,10 @@ def _open_url(url: str) -> BinaryIO:
 
 def _download(entry: WeightsFile, dest: Path, progress: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def fetch(tmp: str) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
             try:
                 with _open_url(entry.url) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
@@ -160,11 +159,8 @@ def _download(entry: WeightsFile, dest: Path, progress: bool) -> None:
                 f"{entry.name} downloaded from {entry.url} has sha256 {digest.hexdigest()}, "
                 f"expected {entry.sha256}; nothing was saved"
             )
-        os.chmod(tmp, creation_mode())  # mkstemp makes it 0600; the saved weights follow the umask
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(dest, fetch, suffix=".part")
 
 
 def read_tensor_file(path: str | Path, what: str) -> dict[str, Tensor]:
