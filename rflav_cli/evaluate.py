@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -37,7 +36,6 @@ from .metrics.frechet import frechet_distance
 from .metrics.i3d import NUM_CLASSES, load_i3d
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
-from .pipeline import pick_device
 from .requests import (
     EVAL_AUDIO_METRICS,
     EVAL_DEFAULT_BATCH_SIZE,
@@ -55,6 +53,7 @@ from .requests import (
 from .requests import (
     EVAL_METRICS as METRICS,
 )
+from .runtime import init_distributed, launched_by_torchrun, rank_device
 
 __all__ = [
     "DriftRequest",
@@ -128,9 +127,7 @@ def load_feature_nets(
         weights = resolve_feature_weights(
             metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline
         )
-    dev = pick_device(device)
-    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dev = rank_device(device)
     if dev.type == "cuda":  # TF32 moves I3D logits by ~1e-3; the protocol is float32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -376,7 +373,8 @@ def run_eval(req: EvalRequest, console=None) -> dict:
             len(real_set.clips), req.num_clips, seed=req.seed, allow_fewer=req.allow_fewer, what="real"
         )
 
-    _init_distributed(req.device)
+    if launched_by_torchrun():  # feature extraction is sharded over the group
+        init_distributed(rank_device(req.device))
     with _fake_folder(req, console) as (fake_dir, generated):
         fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
         fake_batches, fake_num = select_batches(
@@ -486,17 +484,6 @@ def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialia
     video = torch.cat([p[1] for p in parts])[:num]
     audio = torch.cat([p[2] for p in parts])[:num]
     return video, audio
-
-
-def _init_distributed(device: str) -> None:
-    """Join the torchrun group when launched by torchrun (feature extraction is sharded)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if not dist.is_initialized():
-        cuda = pick_device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def _world() -> tuple[int, int]:

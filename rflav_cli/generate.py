@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -24,22 +24,22 @@ from .errors import UsageError
 from .files import atomic_write
 from .hub import PRESETS
 from .media import VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
-from .pipeline import (
-    AVFrame,
-    Pipeline,
-    auto_compile,
-    compile_failure_message,
-    compile_failure_reason,
-    is_compile_error,
-    pick_device,
-    pick_dtype,
-)
+from .pipeline import AVFrame, Pipeline
 from .requests import (
     GenerateRequest,
     check_generate_request,
     generate_frame_count,
     generate_model_and_label,
     generate_output_paths,
+)
+from .runtime import (
+    auto_compile,
+    compile_failure_message,
+    compile_failure_reason,
+    is_compile_error,
+    pick_device,
+    pick_dtype,
+    stop_on_signals,
 )
 
 __all__ = ["GenerateRequest", "GenerationInterrupted", "run_generate", "validate"]
@@ -50,10 +50,10 @@ __all__ = ["GenerateRequest", "GenerationInterrupted", "run_generate", "validate
 # ----------------------------------------------------------------------------------------
 
 
-def validate(req: GenerateRequest) -> None:
+def validate(req: GenerateRequest) -> tuple[torch.device, torch.dtype]:
     """Reject bad flags with one clear line (UsageError) before any model is loaded: the
     torch-free checks of :func:`check_generate_request`, then ffmpeg, the --audio/--video
-    streams and the device."""
+    streams and the device. Returns the device and precision, resolved once for the run."""
     check_generate_request(req)
     find_ffmpeg()
     for param, path, stream in (
@@ -65,7 +65,8 @@ def validate(req: GenerateRequest) -> None:
         info = probe(path)
         if not (info.has_audio if stream == "audio" else info.has_video):
             raise UsageError(f"{{{param}}} {path} has no {stream} stream", params=(param,))
-    pick_dtype(req.dtype, pick_device(req.device))
+    device = pick_device(req.device)
+    return device, pick_dtype(req.dtype, device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,36 +111,8 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 
 # ----------------------------------------------------------------------------------------
-# Stop requests (Ctrl-C, SIGTERM)
+# Interruption
 # ----------------------------------------------------------------------------------------
-
-
-class StopRequest(threading.Event):
-    """Set by the first Ctrl-C or SIGTERM; `signum` says which signal asked."""
-
-    signum: int | None = None
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[StopRequest]:
-    """First Ctrl-C / SIGTERM asks for a clean stop; a second one interrupts at once."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.signum = signum
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -234,7 +207,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     `forever` stream that way is its normal end; any other run that was stopped (or a stream
     stopped before its first frame) raises :class:`GenerationInterrupted` after finalising."""
     console = console or Console(stderr=True)
-    validate(req)
+    device, dtype = validate(req)
     model_name, label = generate_model_and_label(req)
 
     given_audio = read_audio(req.audio_input) if req.audio_input is not None else None
@@ -255,9 +228,9 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             revision=req.revision,
             offline=req.offline or None,
             audio_scale=req.audio_scale,
-            device=req.device,
-            dtype=req.dtype,
-            compile=_wants_compile(req, num_frames, given_audio is not None),
+            device=device,
+            torch_dtype=dtype,
+            compile=_wants_compile(req, device, num_frames, given_audio is not None),
             griffin_lim=req.griffin_lim,
         )
     _check_label(pipe, label, req)
@@ -269,7 +242,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
 
     summaries: list[dict] = []
     interrupted = False
-    with _stop_on_signals() as stop, _progress(console, req.quiet) as progress:
+    with stop_on_signals() as stop, _progress(console, req.quiet) as progress:
         for start in range(0, len(seeds), req.batch_size):
             batch_seeds = seeds[start : start + req.batch_size]
             batch_paths = paths[start : start + req.batch_size]
@@ -391,12 +364,12 @@ def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> Non
     pipe.class_index(label)  # a missing label or an unknown class name fails here
 
 
-def _wants_compile(req: GenerateRequest, num_frames: int | None, audio_given: bool) -> bool:
+def _wants_compile(
+    req: GenerateRequest, device: torch.device, num_frames: int | None, audio_given: bool
+) -> bool:
     if req.compile is not None:
         return req.compile
-    return auto_compile(
-        pick_device(req.device), num_frames, guided=audio_given or req.video_input is not None
-    )
+    return auto_compile(device, num_frames, guided=audio_given or req.video_input is not None)
 
 
 def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> None:
