@@ -424,7 +424,9 @@ def read_clip(
         .filter("trim", start_pts=start, end_pts=start + count)
         .filter("setpts", "PTS-STARTPTS")
     )
-    out = _letterbox(stream, image_size).output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count)
+    out = media.letterbox(stream, image_size).output(
+        "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count
+    )
     res = subprocess.run(
         out.compile(cmd=[media.find_ffmpeg(), *_FFMPEG_ARGS, "-copyts"]),
         capture_output=True,
@@ -443,23 +445,6 @@ def read_clip(
         np.frombuffer(res.stdout, np.uint8, count * frame_bytes)
         .reshape(count, image_size, image_size, 3)
         .copy()
-    )
-
-
-def _letterbox(stream: Any, size: int) -> Any:
-    """The letterbox of :func:`rflav_cli.media.read_video_frames`: bicubic fit, black pad bottom/right-heavy."""
-    ratio = f"min({size}/ih,{size}/iw)"
-    return (
-        stream.filter("format", "rgb24")
-        .filter(
-            "scale",
-            w=f"trunc(iw*{ratio})",
-            h=f"trunc(ih*{ratio})",
-            flags="bicubic+accurate_rnd+full_chroma_int",
-            param0=0,
-            param1=0.75,
-        )
-        .filter("pad", size, size, x="trunc((ow-iw)/2)", y="trunc((oh-ih)/2)", color="black")
     )
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "WavWriter",
     "count_frames",
     "find_ffmpeg",
+    "letterbox",
     "probe",
     "read_audio",
     "read_video_frames",
@@ -262,19 +263,15 @@ def _probe_ffmpeg(p: Path) -> MediaInfo:
 # --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
-def _letterbox_graph(path: Path, fps: float, size: int) -> Any:
-    """fps → RGB → bicubic fit in size×size → black pad (odd pixel bottom/right).
+def letterbox(stream: Any, size: int) -> Any:
+    """RGB → bicubic fit in size×size → black pad (odd pixel bottom/right), on an ffmpeg stream.
 
     The fitted size is int(side · min(size/h, size/w)) in double precision, like the
     original R-FLAV preprocessing (which may leave the long side one pixel short).
     """
     ratio = f"min({size}/ih,{size}/iw)"
     return (
-        ffmpeg.input(str(path))["V:0"]
-        # Time runs from the first video frame (an MP4 may start its audio earlier).
-        .filter("setpts", "PTS-STARTPTS")
-        .filter("fps", fps=fps)
-        .filter("format", "rgb24")
+        stream.filter("format", "rgb24")
         # B=0, C=0.75 is the Keys a=-0.75 cubic that torch/PIL call bicubic.
         .filter(
             "scale",
@@ -286,6 +283,17 @@ def _letterbox_graph(path: Path, fps: float, size: int) -> Any:
         )
         .filter("pad", size, size, x="trunc((ow-iw)/2)", y="trunc((oh-ih)/2)", color="black")
     )
+
+
+def _letterbox_graph(path: Path, fps: float, size: int) -> Any:
+    """fps → :func:`letterbox` of the first video stream."""
+    stream = (
+        ffmpeg.input(str(path))["V:0"]
+        # Time runs from the first video frame (an MP4 may start its audio earlier).
+        .filter("setpts", "PTS-STARTPTS")
+        .filter("fps", fps=fps)
+    )
+    return letterbox(stream, size)
 
 
 def read_video_frames(
