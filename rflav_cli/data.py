@@ -122,8 +122,6 @@ SKIP_NO_AUDIO = "no audio"
 SKIP_NO_VIDEO = "no video"
 SKIP_OUTSIDE_CLASSES = "outside class folders"
 
-_FFMPEG_ARGS = ("-hide_banner", "-nostdin", "-loglevel", "error")
-
 
 class DataError(RflavError, ValueError):
     """The training data cannot be used as given; the message says what to fix."""
@@ -247,7 +245,7 @@ def _first_pts(path: Path) -> int | None:
 
 
 def _audio_decodes(path: Path) -> bool:
-    cmd = [media.find_ffmpeg(), *_FFMPEG_ARGS, "-i", str(path), "-map", "0:a:0", "-f", "null", "-"]
+    cmd = media.ffmpeg_command("-i", str(path), "-map", "0:a:0", "-f", "null", "-")
     res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     return res.returncode == 0
 
@@ -428,7 +426,7 @@ def read_clip(
         "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count
     )
     res = subprocess.run(
-        out.compile(cmd=[media.find_ffmpeg(), *_FFMPEG_ARGS, "-copyts"]),
+        out.compile(cmd=media.ffmpeg_command("-copyts")),
         capture_output=True,
         stdin=subprocess.DEVNULL,
     )

@@ -43,6 +43,7 @@ __all__ = [
     "VideoWriter",
     "WavWriter",
     "count_frames",
+    "ffmpeg_command",
     "find_ffmpeg",
     "letterbox",
     "probe",
@@ -260,6 +261,11 @@ def _probe_ffmpeg(p: Path) -> MediaInfo:
     return MediaInfo(**info)
 
 
+def ffmpeg_command(*args: str) -> list[str]:
+    """The ffmpeg executable with the quiet, non-interactive global options, then ``args``."""
+    return [find_ffmpeg(), *_GLOBAL_ARGS, *args]
+
+
 # --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ def read_video_frames(
     if not probe(p).has_video:
         raise MediaError(f"{p} has no video stream")
     stream = _letterbox_graph(p, fps, size).output("pipe:", format="rawvideo", pix_fmt="rgb24")
-    cmd = stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS])
+    cmd = stream.compile(cmd=ffmpeg_command())
     return _stream_frames(cmd, p, size)
 
 
@@ -351,9 +357,7 @@ def count_frames(path: str | os.PathLike[str], *, fps: float = FPS) -> int:
         .output("-", format="null")
         .global_args("-progress", "pipe:1", "-nostats")
     )
-    res = subprocess.run(
-        stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS]), capture_output=True, stdin=subprocess.DEVNULL
-    )
+    res = subprocess.run(stream.compile(cmd=ffmpeg_command()), capture_output=True, stdin=subprocess.DEVNULL)
     counts = re.findall(rb"^frame=(\d+)", res.stdout, re.MULTILINE)
     if res.returncode != 0 or not counts:
         raise MediaError(f"cannot decode video from {p}: {_tail(res.stderr)}")
@@ -384,7 +388,7 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
         .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
     )
     res = subprocess.run(
-        stream.compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS, "-copyts"]),
+        stream.compile(cmd=ffmpeg_command("-copyts")),
         capture_output=True,
         stdin=subprocess.DEVNULL,
     )
@@ -661,7 +665,7 @@ class VideoWriter(_Output):
         cmd = (
             ffmpeg.output(*inputs, str(self.partial_path), **out_args)
             .overwrite_output()
-            .compile(cmd=[find_ffmpeg(), *_GLOBAL_ARGS])
+            .compile(cmd=ffmpeg_command())
         )
         self._stderr = open(self._workdir / "stderr.txt", "wb")
         # Own session: a Ctrl-C in the terminal must reach only us, so that close() can
