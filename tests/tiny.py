@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import torch
 
+from rflav_cli.bench import TINY, TINY_VAE_CONFIG, TINY_VOCODER_CONFIG, flav_config
 from rflav_cli.hub import write_side_file
 from rflav_cli.models.autoencoder import AutoencoderKL
-from rflav_cli.models.flav import FLAV, FLAVConfig
+from rflav_cli.models.flav import FLAV
 from rflav_cli.models.vocoder import HiFiGAN
 
 TINY_SCALE = 3.5
 
-TINY_VOCODER = {
-    "resblock": "1",
-    "upsample_rates": [5, 4, 4, 2],
-    "upsample_kernel_sizes": [11, 8, 8, 4],
-    "upsample_initial_channel": 32,
-    "resblock_kernel_sizes": [3],
-    "resblock_dilation_sizes": [[1, 3, 5]],
-    "num_mels": 256,
-    "sampling_rate": 16000,
-}
-
-TINY_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 16, 16],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-}
+# The shapes are bench's tiny checkpoint's; the weight draws below are the tests' own.
+TINY_VOCODER = TINY_VOCODER_CONFIG
+TINY_VAE = TINY_VAE_CONFIG
 
 
 def _randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
@@ -57,18 +39,7 @@ def build_tiny_model(
     audio_scale: float | None = TINY_SCALE,
 ) -> Path:
     """FLAV (256 mels, 32×32 latents) + hop-160 HiFi-GAN in release layout, plus rflav.json."""
-    config = FLAVConfig(
-        latent_size=32,
-        patch_size=8,
-        hidden_size=32,
-        depth=1,
-        num_heads=2,
-        num_classes=num_classes,
-        predict_frames=window,
-        n_mels=256,
-        causal_attn=True,
-    )
-    model = FLAV(config)
+    model = FLAV(dataclasses.replace(flav_config(TINY, window), num_classes=num_classes))
     _randomise(model, 1)
     model.save_pretrained(folder)
     vocoder = HiFiGAN(TINY_VOCODER)
