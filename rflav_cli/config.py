@@ -6,6 +6,9 @@ so the rest of the package never repeats a magic constant.
 
 from __future__ import annotations
 
+import json
+import math
+
 # --- media -----------------------------------------------------------------------------
 FPS = 10  # video frames per second
 SAMPLE_RATE = 16_000  # audio samples per second (mono)
@@ -61,3 +64,43 @@ RELEASED_FLAV_CONFIG: dict[str, object] = {
     "patch_size": 1,
     "predict_frames": 10,
 }
+
+# Types and ranges of the FLAV config keys (config.json, --model-config).
+_POSITIVE_INT_FIELDS = {
+    "latent_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "predict_frames",
+    "n_mels",
+    "audio_fr",
+}
+FLAV_FLOAT_FIELDS = {"mlp_ratio", "class_dropout_prob"}
+_BOOL_FIELDS = {"grad_ckpt", "causal_attn"}
+
+
+def flav_config_problem(name: str, value: object) -> str | None:
+    """What is wrong with the value of FLAV config key ``name`` (None: nothing). Shared by
+    checkpoint loading and `rflav train --model-config`, without importing torch."""
+    shown = json.dumps(value, default=repr)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name in _BOOL_FIELDS:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {shown}"
+    if name in FLAV_FLOAT_FIELDS:
+        if not (is_int or isinstance(value, float)) or not math.isfinite(value):
+            return f"{name} must be a number, got {shown}"
+        if name == "mlp_ratio" and value <= 0:
+            return f"mlp_ratio must be positive, got {shown}"
+        if name == "class_dropout_prob" and not 0 <= value < 1:
+            return f"class_dropout_prob must be in [0, 1), got {shown}"
+        return None
+    if not is_int:
+        return f"{name} must be an integer, got {shown}"
+    if name in _POSITIVE_INT_FIELDS and value <= 0:
+        return f"{name} must be a positive integer, got {shown}"
+    if name == "num_classes" and value < 0:
+        return f"num_classes must be 0 (unconditional) or more, got {shown}"
+    return None

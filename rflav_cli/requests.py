@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE
+from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE, flav_config_problem
 from .errors import FileFormatError, RflavError, UsageError
 from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
 
@@ -441,29 +441,9 @@ def read_model_config(path: str | os.PathLike[str]) -> TrainFile:
             f"{path}: unknown key {', '.join(unknown)}; the keys are {', '.join(_MODEL_KEYS)}"
         )
     for key, value in data.items():
-        kind = type(RELEASED_FLAV_CONFIG[key])
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = (
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and value >= (0 if key == "num_classes" else 1)
-            )
-        else:
-            ok = (
-                isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and value >= 0
-            )
-        if not ok:
-            what = {
-                bool: "true or false",
-                int: "a whole number >= 0" if key == "num_classes" else "a whole number >= 1",
-                float: "a number >= 0",
-            }[kind]
-            raise FileFormatError(f"{path}: {key} must be {what}, got {value!r}")
+        problem = flav_config_problem(key, value)
+        if problem is not None:
+            raise FileFormatError(f"{path}: {problem}")
     heads, hidden = data.get("num_heads"), data.get("hidden_size")
     if heads and hidden and hidden % heads:
         raise FileFormatError(f"{path}: hidden_size {hidden} is not a multiple of num_heads {heads}")

@@ -483,7 +483,7 @@ def test_run_saved_by_an_older_version_resumes(two_step_run, data, tmp_path):
 def test_broken_model_config_is_one_line(data, tmp_path):
     for text, expected in (
         ("{not json", "is not valid JSON"),
-        ('{"depth": "4"}', "depth must be a whole number"),
+        ('{"depth": "4"}', "depth must be an integer"),
         ('{"dept": 4}', "unknown key dept"),
         ("[1, 2]", "must hold a JSON object"),
     ):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import FLAV_SIZES, MEL_FRAMES_PER_FRAME
+from ..config import FLAV_FLOAT_FIELDS, FLAV_SIZES, MEL_FRAMES_PER_FRAME, flav_config_problem
 from ..errors import FileFormatError, RflavError, UsageError
 from ..files import (
     REDOWNLOAD,
@@ -76,11 +76,11 @@ class FLAVConfig:
         values = {}
         for field in fields(cls):
             if field.name in data:
-                problem = _field_problem(field.name, data[field.name])
+                problem = flav_config_problem(field.name, data[field.name])
                 if problem is not None:
                     raise refuse(problem)
                 value = data[field.name]
-                values[field.name] = float(value) if field.name in _FLOAT_FIELDS else value
+                values[field.name] = float(value) if field.name in FLAV_FLOAT_FIELDS else value
         config = cls(**values)
         if config.hidden_size % config.num_heads:
             raise refuse(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
@@ -113,43 +113,6 @@ ARCHITECTURE_KEYS = (
     "predict_frames",
     "n_mels",
 )
-_POSITIVE_INT_FIELDS = {
-    "latent_size",
-    "patch_size",
-    "in_channels",
-    "hidden_size",
-    "depth",
-    "num_heads",
-    "predict_frames",
-    "n_mels",
-    "audio_fr",
-}
-_FLOAT_FIELDS = {"mlp_ratio", "class_dropout_prob"}
-_BOOL_FIELDS = {"grad_ckpt", "causal_attn"}
-
-
-def _field_problem(name: str, value: object) -> str | None:
-    """What is wrong with the value of config key ``name`` (None: nothing)."""
-    shown = json.dumps(value, default=repr)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if name in _BOOL_FIELDS:
-        return None if isinstance(value, bool) else f"{name} must be true or false, got {shown}"
-    if name in _FLOAT_FIELDS:
-        if not (is_int or isinstance(value, float)) or not math.isfinite(value):
-            return f"{name} must be a number, got {shown}"
-        if name == "mlp_ratio" and value <= 0:
-            return f"mlp_ratio must be positive, got {shown}"
-        if name == "class_dropout_prob" and not 0 <= value < 1:
-            return f"class_dropout_prob must be in [0, 1), got {shown}"
-        return None
-    if not is_int:
-        return f"{name} must be an integer, got {shown}"
-    if name in _POSITIVE_INT_FIELDS and value <= 0:
-        return f"{name} must be a positive integer, got {shown}"
-    if name == "num_classes" and value < 0:
-        return f"num_classes must be 0 (unconditional) or more, got {shown}"
-    return None
 
 
 class CheckpointFileError(FileFormatError):
