@@ -19,14 +19,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG
@@ -36,6 +28,7 @@ from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
 from .pipeline import Pipeline
+from .progress import progress_bar
 from .runtime import (
     compile_failure_message,
     compile_mode,
@@ -517,16 +510,10 @@ def run_bench(
             raise UsageError(f"--profile {profile}: its folder does not exist")
 
     console = console or Console(stderr=True)
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        refresh_per_second=4,
-    )  # a light display thread: it shares the CPU being timed
+    # A light display thread: it shares the CPU being timed.
+    progress = progress_bar(
+        console=console, spinner=True, remaining=False, transient=True, refresh_per_second=4
+    )
     with progress:
         task = progress.add_task("starting", total=None)
 

@@ -53,15 +53,7 @@ import ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
@@ -81,6 +73,7 @@ from .config import (
 )
 from .errors import RflavError
 from .files import atomic_write, save_safetensors
+from .progress import progress_bar
 
 __all__ = [
     "CACHE_INDEX",
@@ -196,15 +189,7 @@ def _clips(frames: list[int], window: int, stride: int) -> list[tuple[int, int]]
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
+    return progress_bar(enabled=enabled)
 
 
 def _is_video(p: Path) -> bool:

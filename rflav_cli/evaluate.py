@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .errors import FileFormatError
 from .files import atomic_write
@@ -36,6 +35,7 @@ from .metrics.frechet import frechet_distance
 from .metrics.i3d import NUM_CLASSES, load_i3d
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
+from .progress import progress_bar
 from .requests import (
     EVAL_AUDIO_METRICS,
     EVAL_DEFAULT_BATCH_SIZE,
@@ -462,14 +462,7 @@ def _with_progress(console, quiet, label, clip_set, batches, num, nets, antialia
     puts them back in loader order (grouping into batches of 8 is unchanged, so is FAD)."""
     world, rank = _world()
     mine = list(range(rank, len(batches), world))
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet or rank != 0,
-    ) as progress:
+    with progress_bar(console=console, enabled=not quiet and rank == 0) as progress:
         task = progress.add_task(label, total=len(mine))
         parts = []
         for done, b in enumerate(mine, 1):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, ProgressColumn, Task
 from rich.text import Text
 
 from . import __version__
@@ -25,6 +25,7 @@ from .files import atomic_write
 from .hub import PRESETS
 from .media import VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
 from .pipeline import AVFrame, Pipeline
+from .progress import TextColumn, progress_bar
 from .requests import (
     GenerateRequest,
     check_generate_request,
@@ -84,29 +85,12 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:5.2f} frames/s  {speed / FPS:4.2f}× real time", style="progress.data.speed")
 
 
-class _EtaColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        if task.total is None:
-            return Text("Ctrl-C to stop", style="progress.remaining")
-        remaining = task.time_remaining
-        if remaining is None:
-            return Text("ETA --:--", style="progress.remaining")
-        minutes, secs = divmod(int(remaining), 60)
-        hours, minutes = divmod(minutes, 60)
-        return Text(f"ETA {hours:d}:{minutes:02d}:{secs:02d}", style="progress.remaining")
-
-
 def _progress(console: Console, quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+    return progress_bar(
         TextColumn("{task.completed:>5.0f}/{task.fields[total_text]} frames"),
         _RateColumn(),
-        TimeElapsedColumn(),
-        _EtaColumn(),
         console=console,
-        disable=quiet,
-        transient=False,
+        enabled=not quiet,
     )
 
 

@@ -41,6 +41,7 @@ from .hub import (
     write_side_file,
 )
 from .models.flav import FLAV, FLAVConfig
+from .progress import TextColumn, progress_bar
 from .requests import (
     TrainConfig,
     TrainError,
@@ -682,19 +683,13 @@ def _batch(items: list[dict], device: torch.device, vae, g: torch.Generator):
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+    return progress_bar(
         TextColumn("step {task.completed:>7.0f}/{task.total:.0f}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[steps]:>6.2f} steps/s"),
         TextColumn("{task.fields[clips]:>7.1f} clips/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
         console=console,
-        disable=not enabled,
+        enabled=enabled,
     )
 
 
