@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,6 @@ from .requests import (
 from .runtime import (
     auto_compile,
     compile_failure_message,
-    compile_failure_reason,
     is_compile_error,
     pick_device,
     pick_dtype,
@@ -215,6 +215,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             device=device,
             torch_dtype=dtype,
             compile=_wants_compile(req, device, num_frames, given_audio is not None),
+            # Compiling on our own initiative must not fail the run: say why and go on eagerly.
+            on_compile_failure=None if req.compile else partial(_compile_failed, console),
             griffin_lim=req.griffin_lim,
         )
     _check_label(pipe, label, req)
@@ -234,57 +236,51 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             task = progress.add_task(
                 description, total=num_frames, total_text="∞" if num_frames is None else str(num_frames)
             )
-            while True:  # a second round only when compiling on our own initiative failed
-                video_iter = (
-                    read_video_frames(req.video_input, size=pipe.image_size)
-                    if req.video_input is not None
-                    else None
-                )
-                generation = pipe.generate(
-                    num_frames=num_frames,
-                    seeds=batch_seeds,
-                    steps=req.steps,
-                    label=label,
-                    cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
-                    audio=given_audio,
-                    video=video_iter,
-                    guidance_scale=req.guidance_scale,
-                )
-                outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
-                began = time.perf_counter()
-                written = 0
-                retry = failed = False
-                try:
-                    for frame in generation:
+            video_iter = (
+                read_video_frames(req.video_input, size=pipe.image_size)
+                if req.video_input is not None
+                else None
+            )
+            generation = pipe.generate(
+                num_frames=num_frames,
+                seeds=batch_seeds,
+                steps=req.steps,
+                label=label,
+                cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
+                audio=given_audio,
+                video=video_iter,
+                guidance_scale=req.guidance_scale,
+            )
+            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
+            began = time.perf_counter()
+            written = 0
+            failed = False
+            try:
+                for frame in generation:
+                    outputs.write(frame)
+                    written += 1
+                    progress.update(task, completed=written)
+                    if stop.is_set():
+                        interrupted = True
+                        break
+                if interrupted:
+                    for frame in generation.finish():
                         outputs.write(frame)
                         written += 1
-                        progress.update(task, completed=written)
-                        if stop.is_set():
-                            interrupted = True
-                            break
-                    if interrupted:
-                        for frame in generation.finish():
-                            outputs.write(frame)
-                            written += 1
-                except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
-                    interrupted = True
-                except Exception as err:
-                    # A failed clip leaves no file behind, short or not; an endless stream keeps
-                    # (finalised) what it made before the failure: that may be hours of video.
-                    failed = num_frames is not None
-                    if not (pipe.compile and is_compile_error(err)):
-                        raise
-                    if req.compile or written:
-                        raise UsageError(compile_failure_message(err, asked=bool(req.compile))) from err
-                    _without_compiling(pipe, err, console)
-                    retry = True
-                finally:
-                    if written and not failed:
-                        outputs.close()
-                    else:
-                        outputs.abort()
-                if not retry:
-                    break
+            except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
+                interrupted = True
+            except Exception as err:
+                # A failed clip leaves no file behind, short or not; an endless stream keeps
+                # (finalised) what it made before the failure: that may be hours of video.
+                failed = num_frames is not None
+                if is_compile_error(err):  # only when compiling was asked for: see on_compile_failure
+                    raise UsageError(compile_failure_message(err)) from err
+                raise
+            finally:
+                if written and not failed:
+                    outputs.close()
+                else:
+                    outputs.abort()
             progress.update(task, completed=written)
             wall = time.perf_counter() - began
             for seed, path in zip(batch_seeds, batch_paths):
@@ -356,13 +352,11 @@ def _wants_compile(
     return auto_compile(device, num_frames, guided=audio_given or req.video_input is not None)
 
 
-def _without_compiling(pipe: Pipeline, err: BaseException, console: Console) -> None:
+def _compile_failed(console: Console, reason: str) -> None:
     """Compiling was our choice, not the user's: say why it failed (--quiet hides progress, not
-    this) and go on eagerly."""
-    pipe.model.uncompile_blocks()
-    pipe.compile = False
+    this); the pipeline goes on eagerly."""
     console.print(
-        f"compiling failed ({compile_failure_reason(err)}); continuing without it (--no-compile skips the attempt)",
+        f"compiling failed ({reason}); continuing without it (--no-compile skips the attempt)",
         markup=False,
         highlight=False,
         soft_wrap=True,

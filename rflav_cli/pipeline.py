@@ -35,6 +35,7 @@ from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import GenerateRequest, generate_frame_count
 from .runtime import (
+    compile_failure_reason,
     compile_mode,
     cpu_has_native_bf16,
     dtype_from_torch,
@@ -341,10 +342,21 @@ class Pipeline:
     decode_batch: int = 8
     compile: bool = False
     overlap: bool = True  # CUDA: decode and vocode on a second stream, alongside sampling
+    # Given: a failed compilation is not an error; the stream goes on eagerly and this gets the reason.
+    on_compile_failure: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.compile and not self.model.blocks_compiled:
-            self.model.compile_blocks(compile_mode(self.device))
+            self._compile_blocks()
+
+    def _compile_blocks(self) -> None:
+        fallback = None if self.on_compile_failure is None else self._compile_failed
+        self.model.compile_blocks(compile_mode(self.device), on_failure=fallback)
+
+    def _compile_failed(self, err: BaseException) -> None:
+        self.compile = False
+        if self.on_compile_failure is not None:
+            self.on_compile_failure(compile_failure_reason(err))
 
     @property
     def vocoder_name(self) -> str:
@@ -368,6 +380,7 @@ class Pipeline:
         dtype: str | None = None,
         torch_dtype: torch.dtype | None = None,
         compile: bool = False,
+        on_compile_failure: Callable[[str], None] | None = None,
         overlap: bool = True,
         griffin_lim: bool = False,
     ) -> "Pipeline":
@@ -377,7 +390,9 @@ class Pipeline:
         its rflav.json says ``"vocoder": "griffin-lim"`` (trained without a neural vocoder) or
         `griffin_lim` asks for it; a checkpoint whose vocoder files are missing is an error.
         `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
-        waits a few seconds for compilation, every later one is faster.
+        waits a few seconds for compilation, every later one is faster. A failed compilation
+        raises, unless `on_compile_failure` is given: then it gets the reason and the stream goes
+        on eagerly (same frames as an eager run).
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
         `device` is a name (auto, cpu, cuda, cuda:N, mps; None: auto) or a torch.device; the
         precision is either `torch_dtype` (torch.float32, torch.bfloat16, torch.float16) or
@@ -425,6 +440,7 @@ class Pipeline:
             vae_source=str(vae_id),
             vocoder_source=vocoder_source,
             compile=compile,
+            on_compile_failure=on_compile_failure,
             overlap=overlap,
         )
 
@@ -448,9 +464,9 @@ class Pipeline:
         if self.vae is not None:
             self.vae.to(new_device, vae_dtype_for(new_device, new_dtype))
         self.vocoder.to(new_device)
-        if self.model.blocks_compiled:  # compiled graphs (CUDA graphs on GPUs) belong to the old placement
-            self.model.compile_blocks(compile_mode(new_device))
         self.device, self.dtype = new_device, new_dtype
+        if self.model.blocks_compiled:  # compiled graphs (CUDA graphs on GPUs) belong to the old placement
+            self._compile_blocks()
         return self
 
     def __call__(

@@ -8,6 +8,7 @@ import functools
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,11 +137,9 @@ def auto_compile(device: torch.device, num_frames: int | None, guided: bool = Fa
 
 def is_compile_error(err: BaseException) -> bool:
     """True for the errors torch.compile raises when it cannot compile (no C++ compiler, …)."""
-    # Deliberately lazy: `import torch` does not load the compiler stack, and only a failure
-    # needs its exception type.
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(err, TorchDynamoException)
+    # `import torch` does not load the compiler stack; a compiler error means it is loaded.
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(err, exc.TorchDynamoException)
 
 
 def compile_failure_reason(err: BaseException) -> str:

@@ -611,17 +611,21 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
         assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
 
 
+real_compile_blocks = FLAV.compile_blocks
+
+
 def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
     """Without what torch.compile needs (e.g. no C++ compiler), --compile ends with one line
     that names the way out, and leaves no output behind."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def failing_compile(self, mode=None):
+    def failing_compile(self, mode=None, **kwargs):
         def block(*args):
             raise BackendCompilerFailed(
                 lambda: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None
             )
 
+        real_compile_blocks(self, mode, **kwargs)
         self._compiled_blocks = [block] * len(self.blocks)
         return self
 
@@ -661,12 +665,14 @@ def test_auto_compile_policy():
     assert not auto_compile(cpu, None) and not auto_compile(cpu, 10 * AUTO_COMPILE_MIN_FRAMES)
 
 
-def _failing_compile(self, mode=None):
+def _failing_compile(self, mode=None, **kwargs):
+    """compile_blocks whose compiled blocks fail the way torch.compile does without Triton."""
     from torch._dynamo.exc import BackendCompilerFailed
 
     def block(*args):
         raise BackendCompilerFailed(lambda: None, RuntimeError("triton not found"), None)
 
+    real_compile_blocks(self, mode, **kwargs)
     self._compiled_blocks = [block] * len(self.blocks)
     return self
 
@@ -703,7 +709,7 @@ def test_failed_automatic_compile_goes_on_eagerly(ckpt, tmp_path, monkeypatch):
     )
     assert json.loads(result.stdout)["compiled"] is False
 
-    monkeypatch.setattr(FLAV, "compile_blocks", lambda self, mode=None: pytest.fail("--no-compile compiled"))
+    monkeypatch.setattr(FLAV, "compile_blocks", lambda self, *a, **k: pytest.fail("--no-compile compiled"))
     result = run_cli(*common, "--no-compile", "-o", str(eager))
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["compiled"] is False and result.stderr.strip() == ""

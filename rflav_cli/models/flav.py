@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..files import (
     state_dict_mismatch,
 )
 from ..hub import local_folder
+from ..runtime import is_compile_error
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -404,6 +406,7 @@ class FLAV(nn.Module):
         self.audio_final_layer = FinalLayer(d, c.n_mels)
         self.gradient_checkpointing = c.grad_ckpt
         self._compiled_blocks: list[nn.Module] | None = None  # not sub-modules: no state-dict keys
+        self._on_compile_failure: Callable[[BaseException], None] | None = None
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -424,18 +427,26 @@ class FLAV(nn.Module):
         return self.a_embedder.weight.device
 
     # -- inference speed ----------------------------------------------------------------------
-    def compile_blocks(self, mode: str | None = None) -> "FLAV":
+    def compile_blocks(
+        self, mode: str | None = None, *, on_failure: Callable[[BaseException], None] | None = None
+    ) -> "FLAV":
         """Compile the transformer blocks for inference (torch.compile, static shapes; `mode`
         "reduce-overhead" replays them as CUDA graphs). The blocks are identical, so they share
         one compiled graph: compiling takes seconds rather than the minutes of the whole model,
         for nearly the same speed. Calls that track gradients, or see fewer frames than the
-        window, keep the eager blocks."""
+        window, keep the eager blocks.
+
+        Compilation happens in the first full-window forward. If it fails (no C++ compiler, no
+        Triton, ...) the error propagates, unless `on_failure` is given: then the eager blocks come
+        back, `on_failure` gets the error, and that forward and all later ones run eagerly."""
         self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
+        self._on_compile_failure = on_failure
         return self
 
     def uncompile_blocks(self) -> "FLAV":
-        """Back to the eager blocks (after a failed compilation, say)."""
+        """Back to the eager blocks."""
         self._compiled_blocks = None
+        self._on_compile_failure = None
         return self
 
     @property
@@ -522,19 +533,40 @@ class FLAV(nn.Module):
         grad = torch.is_grad_enabled()
         # Compiled blocks serve the full window only: one static shape, no recompilation for the
         # shorter windows of a causal pre-roll.
-        compiled = self._compiled_blocks is not None and not grad and frames == self.window
-        blocks = self._compiled_blocks if compiled else self.blocks
-        for block in blocks:
-            if self.gradient_checkpointing and self.training and grad:
-                v, a = checkpoint(block, v, a, v_c, a_c, use_reentrant=False)
-            else:
-                v, a = block(v, a, v_c, a_c)
+        if self._compiled_blocks is not None and not grad and frames == self.window:
+            try:
+                v, a = self._run_blocks(self._compiled_blocks, v, a, v_c, a_c)
+            except Exception as err:
+                report = self._on_compile_failure
+                if report is None or not is_compile_error(err):
+                    raise
+                self.uncompile_blocks()
+                report(err)
+                v, a = self._run_blocks(self.blocks, v, a, v_c, a_c)  # the blocks are pure: rerun
+        else:
+            v, a = self._run_blocks(self.blocks, v, a, v_c, a_c)
 
         v = self.video_final_layer(v, v_c)  # (B, T, L, p*p*C)
         h, w = height // p, width // p
         v = v.view(b, frames, h, w, p, p, channels).permute(0, 1, 6, 2, 4, 3, 5)
         v = v.reshape(b, frames, channels, height, width)
         a = self.audio_final_layer(a, a_c).transpose(-1, -2).unsqueeze(2)  # (B, T, 1, n_mels, 10)
+        return v, a
+
+    def _run_blocks(
+        self,
+        blocks: Iterable[nn.Module],
+        v: torch.Tensor,
+        a: torch.Tensor,
+        v_c: torch.Tensor,
+        a_c: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in blocks:
+            if checkpointed:
+                v, a = checkpoint(block, v, a, v_c, a_c, use_reentrant=False)
+            else:
+                v, a = block(v, a, v_c, a_c)
         return v, a
 
     def forward_with_cfg(
