@@ -21,9 +21,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG
 from .errors import UsageError
 from .hub import PRESETS, resolve_model, write_side_file
+from .media import VideoWriter
 from .models.autoencoder import SD_VAE_CONFIG, AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .models.vocoder import HiFiGAN
@@ -403,8 +405,6 @@ def time_generation(
         out_dir = Path(video_dir) if video_dir is not None else Path(tmp)
         writers = []
         if mux:
-            from .media import VideoWriter
-
             out_dir.mkdir(parents=True, exist_ok=True)
             writers = [
                 VideoWriter(
@@ -497,8 +497,6 @@ def run_bench(
     forward of the same model, with a progress display on `console` (stderr by default).
     Generation runs first so that the peak resident memory is that of generation. `frames`
     defaults to 50 on GPUs and 8 elsewhere (a CPU takes seconds per frame of FLAV-B/1)."""
-    from . import __version__
-
     # Every check before any work, so bad input costs nothing and prints one line.
     if frames is None:
         frames = 50 if pick_device(device).type == "cuda" else 8
