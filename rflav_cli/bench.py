@@ -38,6 +38,7 @@ from .runtime import (
     new_graph_step,
     pick_device,
     pick_dtype,
+    use_tf32,
 )
 
 TINY = "tiny"
@@ -259,6 +260,7 @@ def time_forward(
     steps: int = 2,
     model: str | None = None,
     reference: FLAV | None = None,
+    tf32: bool = True,
 ) -> ForwardResult:
     """Median time of one forward of the whole window (after a warm-up call, CUDA synchronised
     around each call) and its relative error against float32 weights.
@@ -271,6 +273,7 @@ def time_forward(
     check_positive("steps", steps)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    use_tf32(torch_device, tf32)  # as the pipeline runs float32
     if reference is None:
         reference = _load_reference(size, window, model).to(torch_device)
     if window is not None and window != reference.window:
@@ -370,6 +373,7 @@ def time_generation(
     mux: bool = True,
     compile: bool = False,
     overlap: bool = True,
+    tf32: bool = True,
     profile: str | Path | None = None,
     video_dir: str | Path | None = None,
     on_status: StatusCallback | None = None,
@@ -394,7 +398,13 @@ def time_generation(
         status(f"loading {model or 'random ' + size}")
         start = time.perf_counter()
         pipe = Pipeline.from_pretrained(
-            str(model_dir), vae=vae_dir, device=device, dtype=dtype, compile=compile, overlap=overlap
+            str(model_dir),
+            vae=vae_dir,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            overlap=overlap,
+            tf32=tf32,
         )
         synchronize(pipe.device)
         load_s = time.perf_counter() - start
@@ -492,6 +502,7 @@ def run_bench(
     mux: bool = True,
     profile: str | Path | None = None,
     console: Console | None = None,
+    tf32: bool = True,
 ) -> dict:
     """What `rflav bench` does: end-to-end generation (unless `forward_only`), then one
     forward of the same model, with a progress display on `console` (stderr by default).
@@ -535,6 +546,7 @@ def run_bench(
                     frames=frames,
                     mux=mux,
                     compile=compile,
+                    tf32=tf32,
                     profile=profile,
                     on_status=status,
                     on_frame=frame_done,
@@ -549,6 +561,7 @@ def run_bench(
                 compile=compile,
                 steps=steps,
                 model=model,
+                tf32=tf32,
             )
         except Exception as err:
             if compile and is_compile_error(err):

@@ -164,6 +164,11 @@ def generate(
         "--dtype",
         help="auto, fp32, bf16 or fp16 [auto: bf16 on CUDA and on CPUs with native bf16, else fp32].",
     ),
+    tf32: bool = typer.Option(
+        True,
+        "--tf32/--no-tf32",
+        help="With --dtype fp32 on CUDA: matrix products in TensorFloat-32, as the reference code runs; --no-tf32 for full float32.",
+    ),
     compile_model: Optional[bool] = typer.Option(
         None,
         "--compile/--no-compile",
@@ -223,6 +228,7 @@ def generate(
         video_input=video,
         device=device,
         dtype=dtype,
+        tf32=tf32,
         compile=compile_model,
         output=output,
         overwrite=overwrite,
@@ -755,6 +761,9 @@ def bench(
     ),
     forward_only: bool = typer.Option(False, "--forward-only", help="Only time one model forward."),
     no_mux: bool = typer.Option(False, "--no-mux", help="Leave MP4 writing out of the generation timing."),
+    tf32: bool = typer.Option(
+        True, "--tf32/--no-tf32", help="With --dtype fp32 on CUDA: TensorFloat-32 products, as generate uses."
+    ),
     profile: Optional[Path] = typer.Option(
         None, "--profile", metavar="TRACE.json", help="Write a torch profiler trace of the generation."
     ),
@@ -777,6 +786,7 @@ def bench(
             compile=compile_model,
             forward_only=forward_only,
             mux=not no_mux,
+            tf32=tf32,
             profile=profile,
             console=Console(stderr=True),
         )

@@ -217,6 +217,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             compile=_wants_compile(req, device, num_frames, given_audio is not None),
             # Compiling on our own initiative must not fail the run: say why and go on eagerly.
             on_compile_failure=None if req.compile else partial(_compile_failed, console),
+            tf32=req.tf32,
             griffin_lim=req.griffin_lim,
         )
     _check_label(pipe, label, req)

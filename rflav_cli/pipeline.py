@@ -42,6 +42,7 @@ from .runtime import (
     new_graph_step,
     pick_dtype,
     resolve_device,
+    use_tf32,
 )
 
 
@@ -344,8 +345,10 @@ class Pipeline:
     overlap: bool = True  # CUDA: decode and vocode on a second stream, alongside sampling
     # Given: a failed compilation is not an error; the stream goes on eagerly and this gets the reason.
     on_compile_failure: Callable[[str], None] | None = None
+    tf32: bool = True  # CUDA float32 products in TensorFloat-32, as the reference runs fp32
 
     def __post_init__(self) -> None:
+        use_tf32(self.device, self.tf32)
         if self.compile and not self.model.blocks_compiled:
             self._compile_blocks()
 
@@ -383,6 +386,7 @@ class Pipeline:
         on_compile_failure: Callable[[str], None] | None = None,
         overlap: bool = True,
         griffin_lim: bool = False,
+        tf32: bool = True,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
@@ -394,6 +398,8 @@ class Pipeline:
         raises, unless `on_compile_failure` is given: then it gets the reason and the stream goes
         on eagerly (same frames as an eager run).
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
+        `tf32` (CUDA) computes float32 matrix products in TensorFloat-32, as the reference code
+        does (a process-wide torch setting); False keeps full float32.
         `device` is a name (auto, cpu, cuda, cuda:N, mps; None: auto) or a torch.device; the
         precision is either `torch_dtype` (torch.float32, torch.bfloat16, torch.float16) or
         `dtype` (auto, fp32, bf16, fp16; None: auto), not both."""
@@ -442,6 +448,7 @@ class Pipeline:
             compile=compile,
             on_compile_failure=on_compile_failure,
             overlap=overlap,
+            tf32=tf32,
         )
 
     def to(
@@ -465,6 +472,7 @@ class Pipeline:
             self.vae.to(new_device, vae_dtype_for(new_device, new_dtype))
         self.vocoder.to(new_device)
         self.device, self.dtype = new_device, new_dtype
+        use_tf32(self.device, self.tf32)
         if self.model.blocks_compiled:  # compiled graphs (CUDA graphs on GPUs) belong to the old placement
             self._compile_blocks()
         return self

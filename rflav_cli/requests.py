@@ -56,6 +56,7 @@ class GenerateRequest:
     video_input: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    tf32: bool = True  # CUDA fp32: TensorFloat-32 products, as the reference runs
     compile: bool | None = None  # None: decided from the device and the length
     output: Path | str | None = None  # a str keeps a trailing "/", which makes it a folder
     overwrite: bool = False

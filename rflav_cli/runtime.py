@@ -109,6 +109,15 @@ def dtype_from_torch(torch_dtype: object, device: torch.device, param: str = "to
     return pick_dtype(names[torch_dtype], device)
 
 
+def use_tf32(device: torch.device, enabled: bool = True) -> None:
+    """float32 matrix products and convolutions on CUDA in TensorFloat-32 (10-bit mantissa
+    products, float32 sums), as the reference code runs --dtype fp32; `enabled=False` keeps
+    full float32. A process-wide setting of torch; nothing changes on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 # ----------------------------------------------------------------------------------------
 # Compile policy
 # ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from rflav_cli.runtime import (
     rank_device,
     resolve_device,
     stop_on_signals,
+    use_tf32,
 )
 
 
@@ -59,3 +60,19 @@ def test_first_signal_asks_to_stop_second_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_tf32_is_set_for_cuda_only():
+    """fp32 on CUDA runs its products in TensorFloat-32 as the reference does, unless turned
+    off; other devices leave torch's settings alone."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        use_tf32(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        use_tf32(torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        use_tf32(torch.device("cuda", 1), enabled=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
