@@ -132,6 +132,23 @@ def compile_mode(device: torch.device) -> str | None:
 AUTO_COMPILE_MIN_FRAMES = 200
 
 
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are kept between runs: $RFLAV_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/rflav/torch-compile (~/.cache/rflav/torch-compile)."""
+    if os.environ.get("RFLAV_COMPILE_CACHE"):
+        return Path(os.environ["RFLAV_COMPILE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rflav" / "torch-compile"
+
+
+def persist_compile_cache() -> None:
+    """Keep torch.compile's on-disk caches (Inductor's compiled graphs and kernels) in
+    :func:`compile_cache_dir` instead of the temporary folder, which a reboot or a cleaner
+    empties: a second run on the machine then starts from compiled code. A folder the user
+    chose with TORCHINDUCTOR_CACHE_DIR is left alone. Call before the first compilation."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+
 def auto_compile(device: torch.device, num_frames: int | None, guided: bool = False) -> bool:
     """Whether compiling pays off when nobody said: on CUDA, for streams of at least
     AUTO_COMPILE_MIN_FRAMES frames (or unbounded) without audio/video guidance. Compiling delays

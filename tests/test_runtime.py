@@ -8,11 +8,15 @@ import signal
 import pytest
 import torch
 
+from rflav_cli.bench import TINY, flav_config
 from rflav_cli.cli import _flag
 from rflav_cli.errors import UsageError
+from rflav_cli.models.flav import FLAV
 from rflav_cli.runtime import (
     Dist,
+    compile_cache_dir,
     init_distributed,
+    persist_compile_cache,
     pick_device,
     pick_dtype,
     rank_device,
@@ -76,3 +80,21 @@ def test_tf32_is_set_for_cuda_only():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_compile_cache_outlives_the_temporary_folder(monkeypatch, tmp_path):
+    """Compiling keeps torch's compiled code under the user's cache folder, so that a second run
+    starts hot; a folder chosen with TORCHINDUCTOR_CACHE_DIR or RFLAV_COMPILE_CACHE wins."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset below")  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("RFLAV_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "rflav" / "torch-compile"
+    FLAV(flav_config(TINY)).compile_blocks()  # compiles lazily: only the cache folder is chosen here
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "rflav" / "torch-compile")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    persist_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.setenv("RFLAV_COMPILE_CACHE", str(tmp_path / "ours"))
+    assert compile_cache_dir() == tmp_path / "ours"

@@ -31,7 +31,7 @@ from ..files import (
     state_dict_mismatch,
 )
 from ..hub import local_folder
-from ..runtime import is_compile_error
+from ..runtime import is_compile_error, persist_compile_cache
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -439,6 +439,7 @@ class FLAV(nn.Module):
         Compilation happens in the first full-window forward. If it fails (no C++ compiler, no
         Triton, ...) the error propagates, unless `on_failure` is given: then the eager blocks come
         back, `on_failure` gets the error, and that forward and all later ones run eagerly."""
+        persist_compile_cache()
         self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
         self._on_compile_failure = on_failure
         return self
