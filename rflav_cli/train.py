@@ -16,33 +16,48 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .config import FLAV_SIZES, FPS, LATENT_CHANNELS, LATENT_SCALE, SAMPLE_RATE, VAE_DOWNSCALE
+from .data import (
+    LatentClipDataset,
+    VideoClipDataset,
+    estimate_audio_scale,
+    is_latent_cache,
+    open_training_data,
+)
 from .errors import FileFormatError
 from .files import creation_mode, load_safetensors, read_json_object, save_safetensors
 from .flow import flow_matching_loss, sample_training_levels
+from .generate import run_generate
 from .hub import (
     PRESETS,
     VOCODER_FILES,
+    ResolvedModel,
     ResolveError,
     local_folder,
     read_side_file,
     resolve_model,
     write_side_file,
 )
+from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV, FLAVConfig
 from .progress import TextColumn, progress_bar
 from .requests import (
+    GenerateRequest,
     TrainConfig,
     TrainError,
     TrainFile,
@@ -55,6 +70,11 @@ from .requests import (
     resume_train_config,
 )
 from .runtime import Dist, init_distributed, rank_device
+
+try:
+    import fcntl
+except ImportError:  # no flock on Windows: runs go without a lock
+    fcntl = None
 
 STATE_DIR = "training_state"
 LOCK_FILE = ".lock"
@@ -89,10 +109,15 @@ def global_batch_indices(n: int, seed: int, position: int, count: int) -> list[i
     return out
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step on one rank, for its generator and for the global RNG."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The RNG of one step on one rank: noise, levels and label dropout all come from it."""
+    """The RNG of one step on one rank: noise, levels and latent draws come from it."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    g.manual_seed(step_seed(seed, step, rank))
     return g
 
 
@@ -245,15 +270,11 @@ _DAMAGED = "the checkpoint is damaged: delete it to resume from the one before, 
 
 
 @contextmanager
-def _run_lock(run_dir: Path, console, enabled: bool) -> Iterator[None]:
+def _run_lock(run_dir: Path, console: Console, enabled: bool) -> Iterator[None]:
     """Hold RUN/.lock while training. A second `rflav train` on the same folder stops at once,
     and so temporary folders found once the lock is held can only be leftovers of runs that
     were killed: they are removed. The lock goes with the process, however it ends."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no lock and no clean-up
-        enabled = False
-    if not enabled:
+    if not enabled or fcntl is None:  # no flock (Windows): no lock and no clean-up
         yield
         return
     handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
@@ -283,8 +304,6 @@ def _run_lock(run_dir: Path, console, enabled: bool) -> Iterator[None]:
 
 
 def _cache_header(data: Path) -> tuple[Path, dict] | None:
-    from .data import is_latent_cache
-
     for candidate in (data, data / "train"):
         if is_latent_cache(candidate):
             return candidate / "index.json", read_json_object(
@@ -293,7 +312,7 @@ def _cache_header(data: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _new_run_config(cfg: TrainConfig):
+def _new_run_config(cfg: TrainConfig) -> tuple[TrainConfig, ResolvedModel | None]:
     """Settings of a new run, from what was asked, the files given and the defaults; and the
     --init checkpoint, resolved."""
     files: list[TrainFile] = []
@@ -314,86 +333,215 @@ def _new_run_config(cfg: TrainConfig):
     return resolve_train_config(cfg, files, defaults=True), source
 
 
+# ----------------------------------------------------------------------------------------
+# The run: what `train` settles before taking the folder, the data, the state a checkpoint
+# saves, and the means of one process to take steps.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioScale:
+    """The mel scale of a run and where it came from."""
+
+    value: float
+    origin: str  # how the log line names the source, e.g. "given by --audio-scale"
+
+    def describe(self) -> str:
+        return f"audio_scale {self.value:.6f} ({self.origin})"
+
+
+@dataclass
+class _Plan:
+    """What `train` settled before taking the run folder."""
+
+    cfg: TrainConfig  # resolved: the run's or the files' values and the defaults filled in
+    run_dir: Path
+    resume: Path | None  # the checkpoint to continue
+    saved: dict[str, Any]  # its training_state/state.json; {} for a new run
+    init: ResolvedModel | None  # the --init weights of a new run
+    vocoder_folder: Path | None  # copied into every checkpoint; None: Griffin-Lim
+    audio_scale: AudioScale | None  # None: to be estimated from the data
+
+
+@dataclass
+class _Data:
+    dataset: VideoClipDataset | LatentClipDataset
+    class_names: list[str]
+    info: dict[str, Any]  # recorded in state.json as "data"
+
+
+@dataclass
+class _TrainState:
+    """Everything a checkpoint holds, and the run folder it goes to."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: FLAV
+    ema: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    step: int
+    data_position: int  # in the global sample stream, see global_batch_indices
+    audio_scale: float
+    side: dict[str, Any]  # rflav.json
+    data_info: dict[str, Any]
+    vocoder_folder: Path | None
+
+
+@dataclass
+class _Engine:
+    """What one process takes steps with; nothing of it is saved."""
+
+    device: torch.device
+    ranks: Dist
+    forward: Callable[..., Any]  # the model as called: wrapped in DDP and compiled when asked
+    loader: _Fetcher
+    vae: AutoencoderKL | None  # encodes decoded frames; None with a latent cache or in pixel space
+
+
+@dataclass
+class _StepResult:
+    loss: float  # the mean over the ranks
+    video_loss: float  # this rank's
+    audio_loss: float
+    grad_norm: float
+
+
 def train(
-    cfg: TrainConfig, console=None, stop=None, name_of: Callable[[str], str] | None = None
+    cfg: TrainConfig,
+    console: Console | None = None,
+    stop: threading.Event | None = None,
+    name_of: Callable[[str], str] | None = None,
 ) -> Path | None:
     """Run (or resume) training; returns the last checkpoint written by this process.
 
     Settings left None in `cfg` take the resumed run's values, else those of the files given,
     else the defaults. `name_of` names a parameter in printed lines (the CLI passes its flags).
     """
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     name_of = name_of or (lambda param: param)
-    main_rank = int(os.environ.get("RANK", "0")) == 0
     check_train_config(cfg)
-    run_dir = Path(cfg.output)
-    resume = latest_checkpoint(run_dir)
-    state: dict = {}
-    init_source = None
-    if resume is not None:
-        state = read_json_object(resume / STATE_DIR / "state.json", "training state", fix=_DAMAGED)
-        if not isinstance(state.get("step"), int) or not isinstance(state.get("audio_scale"), (int, float)):
-            raise FileFormatError(
-                f"{resume / STATE_DIR / 'state.json'} (training state) lacks the step or the "
-                f"audio scale: {_DAMAGED}"
-            )
-        saved_model = read_json_object(resume / "config.json", "model config", fix=_DAMAGED)
-        cfg, changes = resume_train_config(
-            cfg, state.get("config", {}), saved_model, state["audio_scale"], str(run_dir)
-        )
-        step = int(state["step"])
-        if step >= cfg.max_steps:
-            if main_rank:
-                console.print(
-                    f"{run_dir} is already at step {step} ≥ {name_of('max_steps')} {cfg.max_steps}: "
-                    f"nothing to do (raise {name_of('max_steps')} to train further)",
-                    markup=False,
-                )
-            return None
-        if main_rank:
-            console.print(
-                f"resuming from step {step} ({run_dir / resume.name})", markup=False, highlight=False
-            )
-            if changes:
-                console.print(
-                    "changed since the saved run: "
-                    + ", ".join(f"{name_of(name)} {then} → {now}" for name, then, now in changes),
-                    markup=False,
-                    highlight=False,
-                )
-    else:
-        cfg, init_source = _new_run_config(cfg)
-    vocoder_folder = _vocoder_folder(cfg)
+    plan = _plan(cfg, console, name_of, main_rank=int(os.environ.get("RANK", "0")) == 0)
+    if plan is None:
+        return None
 
-    device = rank_device(cfg.device)
+    device = rank_device(plan.cfg.device)
     d = init_distributed(device)
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(d)
-    with _run_lock(run_dir, console, enabled=d.main):
-        if d.main and latest_checkpoint(run_dir) != resume:  # another run saved since we looked
+    with _run_lock(plan.run_dir, console, enabled=d.main):
+        if d.main and latest_checkpoint(plan.run_dir) != plan.resume:  # another run saved since we looked
             raise TrainError(
-                f"{run_dir} got a new checkpoint while this run was starting: run the command again"
+                f"{plan.run_dir} got a new checkpoint while this run was starting: run the command again"
             )
-        return _train(cfg, run_dir, resume, state, init_source, vocoder_folder, device, d, console, stop)
+        return _train(plan, device, d, console, stop)
+
+
+def _plan(
+    asked: TrainConfig, console: Console, name_of: Callable[[str], str], main_rank: bool
+) -> _Plan | None:
+    """The settings, weights, vocoder and (when known without the data) audio scale of the run
+    that `asked` resumes or starts; None when the resumed run is already done."""
+    run_dir = Path(asked.output)
+    resume = latest_checkpoint(run_dir)
+    if resume is None:
+        cfg, init = _new_run_config(asked)
+        saved: dict[str, Any] = {}
+    else:
+        resumed = _resume_config(asked, run_dir, resume, console, name_of, main_rank)
+        if resumed is None:
+            return None
+        cfg, saved = resumed
+        init = None
+    return _Plan(
+        cfg=cfg,
+        run_dir=run_dir,
+        resume=resume,
+        saved=saved,
+        init=init,
+        vocoder_folder=_vocoder_folder(cfg),
+        audio_scale=_given_audio_scale(asked, cfg, saved, name_of),
+    )
+
+
+def _resume_config(
+    asked: TrainConfig,
+    run_dir: Path,
+    resume: Path,
+    console: Console,
+    name_of: Callable[[str], str],
+    main_rank: bool,
+) -> tuple[TrainConfig, dict[str, Any]] | None:
+    """The settings of the resumed run and its saved state; None (said) when it is already at
+    --max-steps."""
+    state_path = resume / STATE_DIR / "state.json"
+    saved = read_json_object(state_path, "training state", fix=_DAMAGED)
+    if not isinstance(saved.get("step"), int) or not isinstance(saved.get("audio_scale"), (int, float)):
+        raise FileFormatError(f"{state_path} (training state) lacks the step or the audio scale: {_DAMAGED}")
+    saved_model = read_json_object(resume / "config.json", "model config", fix=_DAMAGED)
+    cfg, changes = resume_train_config(
+        asked, saved.get("config", {}), saved_model, saved["audio_scale"], str(run_dir)
+    )
+    step = int(saved["step"])
+    if step >= cfg.max_steps:
+        if main_rank:
+            console.print(
+                f"{run_dir} is already at step {step} ≥ {name_of('max_steps')} {cfg.max_steps}: "
+                f"nothing to do (raise {name_of('max_steps')} to train further)",
+                markup=False,
+            )
+        return None
+    if main_rank:
+        console.print(f"resuming from step {step} ({run_dir / resume.name})", markup=False, highlight=False)
+        if changes:
+            console.print(
+                "changed since the saved run: "
+                + ", ".join(f"{name_of(name)} {then} → {now}" for name, then, now in changes),
+                markup=False,
+                highlight=False,
+            )
+    return cfg, saved
+
+
+def _given_audio_scale(
+    asked: TrainConfig, cfg: TrainConfig, saved: dict[str, Any], name_of: Callable[[str], str]
+) -> AudioScale | None:
+    """The audio scale when something other than the data gives it, decided before the data is
+    read: the flag, else the resumed run's, else the --init checkpoint's; None when it must be
+    estimated from the data.
+
+    A flag never contradicts the other two (resume_train_config and resolve_train_config refuse
+    a different value); on a resume the saved number is kept as it is, so that the run goes on
+    exactly as an uninterrupted one would."""
+    if saved:
+        return AudioScale(saved["audio_scale"], "of the resumed run")
+    if asked.audio_scale is not None:
+        return AudioScale(asked.audio_scale, f"given by {name_of('audio_scale')}")
+    if cfg.audio_scale is not None:  # of a new run, only an --init checkpoint (or preset) sets it
+        return AudioScale(cfg.audio_scale, f"of the checkpoint {cfg.init}")
+    return None
 
 
 def _train(
-    cfg: TrainConfig,
-    run_dir: Path,
-    resume: Path | None,
-    state: dict,
-    init_source,
-    vocoder_folder,
-    device: torch.device,
-    d: Dist,
-    console,
-    stop,
+    plan: _Plan, device: torch.device, d: Dist, console: Console, stop: threading.Event | None
 ) -> Path | None:
-    from .data import LatentClipDataset, estimate_audio_scale, open_training_data
+    data = _open_data(plan.cfg, d, console)
+    scale = plan.audio_scale or AudioScale(estimate_audio_scale(data.dataset), "unit std of the training mel")
+    data.dataset.audio_scale = scale.value
+    if d.main:
+        console.print(scale.describe())
+    run = _build_state(plan, data, scale.value, device)
+    engine = _build_engine(run, data.dataset, device, d)
+    try:
+        last_written = _train_loop(run, engine, console, stop)
+    finally:
+        engine.loader.close()
+    _barrier(d)
+    return last_written
 
+
+def _open_data(cfg: TrainConfig, d: Dist, console: Console) -> _Data:
+    """The train split (videos or a latent cache), at audio scale 1 until the run's is known."""
     dataset = open_training_data(
         Path(cfg.data),
         "train",
@@ -404,34 +552,50 @@ def _train(
     )
     if len(dataset) == 0:
         raise TrainError(f"{cfg.data}: no clip of {cfg.window} frames in the train split")
-    class_names = list(getattr(dataset, "class_names", []) or [])
+    info: dict[str, Any] = {"clips": len(dataset)}
     index = getattr(dataset, "index", None)
-    data_info = {"clips": len(dataset)}
     if index is not None:
-        data_info.update(videos=len(index.videos), skipped={k: len(v) for k, v in index.skipped.items() if v})
+        info.update(videos=len(index.videos), skipped={k: len(v) for k, v in index.skipped.items() if v})
         if d.main:
             console.print(index.summary(cfg.window))
+    return _Data(dataset, list(getattr(dataset, "class_names", []) or []), info)
 
-    if resume is not None:
-        audio_scale = state["audio_scale"]
-    else:
-        audio_scale = cfg.audio_scale or estimate_audio_scale(dataset)
-    dataset.audio_scale = audio_scale
-    if d.main and resume is None:
-        console.print(
-            f"audio_scale {audio_scale:.6f}" + ("" if cfg.audio_scale else " (unit std of the training mel)")
+
+def _build_state(plan: _Plan, data: _Data, audio_scale: float, device: torch.device) -> _TrainState:
+    """The resumed state, or a new one from the --init weights or new weights."""
+    cfg = plan.cfg
+    model = _build_model(plan, data.class_names)
+    model.to(device).train()
+    return _TrainState(
+        cfg=cfg,
+        run_dir=plan.run_dir,
+        model=model,
+        ema=_build_ema(plan, model, device),
+        optimizer=_build_optimizer(plan, model, device),
+        step=int(plan.saved.get("step", 0)),
+        data_position=int(plan.saved.get("data_position", 0)),
+        audio_scale=audio_scale,
+        side=_side_file(cfg, data.class_names, audio_scale, plan.vocoder_folder),
+        data_info=data.info,
+        vocoder_folder=plan.vocoder_folder,
+    )
+
+
+def _build_model(plan: _Plan, class_names: list[str]) -> FLAV:
+    """The resumed weights, or the released / given ones to fine-tune, or new ones."""
+    cfg = plan.cfg
+    if plan.resume is not None:
+        config = FLAVConfig.from_dict(
+            read_json_object(plan.resume / "config.json", "model config", fix=_DAMAGED)
         )
-
-    # Model: resumed, or the released / given weights to fine-tune, or new.
-    if resume is not None:
-        config = FLAVConfig.from_dict(read_json_object(resume / "config.json", "model config", fix=_DAMAGED))
         config.grad_ckpt = cfg.grad_ckpt
         model = FLAV(config)
         model.load_state_dict(
-            load_safetensors(resume / STATE_DIR / "model.safetensors", "training weights", fix=_DAMAGED)
+            load_safetensors(plan.resume / STATE_DIR / "model.safetensors", "training weights", fix=_DAMAGED)
         )
-    elif init_source is not None:
-        model = FLAV.from_pretrained(init_source.folder)
+        return model
+    if plan.init is not None:
+        model = FLAV.from_pretrained(plan.init.folder)
         model.config.grad_ckpt = cfg.grad_ckpt
         model.gradient_checkpointing = cfg.grad_ckpt
         if model.num_classes != len(class_names) and class_names:
@@ -439,38 +603,34 @@ def _train(
                 f"{{init}} {cfg.init} has {model.num_classes} classes but the data has {len(class_names)}",
                 params=("init",),
             )
-    else:
-        torch.manual_seed(cfg.seed)
-        model = FLAV(build_model_config(cfg, len(class_names)))
-        model.initialize_weights()
-    model.to(device).train()
+        return model
+    torch.manual_seed(cfg.seed)
+    model = FLAV(build_model_config(cfg, len(class_names)))
+    model.initialize_weights()
+    return model
 
-    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    if resume is not None:
-        saved_ema = load_safetensors(resume / STATE_DIR / "ema.safetensors", "EMA weights", fix=_DAMAGED)
-        ema = {k: v.to(device) for k, v in saved_ema.items()}
 
+def _build_ema(plan: _Plan, model: FLAV, device: torch.device) -> dict[str, torch.Tensor]:
+    if plan.resume is None:
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    saved = load_safetensors(plan.resume / STATE_DIR / "ema.safetensors", "EMA weights", fix=_DAMAGED)
+    return {k: v.to(device) for k, v in saved.items()}
+
+
+def _build_optimizer(plan: _Plan, model: FLAV, device: torch.device) -> torch.optim.Optimizer:
+    cfg = plan.cfg
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume is not None:
-        optimizer.load_state_dict(_optimizer_state(resume / STATE_DIR / "optimizer.pt", device))
+    if plan.resume is not None:
+        optimizer.load_state_dict(_optimizer_state(plan.resume / STATE_DIR / "optimizer.pt", device))
         for group in optimizer.param_groups:  # the saved state holds the old ones; a resume may change them
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer
 
-    step = int(state.get("step", 0))
-    position = int(state.get("data_position", 0))
 
-    vae = None
-    if not cfg.pixel_space and not isinstance(dataset, LatentClipDataset):
-        from .models.autoencoder import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(cfg.autoencoder).to(device).eval().requires_grad_(False)
-
-    net: torch.nn.Module = model
-    if d.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(net) if cfg.compile else net
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
+def _side_file(
+    cfg: TrainConfig, class_names: list[str], audio_scale: float, vocoder_folder: Path | None
+) -> dict[str, Any]:
+    """The rflav.json of every checkpoint of the run."""
     side = {
         "class_names": class_names or None,
         "audio_scale": audio_scale,
@@ -483,118 +643,129 @@ def _train(
         "sample_rate": SAMPLE_RATE,
         "rflav_version": __version__,
     }
-    side = {k: v for k, v in side.items() if v is not None}
+    return {k: v for k, v in side.items() if v is not None}
 
-    loader = _Fetcher(dataset, threads=0 if isinstance(dataset, LatentClipDataset) else cfg.num_workers)
-    metrics_path = run_dir / "metrics.jsonl"
+
+def _build_engine(
+    run: _TrainState, dataset: VideoClipDataset | LatentClipDataset, device: torch.device, d: Dist
+) -> _Engine:
+    cfg = run.cfg
+    vae = None
+    if not cfg.pixel_space and not isinstance(dataset, LatentClipDataset):
+        vae = AutoencoderKL.from_pretrained(cfg.autoencoder).to(device).eval().requires_grad_(False)
+    net: torch.nn.Module = run.model
+    if d.world > 1:
+        net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Engine(
+        device=device,
+        ranks=d,
+        forward=torch.compile(net) if cfg.compile else net,
+        loader=_Fetcher(dataset, threads=0 if isinstance(dataset, LatentClipDataset) else cfg.num_workers),
+        vae=vae,
+    )
+
+
+def _train_loop(
+    run: _TrainState, engine: _Engine, console: Console, stop: threading.Event | None
+) -> Path | None:
+    """Steps up to --max-steps or until `stop` is set, logging, saving and sampling on the way;
+    a stop saves the step reached. Returns the last checkpoint this process wrote."""
+    cfg, d = run.cfg, engine.ranks
     last_written: Path | None = None
+    meter = _Meter(clips_per_step=cfg.batch_size * d.world)
     progress = _progress(console, d.main)
     task = progress.add_task(
-        "training", total=cfg.max_steps, completed=step, loss=float("nan"), clips=0.0, steps=0.0
+        "training", total=cfg.max_steps, completed=run.step, loss=float("nan"), clips=0.0, steps=0.0
     )
-    began, clips_done, window_loss, window_count = time.perf_counter(), 0, 0.0, 0
-    try:
-        with progress:
-            while step < cfg.max_steps:
-                if stop is not None and stop.is_set():
-                    break
-                # Everything random in this step (latent sampling in the dataset, label dropout in
-                # the model, noise and levels) derives from (seed, step, rank).
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + d.rank)
-                indices = global_batch_indices(len(dataset), cfg.seed, position, cfg.batch_size * d.world)
-                mine = indices[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size]
-                items = loader.fetch(mine)
-                position += cfg.batch_size * d.world
-                g = step_generator(cfg.seed, step, d.rank, device)
-                v, a, y = _batch(items, device, vae, g)
-                t = sample_training_levels(v.shape[0], cfg.window, generator=g, device=device)
-                with autocast:
-                    out = flow_matching_loss(
-                        lambda vv, aa, tt: forward(vv, aa, tt, y),
-                        v,
-                        a,
-                        t,
-                        weighting=cfg.weighting,
-                        generator=g,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-
-                loss = float(out["loss"].detach())
-                if d.world > 1:
-                    reduced = torch.tensor([loss], device=device)
-                    dist.all_reduce(reduced)
-                    loss = reduced.item() / d.world
-                clips_done += cfg.batch_size * d.world
-                window_loss += loss
-                window_count += 1
-                elapsed = time.perf_counter() - began
-                progress.update(
-                    task,
-                    completed=step,
-                    loss=loss,
-                    clips=clips_done / max(elapsed, 1e-9),
-                    steps=clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9),
-                )
-                if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    record = {
-                        "step": step,
-                        "loss": window_loss / window_count,
-                        "video_loss": float(out["video"]),
-                        "audio_loss": float(out["audio"]),
-                        "grad_norm": float(grad_norm),
-                        "steps_per_s": clips_done / (cfg.batch_size * d.world) / max(elapsed, 1e-9),
-                        "clips_per_s": clips_done / max(elapsed, 1e-9),
-                        "time": time.time(),
-                    }
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    window_loss, window_count = 0.0, 0
-                if step % cfg.save_every == 0 or step == cfg.max_steps:
-                    last_written = _save(
-                        run_dir,
-                        step,
-                        model,
-                        ema,
-                        optimizer,
-                        cfg,
-                        audio_scale,
-                        position,
-                        d,
-                        side,
-                        vocoder_folder,
-                        data_info,
-                    )
-                if d.main and cfg.sample_every and step % cfg.sample_every == 0 and last_written is not None:
-                    _sample(last_written, cfg, console)
-
-        if (
-            stop is not None
-            and stop.is_set()
-            and (last_written is None or not last_written.name.endswith(f"{step:08d}"))
-        ):
-            last_written = _save(
-                run_dir,
-                step,
-                model,
-                ema,
-                optimizer,
-                cfg,
-                audio_scale,
-                position,
-                d,
-                side,
-                vocoder_folder,
-                data_info,
-            )
-    finally:
-        loader.close()
-    _barrier(d)
+    with progress:
+        while run.step < cfg.max_steps:
+            if stop is not None and stop.is_set():
+                break
+            result = _train_step(run, engine)
+            meter.add(result.loss)
+            clips_per_s, steps_per_s = meter.rates()
+            progress.update(task, completed=run.step, loss=result.loss, clips=clips_per_s, steps=steps_per_s)
+            if d.main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+                with open(run.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(meter.take_record(run.step, result)) + "\n")
+            if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
+                last_written = _save(run, ranks=d)
+            if d.main and cfg.sample_every and run.step % cfg.sample_every == 0 and last_written is not None:
+                _sample(last_written, cfg, console)
+    stopped = stop is not None and stop.is_set()
+    if stopped and (last_written is None or not last_written.name.endswith(f"{run.step:08d}")):
+        last_written = _save(run, ranks=d)
     return last_written
+
+
+def _train_step(run: _TrainState, engine: _Engine) -> _StepResult:
+    """One optimizer step on this rank's share of the next global batch, then the EMA update."""
+    cfg, d, device = run.cfg, engine.ranks, engine.device
+    # Everything random in this step (latent sampling in the dataset, label dropout in the
+    # model, noise and levels) derives from (seed, step, rank).
+    torch.manual_seed(step_seed(cfg.seed, run.step, d.rank))
+    per_step = cfg.batch_size * d.world
+    indices = global_batch_indices(len(engine.loader.dataset), cfg.seed, run.data_position, per_step)
+    items = engine.loader.fetch(indices[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size])
+    run.data_position += per_step
+    g = step_generator(cfg.seed, run.step, d.rank, device)
+    v, a, y = _batch(items, device, engine.vae, g)
+    t = sample_training_levels(v.shape[0], cfg.window, generator=g, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        out = flow_matching_loss(
+            lambda vv, aa, tt: engine.forward(vv, aa, tt, y), v, a, t, weighting=cfg.weighting, generator=g
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.step += 1
+    _ema_update(run.ema, run.model, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+
+    loss = float(out["loss"].detach())
+    if d.world > 1:
+        reduced = torch.tensor([loss], device=device)
+        dist.all_reduce(reduced)
+        loss = reduced.item() / d.world
+    return _StepResult(loss, float(out["video"]), float(out["audio"]), float(grad_norm))
+
+
+class _Meter:
+    """Throughput since this process started, and the mean loss since the last metrics line."""
+
+    def __init__(self, clips_per_step: int) -> None:
+        self.clips_per_step = clips_per_step
+        self.began = time.perf_counter()
+        self.clips = 0
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.clips += self.clips_per_step
+        self.loss_sum += loss
+        self.loss_count += 1
+
+    def rates(self) -> tuple[float, float]:
+        """Clips and steps per second."""
+        elapsed = max(time.perf_counter() - self.began, 1e-9)
+        return self.clips / elapsed, self.clips / self.clips_per_step / elapsed
+
+    def take_record(self, step: int, last: _StepResult) -> dict[str, float]:
+        """The metrics.jsonl line at `step` (losses of the last step beside the window's mean);
+        starts a new loss window."""
+        clips_per_s, steps_per_s = self.rates()
+        record = {
+            "step": step,
+            "loss": self.loss_sum / self.loss_count,
+            "video_loss": last.video_loss,
+            "audio_loss": last.audio_loss,
+            "grad_norm": last.grad_norm,
+            "steps_per_s": steps_per_s,
+            "clips_per_s": clips_per_s,
+            "time": time.time(),
+        }
+        self.loss_sum, self.loss_count = 0.0, 0
+        return record
 
 
 def _optimizer_state(path: Path, device: torch.device) -> dict:
@@ -611,38 +782,46 @@ def _optimizer_state(path: Path, device: torch.device) -> dict:
     return state
 
 
-def _save(
-    run_dir, step, model, ema, optimizer, cfg, audio_scale, position, d: Dist, side, vocoder_folder, data_info
-):
+def _save(run: _TrainState, *, ranks: Dist) -> Path | None:
+    """Checkpoint `run` at its step (rank 0 writes, every rank waits); the path on rank 0."""
     path = None
+    model = run.model
     checksum = torch.tensor(
         [float(sum(p.double().sum() for p in model.state_dict().values()))], dtype=torch.float64
     )
-    if d.world > 1 and dist.get_backend() == "nccl":
+    if ranks.world > 1 and dist.get_backend() == "nccl":
         checksum = checksum.to(next(model.parameters()).device)
-    checksums = [checksum.clone() for _ in range(d.world)]
-    if d.world > 1:  # every rank must hold the same weights; recorded so it can be checked
+    checksums = [checksum.clone() for _ in range(ranks.world)]
+    if ranks.world > 1:  # every rank must hold the same weights; recorded so it can be checked
         dist.all_gather(checksums, checksum)
-    if d.main:
+    if ranks.main:
         state = {
-            "step": step,
-            "data_position": position,
-            "audio_scale": audio_scale,
-            "world_size": d.world,
-            "seed": cfg.seed,
-            "config": asdict(cfg),
-            "data": data_info,
+            "step": run.step,
+            "data_position": run.data_position,
+            "audio_scale": run.audio_scale,
+            "world_size": ranks.world,
+            "seed": run.cfg.seed,
+            "config": asdict(run.cfg),
+            "data": run.data_info,
             "rank_weight_checksums": [float(c.item()) for c in checksums],
             "rflav_version": __version__,
         }
         try:
             path = _write_checkpoint(
-                run_dir, step, model, ema, optimizer, state, side, vocoder_folder, cfg.keep
+                run.run_dir,
+                run.step,
+                model,
+                run.ema,
+                run.optimizer,
+                state,
+                run.side,
+                run.vocoder_folder,
+                run.cfg.keep,
             )
         except BaseException:  # disk full, a failed copy …: no half-written folder stays behind
-            shutil.rmtree(run_dir / f".checkpoint-{step:08d}.tmp", ignore_errors=True)
+            shutil.rmtree(run.run_dir / f".checkpoint-{run.step:08d}.tmp", ignore_errors=True)
             raise
-    _barrier(d)
+    _barrier(ranks)
     return path
 
 
@@ -650,9 +829,7 @@ class _Fetcher:
     """Reads the items of a batch, in parallel threads for decoded videos (each decode is an
     ffmpeg process, so threads overlap well)."""
 
-    def __init__(self, dataset, threads: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, dataset: VideoClipDataset | LatentClipDataset, threads: int) -> None:
         self.dataset = dataset
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
 
@@ -666,7 +843,7 @@ class _Fetcher:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _batch(items: list[dict], device: torch.device, vae, g: torch.Generator):
+def _batch(items: list[dict], device: torch.device, vae: AutoencoderKL | None, g: torch.Generator):
     video = torch.stack([it["video"] for it in items]).to(device)
     audio = torch.stack([it["audio"] for it in items]).to(device)
     labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)
@@ -682,7 +859,7 @@ def _batch(items: list[dict], device: torch.device, vae, g: torch.Generator):
     return video, audio, y
 
 
-def _progress(console, enabled: bool):
+def _progress(console: Console, enabled: bool):
     return progress_bar(
         TextColumn("step {task.completed:>7.0f}/{task.total:.0f}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
@@ -693,10 +870,8 @@ def _progress(console, enabled: bool):
     )
 
 
-def _sample(checkpoint: Path, cfg: TrainConfig, console) -> None:
+def _sample(checkpoint: Path, cfg: TrainConfig, console: Console) -> None:
     """Write a short sample MP4 into the checkpoint from its EMA weights (first class, if any)."""
-    from .generate import GenerateRequest, run_generate
-
     classes = read_side_file(checkpoint).get("class_names") or []
     try:
         run_generate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -18,6 +20,7 @@ from rflav_cli import flow
 from rflav_cli import train as train_mod
 from rflav_cli.cli import app
 from rflav_cli.data import open_training_data
+from rflav_cli.hub import write_side_file
 from rflav_cli.media import find_ffmpeg
 from rflav_cli.models.flav import FLAV
 from rflav_cli.models.vocoder import HiFiGAN
@@ -209,6 +212,49 @@ def test_loss_on_a_fixed_batch_goes_down(data, assets, tmp_path):
     trained.load_state_dict(load_file(str(ckpt / "training_state" / "model.safetensors")))
     before, after = _fixed_batch_loss(start, dataset), _fixed_batch_loss(trained, dataset)
     assert after < 0.8 * before, (before, after)
+
+
+def _train_logged(cfg: train_mod.TrainConfig) -> tuple[Path, str]:
+    log = io.StringIO()
+    last = train_mod.train(cfg, console=Console(file=log, width=1000))
+    return last, " ".join(log.getvalue().split())
+
+
+def test_audio_scale_is_estimated_only_when_nothing_gives_it(data, assets, tmp_path, monkeypatch):
+    estimated: list[float] = []
+
+    def counted(dataset) -> float:
+        estimated.append(real(dataset))
+        return estimated[-1]
+
+    real = train_mod.estimate_audio_scale
+    monkeypatch.setattr(train_mod, "estimate_audio_scale", counted)
+    source = tmp_path / "source"  # a pixel-space checkpoint for this data, with its own scale
+    FLAV(train_mod.build_model_config(config(data, assets, source), 2)).save_pretrained(source)
+    write_side_file(source, {"audio_scale": 2.5, "pixel_space": True, "image_size": 16})
+    one_step = dict(max_steps=1, save_every=1)
+
+    runs = {
+        "init": config(data, assets, tmp_path / "init", model_config=None, init=str(source), **one_step),
+        "flag": config(data, assets, tmp_path / "flag", audio_scale=1.5, **one_step),
+    }
+    expected = {"init": (2.5, f"of the checkpoint {source}"), "flag": (1.5, "given by audio_scale")}
+    for name, cfg in runs.items():
+        last, log = _train_logged(cfg)
+        scale, origin = expected[name]
+        assert estimated == [], name  # no pass over the data's audio
+        assert f"audio_scale {scale:.6f} ({origin})" in log, log
+        assert json.loads((last / "rflav.json").read_text())["audio_scale"] == scale
+        assert json.loads((last / "training_state" / "state.json").read_text())["audio_scale"] == scale
+
+    last, log = _train_logged(config(data, assets, tmp_path / "new", **one_step))
+    assert len(estimated) == 1
+    assert json.loads((last / "rflav.json").read_text())["audio_scale"] == estimated[0]
+    assert f"audio_scale {estimated[0]:.6f} (unit std of the training mel)" in log, log
+
+    _, log = _train_logged(config(data, assets, tmp_path / "new", max_steps=2, save_every=1))
+    assert len(estimated) == 1  # a resumed run keeps its scale
+    assert f"audio_scale {estimated[0]:.6f} (of the resumed run)" in log, log
 
 
 def test_resume_is_bit_identical(data, assets, tmp_path):
