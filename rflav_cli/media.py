@@ -6,7 +6,8 @@ Everything goes through an ffmpeg executable (the system one, or the one shipped
 * :func:`read_video_frames` streams letterboxed RGB frames at a fixed frame rate.
 * :func:`read_audio` decodes the first audio channel, resampled.
 * :class:`VideoWriter` streams frames and their audio into one fragmented MP4 while they are
-  produced, with flat memory, so an interrupted run still leaves a playable file.
+  produced, with flat memory, so an interrupted run still leaves a playable file; the MP4 can
+  also go to standard output or to a pipe, fragment by fragment, for live playback.
 * :func:`write_wav` / :class:`WavWriter` write 16-bit PCM WAV files.
 """
 
@@ -19,9 +20,11 @@ import os
 import queue
 import re
 import secrets
+import select
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +32,7 @@ import wave
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import ffmpeg
 import numpy as np
@@ -40,6 +43,9 @@ from .errors import RflavError, UsageError
 __all__ = [
     "MediaError",
     "MediaInfo",
+    "OutputClosed",
+    "PIPE",
+    "STDOUT",
     "VideoWriter",
     "WavWriter",
     "count_frames",
@@ -60,6 +66,13 @@ KEYFRAME_INTERVAL_S = 1.0
 # fragmented MP4; delay_moov writes the header after the first fragment, so it carries the
 # edit lists that hide the encoder delays (B-frames, AAC priming) and A/V start in sync.
 MOVFLAGS = "+frag_keyframe+delay_moov+default_base_moof"
+# Live outputs (standard output, pipes) also cut a fragment at least this often, so a player
+# gets the first picture after this much video instead of a whole keyframe interval.
+LIVE_FRAGMENT_S = 0.2
+# VideoWriter targets besides a file name: this process's standard output, or a pipe that the
+# caller reads from `VideoWriter.stream`.
+STDOUT = "-"
+PIPE = subprocess.PIPE
 # Bounded hand-over queues (items are single frames): a few MB whatever the video length.
 _VIDEO_QUEUE_FRAMES = 16
 _AUDIO_QUEUE_FRAMES = 64
@@ -68,6 +81,11 @@ _STDERR_TAIL = 600
 
 class MediaError(RflavError):
     """A media file cannot be read or written; the message is one line for the user."""
+
+
+class OutputClosed(MediaError):
+    """The reader of a streamed MP4 went away (a player quit, a viewer disconnected): nothing
+    more can be delivered, and that is the normal end of a live stream rather than a failure."""
 
 
 # --------------------------------------------------------------------------------------
@@ -589,11 +607,21 @@ class VideoWriter(_Output):
     to a hidden temporary file in the destination folder, renamed on :meth:`close`.
     Stopping at any point (e.g. after Ctrl-C) and calling :meth:`close` gives a playable
     file whose audio is padded with silence to the video length.
+
+    ``live=True`` makes a file watchable while it grows: once its first fragment is on disk it
+    also gets its final name (a hard link to the temporary file, still never replacing an
+    existing file unless ``overwrite``); :meth:`abort` and a failed :meth:`close` remove that
+    name again.
+
+    ``path`` may also be :data:`STDOUT` (this process's standard output) or :data:`PIPE` (read
+    the MP4 from :attr:`stream`, in another thread than the writing one): a live stream, flushed
+    fragment by fragment, that a player can show while it is made. When its reader goes away,
+    writing raises :class:`OutputClosed`.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | int,
         *,
         width: int = IMAGE_SIZE,
         height: int = IMAGE_SIZE,
@@ -602,6 +630,7 @@ class VideoWriter(_Output):
         audio: bool = True,
         overwrite: bool = False,
         crf: int = 18,
+        live: bool = False,
     ) -> None:
         if fps < 1 or sample_rate < 1 or sample_rate % fps:
             raise UsageError(
@@ -618,7 +647,27 @@ class VideoWriter(_Output):
         self.samples_per_frame = sample_rate // fps
         self.frames_written = 0
         self._frame_bytes = width * height * 3
-        self.path, self.partial_path = _prepare_output(path, overwrite, ".mp4")
+        # Where the MP4 goes: a file (through a temporary name), standard output or a pipe.
+        self.stream: IO[bytes] | None = None
+        self.path: Path | None = None
+        self.partial_path: Path | None = None
+        if isinstance(path, int):
+            if path != PIPE:
+                raise UsageError("{path} must be a file name, media.STDOUT or media.PIPE", params=("path",))
+            self._target, self.name = "pipe", "the output pipe"
+        elif isinstance(path, str) and path == STDOUT:
+            if os.isatty(1):
+                raise MediaError(
+                    "standard output is a terminal: pipe it into a player (| ffplay -) or a file (> NAME.mp4)"
+                )
+            self._target, self.name = "stdout", "standard output"
+        else:
+            self.path, self.partial_path = _prepare_output(path, overwrite, ".mp4")
+            self._target, self.name = "file", str(self.path)
+        self._live_file = live and self._target == "file"
+        self._linked = False  # the final name already points at the growing file
+        self._partial_size = 0
+        self._interrupted = False
         self._state = "open"
         self._workdir = _new_workdir()
         # The FIFO folder goes with the writer even if close()/abort() is never called.
@@ -653,8 +702,12 @@ class VideoWriter(_Output):
             g=max(1, round(self.fps * KEYFRAME_INTERVAL_S)),
             movflags=MOVFLAGS,
             format="mp4",
-            flush_packets=1,  # each finished fragment reaches the disk at once
+            flush_packets=1,  # each finished fragment reaches the disk (or the reader) at once
         )
+        if self._target != "file":
+            # A player waits for what the encoder holds back: no look-ahead, no B-frames,
+            # and short fragments.
+            out_args.update(tune="zerolatency", frag_duration=round(LIVE_FRAGMENT_S * 1e6))
         if self.audio:
             audio_fifo = self._workdir / "audio.f32"
             os.mkfifo(audio_fifo, 0o600)
@@ -662,21 +715,21 @@ class VideoWriter(_Output):
                 ffmpeg.input(str(audio_fifo), format="f32le", ar=self.sample_rate, ac=1, **no_probe)
             )
             out_args.update(acodec="aac", ar=self.sample_rate, ac=1)
-        cmd = (
-            ffmpeg.output(*inputs, str(self.partial_path), **out_args)
-            .overwrite_output()
-            .compile(cmd=ffmpeg_command())
-        )
+        destination = str(self.partial_path) if self._target == "file" else "pipe:1"
+        cmd = ffmpeg.output(*inputs, destination, **out_args).overwrite_output().compile(cmd=ffmpeg_command())
         self._stderr = open(self._workdir / "stderr.txt", "wb")
+        if self._target == "stdout":
+            sys.stdout.flush()  # whatever Python printed comes before the MP4
         # Own session: a Ctrl-C in the terminal must reach only us, so that close() can
         # still finish the file through this ffmpeg.
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout={"file": subprocess.DEVNULL, "stdout": 1, "pipe": subprocess.PIPE}[self._target],
             stderr=self._stderr,
             start_new_session=True,
         )
+        self.stream = self._proc.stdout
         self._video = _FifoFeeder(video_fifo, self._proc, _VIDEO_QUEUE_FRAMES, "rflav-video")
         self._feeders = [self._video]
         if self.audio:
@@ -695,13 +748,31 @@ class VideoWriter(_Output):
         return self._video.written // self._frame_bytes * self.samples_per_frame * 4
 
     # -- producer side ------------------------------------------------------------------
+    def _reader_gone(self, stderr_text: bytes = b"") -> bool:
+        """Whether a streamed output lost its reader (then ffmpeg's failure is the stream's end)."""
+        if self._target == "file":
+            return False
+        if self._interrupted or (self.stream is not None and self.stream.closed):
+            return True
+        if self._target == "stdout":
+            # The write end of a pipe (or socket) whose reader left reports an error.
+            poller = select.poll()
+            poller.register(1, select.POLLOUT)
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+                return True
+        return b"Broken pipe" in stderr_text
+
     def _ffmpeg_error(self, what: str) -> MediaError:
         self._stderr.flush()
         text = (self._workdir / "stderr.txt").read_bytes()
-        return MediaError(f"ffmpeg {what} while writing {self.path}: {_tail(text)}")
+        if self._interrupted:
+            return OutputClosed(f"{self.name} was stopped after {self.frames_written} frames")
+        if self._reader_gone(text):
+            return OutputClosed(f"the reader of {self.name} closed it after {self.frames_written} frames")
+        return MediaError(f"ffmpeg {what} while writing {self.name}: {_tail(text)}")
 
     def _check_alive(self) -> None:
-        if self._proc.poll() is not None or any(f.error for f in self._feeders):
+        if self._interrupted or self._proc.poll() is not None or any(f.error for f in self._feeders):
             self._proc.wait()
             raise self._ffmpeg_error("stopped")
 
@@ -721,7 +792,7 @@ class VideoWriter(_Output):
         Returns once the data is queued; blocks while ffmpeg is behind (bounded memory).
         """
         if self._state != "open":
-            raise MediaError(f"{self.path}: writer is already {self._state}")
+            raise MediaError(f"{self.name}: writer is already {self._state}")
         frames = _as_numpy(frames)
         if frames.ndim == 3:
             frames = frames[None]
@@ -752,14 +823,67 @@ class VideoWriter(_Output):
             if self.audio:
                 self._put(self._audio, audio[i].tobytes())
             self.frames_written += 1
+        if self._live_file and not self._linked:
+            self._link_when_playable()
+
+    def interrupt(self) -> None:
+        """End a streamed output from any thread (a viewer left): ffmpeg stops, and a write()
+        blocked in another thread, or the next one, raises :class:`OutputClosed` within a fraction
+        of a second. The writing thread still calls :meth:`abort`."""
+        self._interrupted = True
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except OSError:  # already gone
+                pass
+
+    # -- the final name of a live file --------------------------------------------------
+    def _link_when_playable(self) -> None:
+        """Give the growing file its final name once a first fragment is complete on disk."""
+        assert self.partial_path is not None and self.path is not None
+        try:
+            size = self.partial_path.stat().st_size
+        except OSError:
+            return
+        if size == self._partial_size:
+            return
+        self._partial_size = size
+        if not _first_fragment_complete(self.partial_path):
+            return
+        try:
+            if self.overwrite:
+                # link() never replaces: link under a private name, then rename over the old file.
+                spare = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.link")
+                os.link(self.partial_path, spare)
+                os.replace(spare, self.path)
+            else:
+                os.link(self.partial_path, self.path)  # create-if-absent, as at close()
+        except OSError:  # taken meanwhile (close() reports it), or no hard links here
+            self._live_file = False
+            return
+        self._linked = True
+
+    def _final_name_is_ours(self) -> bool:
+        try:
+            return self._linked and os.path.samefile(self.path, self.partial_path)
+        except OSError:
+            return False
+
+    def _unlink_final_name(self) -> None:
+        """Take back the final name given early (only while it still points at our file)."""
+        if self._final_name_is_ours():
+            self.path.unlink(missing_ok=True)
+        self._linked = False
 
     # -- finishing ------------------------------------------------------------------------
-    def close(self) -> Path:
-        """Finish the file and move it to its final name; returns that path."""
+    def close(self) -> Path | None:
+        """Finish the output; a file moves to its final name, which is returned (None for a
+        stream). A stream whose reader went away raises :class:`OutputClosed`."""
         if self._state == "closed":
             return self.path
         if self._state != "open":
-            raise MediaError(f"{self.path}: writer is already {self._state}")
+            raise MediaError(f"{self.name}: writer is already {self._state}")
         self._state = "closing"
         try:
             for f in self._feeders:
@@ -771,17 +895,26 @@ class VideoWriter(_Output):
             self.abort()
             raise
         self._state = "failed"
-        if rc != 0 or any(f.error for f in self._feeders):
+        if self._interrupted or rc != 0 or any(f.error for f in self._feeders):
             err = self._ffmpeg_error(f"failed (exit code {rc})")
+            if self._target != "file":
+                self._cleanup(remove_partial=True)
+                raise err
             self._cleanup(remove_partial=False)
+            self._unlink_final_name()
             raise MediaError(f"{err} (partial output kept as {self.partial_path})")
         self._cleanup(remove_partial=False)
-        _publish(self.partial_path, self.path, self.overwrite)
+        if self._target == "file":
+            if self._final_name_is_ours():
+                self.partial_path.unlink()
+            else:
+                _publish(self.partial_path, self.path, self.overwrite)
         self._state = "closed"
         return self.path
 
     def abort(self) -> None:
-        """Stop ffmpeg and remove the partial file (no output is produced)."""
+        """Stop ffmpeg and remove the partial file and any name given to it (no output is
+        produced; a stream just ends)."""
         if self._state in ("closed", "aborted"):
             return
         self._state = "aborted"
@@ -800,8 +933,34 @@ class VideoWriter(_Output):
         if getattr(self, "_stderr", None) is not None:
             self._stderr.close()
         self._remove_workdir()
-        if remove_partial:
+        if remove_partial and self.partial_path is not None:
+            self._unlink_final_name()
             self.partial_path.unlink(missing_ok=True)
+
+
+def _first_fragment_complete(path: Path) -> bool:
+    """Whether a fragmented MP4 on disk holds its header (moov) and one whole fragment (moof
+    then mdat): from then on a player can open it."""
+    seen_moov = seen_moof = False
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1 and len(header) == 16:  # 64-bit size
+                box_size = int.from_bytes(header[8:16], "big")
+            if box_size < 8 or offset + box_size > size:  # incomplete, or "up to the end" (0)
+                return False
+            if kind == b"moov":
+                seen_moov = True
+            elif kind == b"moof":
+                seen_moof = True
+            elif kind == b"mdat" and seen_moov and seen_moof:
+                return True
+            offset += box_size
+    return False
 
 
 # --------------------------------------------------------------------------------------

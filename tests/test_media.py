@@ -560,3 +560,233 @@ def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
 
     gc.collect()
     assert list(tmp.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- live outputs
+SMALL = 32  # live-output tests use small frames: what they check does not depend on the size
+
+
+def small_frames(start: int, n: int) -> np.ndarray:
+    return np.stack(
+        [
+            np.broadcast_to(np.array(colour(i % 25), np.uint8), (SMALL, SMALL, 3))
+            for i in range(start, start + n)
+        ]
+    )
+
+
+def ffprobe_bytes(data: bytes, tmp_path: Path) -> dict[str, dict]:
+    path = tmp_path / "received.mp4"
+    path.write_bytes(data)
+    return ffprobe_streams(path)
+
+
+class PipeReader:
+    """Reads a writer's pipe in a thread, as a player would; `stop_after` bytes, then closes it."""
+
+    def __init__(self, stream, stop_after: int | None = None) -> None:
+        import threading
+
+        self.chunks: list[bytes] = []
+        self.stream, self.stop_after = stream, stop_after
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def received(self) -> int:
+        return sum(map(len, self.chunks))
+
+    def _run(self) -> None:
+        while chunk := self.stream.read1(1 << 16):
+            self.chunks.append(chunk)
+            if self.stop_after is not None and self.received >= self.stop_after:
+                break
+        self.stream.close()
+
+
+def test_pipe_output_arrives_fragment_by_fragment(tmp_path):
+    w = VideoWriter(media.PIPE, width=SMALL, height=SMALL)
+    reader = PipeReader(w.stream)
+    w.write(small_frames(0, 12), burst_audio(0, 12))
+    # Live fragments are short: the header and the first frames reach the reader while the
+    # writer is still open, long before a keyframe interval of more frames.
+    deadline = time.monotonic() + 20
+    while reader.received == 0:
+        assert time.monotonic() < deadline, "nothing came out of the pipe while writing"
+        time.sleep(0.01)
+    w.write(small_frames(12, 13), burst_audio(12, 13))
+    assert w.close() is None and w.path is None
+    reader.thread.join(10)
+    s = ffprobe_bytes(b"".join(reader.chunks), tmp_path)
+    assert (s["video"]["width"], s["video"]["height"], int(s["video"]["nb_read_packets"])) == (
+        SMALL,
+        SMALL,
+        25,
+    )
+    assert abs(stream_end(s["video"]) - 2.5) < 1e-3
+    assert abs(stream_end(s["audio"]) - stream_end(s["video"])) <= AAC_FRAME_S + 1e-3
+    assert not partial_files(tmp_path)
+
+
+def test_pipe_reader_leaving_ends_writing_with_output_closed(tmp_path):
+    w = VideoWriter(media.PIPE, width=SMALL, height=SMALL)
+    reader = PipeReader(w.stream, stop_after=1)  # closes the pipe after its first chunk
+    with pytest.raises(media.OutputClosed, match="closed it"):
+        for i in range(10_000):  # 1000 s of video: ffmpeg notices the closed pipe long before
+            w.write(small_frames(i, 1), burst_audio(i, 1))
+    reader.thread.join(10)
+    assert i < 1000
+    w.abort()
+    with pytest.raises(MediaError, match="aborted"):
+        w.write(small_frames(0, 1), burst_audio(0, 1))
+
+
+def test_interrupt_frees_a_writer_held_back_by_a_slow_reader():
+    import threading
+
+    w = VideoWriter(media.PIPE, width=SMALL, height=SMALL)  # nobody reads: writing soon blocks
+    timer = threading.Timer(0.5, w.interrupt)
+    timer.start()
+    began = time.monotonic()
+    with pytest.raises(media.OutputClosed, match="stopped"):
+        for i in range(100_000):
+            w.write(small_frames(i % 25, 1), burst_audio(0, 1))
+    assert time.monotonic() - began < 0.5 + 1.0
+    # Held back: far fewer frames than the loop asks for went in (bounded memory).
+    assert w.frames_written < 2000
+    w.abort()
+    w.stream.close()
+
+
+def _stdout_writer_script(frames: int) -> str:
+    return (
+        "import numpy as np, sys\n"
+        "from rflav_cli.media import STDOUT, OutputClosed, VideoWriter\n"
+        "try:\n"
+        f"    with VideoWriter(STDOUT, width={SMALL}, height={SMALL}) as w:\n"
+        f"        for i in range({frames}):\n"
+        f"            w.write(np.full(({SMALL}, {SMALL}, 3), i % 256, np.uint8), np.zeros({SPF}, np.float32))\n"
+        "except OutputClosed as err:\n"
+        "    print('closed:', err, file=sys.stderr)\n"
+    )
+
+
+def test_stdout_output_pipes_into_a_player(tmp_path):
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", _stdout_writer_script(25)], capture_output=True, timeout=60, check=True
+    )
+    s = ffprobe_bytes(res.stdout, tmp_path)
+    assert int(s["video"]["nb_read_packets"]) == 25 and s["audio"]["codec_name"] == "aac"
+
+    # The player quits after the first bytes: the writer ends with OutputClosed, promptly.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _stdout_writer_script(100_000)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    assert proc.wait(timeout=30) == 0
+    err = proc.stderr.read().decode()
+    assert err.startswith("closed: the reader of standard output closed it"), err
+
+
+def test_stdout_output_refuses_a_terminal():
+    import pty
+    import sys
+
+    main, child = pty.openpty()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _stdout_writer_script(1)], stdout=child, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(main)
+        os.close(child)
+    assert res.returncode != 0 and b"standard output is a terminal" in res.stderr
+
+
+def _write_until_named(w: VideoWriter, path: Path, limit: int = 200) -> int:
+    """Write frames until the file has its final name; returns the frames written."""
+    for i in range(limit):
+        w.write(small_frames(i, 1), burst_audio(i, 1))
+        if path.exists():
+            return i + 1
+        time.sleep(0.002)  # let ffmpeg keep up, as a real-time producer would
+    raise AssertionError(f"{path.name} did not appear within {limit} frames")
+
+
+def test_live_file_is_playable_under_its_name_while_it_grows(tmp_path):
+    out = tmp_path / "forever.mp4"
+    w = VideoWriter(out, width=SMALL, height=SMALL, live=True)
+    written = _write_until_named(w, out)
+    assert os.path.samefile(out, w.partial_path)  # the same, growing file
+    res = subprocess.run(
+        [
+            FFPROBE,
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    playable = [int(n) for n in res.stdout.split()]
+    assert len(playable) == 2 and 1 <= playable[0] <= written
+    w.write(small_frames(written, 30), burst_audio(written, 30))
+    assert w.close() == out
+    assert not partial_files(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["forever.mp4"]
+    assert_av_agree(out, written + 30)
+
+
+def test_live_file_name_goes_away_on_abort_and_failure(tmp_path):
+    out = tmp_path / "a.mp4"
+    w = VideoWriter(out, width=SMALL, height=SMALL, live=True)
+    _write_until_named(w, out)
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+    w = VideoWriter(out, width=SMALL, height=SMALL, live=True)
+    _write_until_named(w, out)
+    w._proc.kill()  # ffmpeg fails under the writer
+    w._proc.wait()
+    with pytest.raises(MediaError, match="partial output kept"):
+        w.close()
+    assert not out.exists() and w.partial_path.exists()  # never a broken file under the name
+    w.partial_path.unlink()
+
+
+def test_live_file_never_clobbers_unless_asked(tmp_path):
+    late = tmp_path / "late.mp4"
+    w = VideoWriter(late, width=SMALL, height=SMALL, live=True)
+    late.write_bytes(b"someone else's")  # appears before the first fragment
+    for i in range(60):
+        w.write(small_frames(i, 1), burst_audio(i, 1))
+    time.sleep(0.5)
+    assert media._first_fragment_complete(w.partial_path)  # so the next write tries to name it
+    w.write(small_frames(60, 1), burst_audio(60, 1))
+    assert late.read_bytes() == b"someone else's"
+    with pytest.raises(MediaError, match="late.mp4"):
+        w.close()
+    assert late.read_bytes() == b"someone else's" and w.partial_path.exists()
+
+    old = tmp_path / "old.mp4"
+    old.write_bytes(b"old take")
+    w = VideoWriter(old, width=SMALL, height=SMALL, live=True, overwrite=True)
+    for i in range(200):
+        w.write(small_frames(i, 1), burst_audio(i, 1))
+        if old.read_bytes() != b"old take":
+            break
+        time.sleep(0.002)
+    assert os.path.samefile(old, w.partial_path)  # replaced, as --overwrite asks, while growing
+    w.close()
+    assert_av_agree(old, i + 1)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".link")]
