@@ -179,7 +179,7 @@ def generate(
         "--output",
         "-o",
         metavar="PATH",
-        help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder [default: MODEL-seedS.mp4, or MODEL-samples/].",
+        help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder; - streams the MP4 to standard output (| ffplay -), no .json. A long run (--forever, over a minute) is playable under its name while it grows [default: MODEL-seedS.mp4, or MODEL-samples/].",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (MP4, .json, .wav)."),
     wav: bool = typer.Option(False, "--wav", help="Also write the audio as a 16-bit WAV next to each MP4."),
@@ -236,6 +236,8 @@ def generate(
         quiet=quiet or as_json,
         griffin_lim=griffin_lim,
     )
+    if as_json and output == "-":
+        _fail("--json prints on standard output, where --output - sends the video: drop --json")
     _run(lambda: check_generate_request(request))  # bad values fail here, before torch is imported
 
     def go():
@@ -252,7 +254,12 @@ def generate(
     elif not quiet and stopped is None:
         for s in summaries:
             note = " (stopped)" if s["interrupted"] else ""
-            typer.echo(f"wrote {s['output']}: {s['frames']} frames, {s['seconds']:.1f} s{note}", err=True)
+            if s["output"] == "-":
+                typer.echo(
+                    f"streamed {s['frames']} frames, {s['seconds']:.1f} s to standard output{note}", err=True
+                )
+            else:
+                typer.echo(f"wrote {s['output']}: {s['frames']} frames, {s['seconds']:.1f} s{note}", err=True)
     if stopped is not None:
         typer.echo(f"rflav: {stopped}", err=True)  # even with --quiet: the outputs are short
         raise typer.Exit(stopped.exit_code)

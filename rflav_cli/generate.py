@@ -24,7 +24,16 @@ from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
 from .files import atomic_write
 from .hub import PRESETS
-from .media import VideoWriter, WavWriter, find_ffmpeg, probe, read_audio, read_video_frames
+from .media import (
+    STDOUT,
+    OutputClosed,
+    VideoWriter,
+    WavWriter,
+    find_ffmpeg,
+    probe,
+    read_audio,
+    read_video_frames,
+)
 from .pipeline import AVFrame, Pipeline
 from .progress import TextColumn, progress_bar
 from .requests import (
@@ -121,10 +130,13 @@ def _interrupted_message(summaries: list[dict], num_frames: int | None, num_samp
     if short:
         files = ", ".join(s["output"] for s in short)
         total = "" if num_frames is None else f" of {num_frames}"
-        parts = [
-            f"{short[0]['frames']}{total} frames written to {files} (finalised and playable; "
-            "its .json says interrupted)"
-        ]
+        if files == STDOUT:
+            parts = [f"{short[0]['frames']}{total} frames streamed to standard output (finalised)"]
+        else:
+            parts = [
+                f"{short[0]['frames']}{total} frames written to {files} (finalised and playable; "
+                "its .json says interrupted)"
+            ]
     else:
         parts = ["stopped before the first frame of " + ("the stream" if num_frames is None else "the batch")]
     if complete:
@@ -152,17 +164,30 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-class _Outputs:
-    """The MP4 (and optional WAV) writers of one batch."""
+# Runs longer than this write files that are playable under their final name while they grow.
+LIVE_FILE_AFTER_FRAMES = 60 * FPS
 
-    def __init__(self, paths: list[Path], wav: bool, overwrite: bool, size: int) -> None:
+
+def _is_stdout(path: Path) -> bool:
+    return str(path) == STDOUT
+
+
+class _Outputs:
+    """The MP4 (and optional WAV) writers of one batch. `live`: files playable while they grow.
+    A player that closes standard output ends the run: `reader_left` says so."""
+
+    def __init__(self, paths: list[Path], wav: bool, overwrite: bool, size: int, live: bool = False) -> None:
         self.paths = paths
         self.videos: list[VideoWriter] = []
         self.wavs: list[WavWriter] = []
+        self.reader_left = False
         try:
             for path in paths:
+                if _is_stdout(path):
+                    self.videos.append(VideoWriter(STDOUT, width=size, height=size))
+                    continue
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.videos.append(VideoWriter(path, width=size, height=size, overwrite=overwrite))
+                self.videos.append(VideoWriter(path, width=size, height=size, overwrite=overwrite, live=live))
                 if wav:
                     self.wavs.append(WavWriter(path.with_suffix(".wav"), SAMPLE_RATE, overwrite=overwrite))
         except BaseException:
@@ -177,7 +202,10 @@ class _Outputs:
 
     def close(self) -> None:
         for writer in [*self.videos, *self.wavs]:
-            writer.close()
+            try:
+                writer.close()
+            except OutputClosed:  # the player left before the end: nothing more to deliver
+                self.reader_left = True
 
     def abort(self) -> None:
         for writer in [*self.videos, *self.wavs]:
@@ -234,6 +262,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             batch_seeds = seeds[start : start + req.batch_size]
             batch_paths = paths[start : start + req.batch_size]
             description = batch_paths[0].name if len(batch_paths) == 1 else f"{len(batch_paths)} samples"
+            if _is_stdout(batch_paths[0]):
+                description = "standard output"
             task = progress.add_task(
                 description, total=num_frames, total_text="∞" if num_frames is None else str(num_frames)
             )
@@ -252,7 +282,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                 video=video_iter,
                 guidance_scale=req.guidance_scale,
             )
-            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size)
+            live = num_frames is None or num_frames > LIVE_FILE_AFTER_FRAMES
+            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size, live)
             began = time.perf_counter()
             written = 0
             failed = False
@@ -268,6 +299,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     for frame in generation.finish():
                         outputs.write(frame)
                         written += 1
+            except OutputClosed:  # -o - and the player quit: the run ends there, normally
+                outputs.reader_left = True
             except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
                 interrupted = True
             except Exception as err:
@@ -278,7 +311,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     raise UsageError(compile_failure_message(err)) from err
                 raise
             finally:
-                if written and not failed:
+                if written and not failed and not outputs.reader_left:
                     outputs.close()
                 else:
                     outputs.abort()
@@ -312,7 +345,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
                     "guidance_scale": req.guidance_scale,
                     "rflav_version": __version__,
                 }
-                _write_json(path.with_suffix(".json"), summary)
+                if not _is_stdout(path):  # standard output has no place for a sidecar
+                    _write_json(path.with_suffix(".json"), summary)
                 summaries.append(summary)
             if interrupted:
                 break

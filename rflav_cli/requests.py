@@ -20,6 +20,7 @@ from .errors import FileFormatError, RflavError, UsageError
 from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
 
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
+STDOUT = "-"  # --output - : the MP4 goes to standard output (media.STDOUT)
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class GenerateRequest:
     dtype: str = "auto"
     tf32: bool = True  # CUDA fp32: TensorFloat-32 products, as the reference runs
     compile: bool | None = None  # None: decided from the device and the length
-    output: Path | str | None = None  # a str keeps a trailing "/", which makes it a folder
+    output: Path | str | None = None  # a str keeps a trailing "/", which makes it a folder; "-": stdout
     overwrite: bool = False
     wav: bool = False
     quiet: bool = False
@@ -106,6 +107,7 @@ def check_generate_request(req: GenerateRequest) -> None:
         )
     if req.forever and req.num_samples > 1:
         raise UsageError("{forever} writes one stream: drop {num_samples}", params=("forever", "num_samples"))
+    _check_stdout_output(req)
     generate_frame_count(req, None)
     if not DEVICE_RE.fullmatch(req.device):
         raise UsageError(
@@ -124,6 +126,23 @@ def check_generate_request(req: GenerateRequest) -> None:
             raise UsageError(f"{{{param}}} {path}: {what}", params=(param,))
     model_name, _ = generate_model_and_label(req)
     generate_output_paths(req, model_name, [req.seed + i for i in range(req.num_samples)])
+
+
+def _check_stdout_output(req: GenerateRequest) -> None:
+    """`--output -` streams one MP4 to standard output: nothing that needs files or several streams."""
+    if req.output is None or str(req.output) != STDOUT:
+        return
+    if req.num_samples > 1:
+        raise UsageError(
+            f"{{output}} - streams one video to standard output: drop {{num_samples}} {req.num_samples} "
+            "(or give a folder)",
+            params=("output", "num_samples"),
+        )
+    if req.wav:
+        raise UsageError(
+            "{wav} writes a file next to the MP4, and {output} - has none: drop {wav} (or give a file name)",
+            params=("wav", "output"),
+        )
 
 
 def _check_model(req: GenerateRequest) -> None:
@@ -203,7 +222,10 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
 
     --output is a file when it ends in .mp4 (any other suffix is refused: the writer makes MP4
     only) or has no suffix (.mp4 is added); it is a folder when it exists as one or ends in
-    "/". Several samples always go into a folder, as NAME-seedS.mp4."""
+    "/". Several samples always go into a folder, as NAME-seedS.mp4. "-" is standard output
+    (returned as Path("-"); a file of that name is ./-)."""
+    if req.output is not None and str(req.output) == STDOUT:
+        return [Path(STDOUT)]
     stem = Path(model_name.rstrip("/")).name or "rflav"
     names = [f"{stem}-seed{s}.mp4" for s in seeds]
     raw = None if req.output is None else str(req.output)
