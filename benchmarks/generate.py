@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> dict:
         steps=args.steps,
         frames=args.frames,
         mux=not args.no_mux,
-        compile=args.compile,
+        compile=args.compile or args.background_compile,
+        compile_in_background=args.background_compile,
         overlap=not args.no_overlap,
         profile=args.profile,
     )
@@ -96,6 +97,11 @@ def main() -> None:
     p.add_argument("--no-mux", action="store_true", help="skip MP4 writing")
     p.add_argument(
         "--compile", action="store_true", help="compile the rolling step (the first frame waits for it)"
+    )
+    p.add_argument(
+        "--background-compile",
+        action="store_true",
+        help="compile on a thread while eager frames stream (generate's default way of compiling)",
     )
     p.add_argument("--no-overlap", action="store_true", help="CUDA: decode and vocode on the sampling stream")
     p.add_argument("--profile", metavar="TRACE.json", help="write a torch profiler trace")

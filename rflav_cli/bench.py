@@ -374,6 +374,7 @@ def time_generation(
     compile: bool = False,
     overlap: bool = True,
     tf32: bool = True,
+    compile_in_background: bool = False,
     profile: str | Path | None = None,
     video_dir: str | Path | None = None,
     on_status: StatusCallback | None = None,

@@ -346,6 +346,8 @@ class Pipeline:
     # Given: a failed compilation is not an error; the stream goes on eagerly and this gets the reason.
     on_compile_failure: Callable[[str], None] | None = None
     tf32: bool = True  # CUDA float32 products in TensorFloat-32, as the reference runs fp32
+    # Compile on a thread while the first frames come from the eager blocks: no wait for the first frame.
+    compile_in_background: bool = True
 
     def __post_init__(self) -> None:
         use_tf32(self.device, self.tf32)
@@ -354,7 +356,9 @@ class Pipeline:
 
     def _compile_blocks(self) -> None:
         fallback = None if self.on_compile_failure is None else self._compile_failed
-        self.model.compile_blocks(compile_mode(self.device), on_failure=fallback)
+        self.model.compile_blocks(
+            compile_mode(self.device), on_failure=fallback, background=self.compile_in_background
+        )
 
     def _compile_failed(self, err: BaseException) -> None:
         self.compile = False
@@ -387,16 +391,17 @@ class Pipeline:
         overlap: bool = True,
         griffin_lim: bool = False,
         tf32: bool = True,
+        compile_in_background: bool = True,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
         The sound comes from the checkpoint's HiFi-GAN (`vocoder/`), or from Griffin-Lim when
         its rflav.json says ``"vocoder": "griffin-lim"`` (trained without a neural vocoder) or
         `griffin_lim` asks for it; a checkpoint whose vocoder files are missing is an error.
-        `compile` compiles the transformer blocks (CUDA graphs on GPUs): the first frame then
-        waits a few seconds for compilation, every later one is faster. A failed compilation
-        raises, unless `on_compile_failure` is given: then it gets the reason and the stream goes
-        on eagerly (same frames as an eager run).
+        `compile` compiles the transformer blocks (CUDA graphs on GPUs) for faster frames: on a
+        thread while the first frames come from the eager blocks (`compile_in_background`), or in
+        the first full-window step, which then waits for it. A failed compilation raises, unless
+        `on_compile_failure` is given: then it gets the reason and the stream goes on eagerly.
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
         `tf32` (CUDA) computes float32 matrix products in TensorFloat-32, as the reference code
         does (a process-wide torch setting); False keeps full float32.
@@ -449,6 +454,7 @@ class Pipeline:
             on_compile_failure=on_compile_failure,
             overlap=overlap,
             tf32=tf32,
+            compile_in_background=compile_in_background,
         )
 
     def to(

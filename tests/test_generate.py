@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -517,7 +519,12 @@ def test_compiled_stream_matches_eager(tmp_path):
     runs = {}
     for compiled in (False, True):
         pipe = Pipeline.from_pretrained(
-            str(model), vae=str(vae), device="cpu", dtype="fp32", compile=compiled
+            str(model),
+            vae=str(vae),
+            device="cpu",
+            dtype="fp32",
+            compile=compiled,
+            compile_in_background=False,
         )
         runs[compiled] = list(pipe.generate(num_frames=5, seeds=[0, 1], label="b", cfg_scale=2.0))
     assert len(runs[True]) == 5 and pipe.model.blocks_compiled
@@ -552,6 +559,37 @@ def test_compiled_stream_matches_eager(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["compiled"] is True
     assert int(ffprobe(out)["video"]["nb_read_frames"]) == 3
+
+
+def test_background_compile_takes_over_mid_stream(tmp_path, monkeypatch):
+    """Compiling on a thread (the default): the first frames come from the eager blocks without
+    waiting for the compiler, the compiled blocks take over once ready, and the stream is the
+    eager one up to float rounding."""
+    model = tiny.build_tiny_model(tmp_path / "m")
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    load = partial(Pipeline.from_pretrained, str(model), vae=str(vae), device="cpu", dtype="fp32")
+    eager = list(load().generate(num_frames=8, seeds=[0, 1]))
+
+    served: list[str] = []  # which blocks ran each full-window forward of the sampling thread
+    run_blocks = FLAV._run_blocks
+
+    def traced(self, blocks, *inputs):
+        if threading.current_thread() is threading.main_thread() and inputs[0].shape[1] == self.window:
+            served.append("eager" if blocks is self.blocks else "compiled")
+        return run_blocks(self, blocks, *inputs)
+
+    monkeypatch.setattr(FLAV, "_run_blocks", traced)
+    pipe = load(compile=True)
+    generation = pipe.generate(num_frames=8, seeds=[0, 1])
+    streamed = [next(generation)]
+    assert served[0] == "eager"  # the step that starts the compiler does not wait for it
+    assert pipe.model.wait_compiled(timeout=600)
+    streamed += list(generation)
+    assert served[-1] == "compiled" and pipe.compile
+    assert len(streamed) == 8
+    for a, b in zip(eager, streamed):
+        assert np.abs(a.video.astype(int) - b.video.astype(int)).max() <= 1  # float rounding only
+        assert np.abs(a.audio - b.audio).max() <= 1e-4
 
 
 def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):

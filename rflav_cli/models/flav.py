@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -407,6 +408,11 @@ class FLAV(nn.Module):
         self.gradient_checkpointing = c.grad_ckpt
         self._compiled_blocks: list[nn.Module] | None = None  # not sub-modules: no state-dict keys
         self._on_compile_failure: Callable[[BaseException], None] | None = None
+        self._compile_thread: threading.Thread | None = None
+        self._compile_error: Exception | None = None
+        self._compiled_ready: threading.Event | None = (
+            None  # made by compile_blocks (deepcopy-safe until then)
+        )
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -428,7 +434,11 @@ class FLAV(nn.Module):
 
     # -- inference speed ----------------------------------------------------------------------
     def compile_blocks(
-        self, mode: str | None = None, *, on_failure: Callable[[BaseException], None] | None = None
+        self,
+        mode: str | None = None,
+        *,
+        on_failure: Callable[[BaseException], None] | None = None,
+        background: bool = False,
     ) -> "FLAV":
         """Compile the transformer blocks for inference (torch.compile, static shapes; `mode`
         "reduce-overhead" replays them as CUDA graphs). The blocks are identical, so they share
@@ -436,12 +446,20 @@ class FLAV(nn.Module):
         for nearly the same speed. Calls that track gradients, or see fewer frames than the
         window, keep the eager blocks.
 
-        Compilation happens in the first full-window forward. If it fails (no C++ compiler, no
-        Triton, ...) the error propagates, unless `on_failure` is given: then the eager blocks come
-        back, `on_failure` gets the error, and that forward and all later ones run eagerly."""
+        Compilation happens in the first full-window forward, which waits for it; with
+        `background`, that forward and the next ones run eagerly while a thread compiles on a
+        copy of its inputs, and the compiled blocks take over once ready (:meth:`wait_compiled`).
+        If compiling fails (no C++ compiler, no Triton, ...) the error propagates, unless
+        `on_failure` is given: then the eager blocks come back, `on_failure` gets the error, and
+        all later forwards run eagerly."""
         persist_compile_cache()
         self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
         self._on_compile_failure = on_failure
+        self._compile_thread = None
+        self._compile_error = None
+        self._compiled_ready = threading.Event()
+        if not background:
+            self._compiled_ready.set()
         return self
 
     def uncompile_blocks(self) -> "FLAV":
@@ -449,6 +467,58 @@ class FLAV(nn.Module):
         self._compiled_blocks = None
         self._on_compile_failure = None
         return self
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for a background compilation (started by the first full-window forward); True
+        once the compiled blocks serve the next forward, False if they never will."""
+        if self._compiled_blocks is None:
+            return False
+        thread = self._compile_thread
+        if thread is not None:
+            thread.join(timeout)
+        return (
+            self._compiled_ready.is_set()
+            and self._compile_error is None
+            and self._compiled_blocks is not None
+        )
+
+    def _compile_in_background(self, blocks: list[nn.Module], *inputs: torch.Tensor) -> None:
+        try:
+            with torch.no_grad():
+                self._run_blocks(blocks, *inputs)
+        except Exception as err:  # noqa: BLE001 - handed to the forward that would use the blocks
+            self._compile_error = err
+        finally:
+            self._compiled_ready.set()
+
+    def _compiled_forward(
+        self, v: torch.Tensor, a: torch.Tensor, v_c: torch.Tensor, a_c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' forward through the compiled blocks once they are ready, eager until then."""
+        blocks = self._compiled_blocks
+        if not self._compiled_ready.is_set():
+            if self._compile_thread is None:
+                inputs = [x.detach().clone() for x in (v, a, v_c, a_c)]
+                self._compile_thread = threading.Thread(
+                    target=self._compile_in_background,
+                    args=(blocks, *inputs),
+                    name="rflav-compile",
+                    daemon=True,
+                )
+                self._compile_thread.start()
+            return self._run_blocks(self.blocks, v, a, v_c, a_c)
+        try:
+            if self._compile_error is not None:
+                raise self._compile_error
+            return self._run_blocks(blocks, v, a, v_c, a_c)
+        except Exception as err:
+            report = self._on_compile_failure
+            if report is None or not is_compile_error(err):
+                raise
+            self._compile_error = None
+            self.uncompile_blocks()
+            report(err)
+            return self._run_blocks(self.blocks, v, a, v_c, a_c)  # the blocks are pure: rerun
 
     @property
     def blocks_compiled(self) -> bool:
@@ -535,15 +605,7 @@ class FLAV(nn.Module):
         # Compiled blocks serve the full window only: one static shape, no recompilation for the
         # shorter windows of a causal pre-roll.
         if self._compiled_blocks is not None and not grad and frames == self.window:
-            try:
-                v, a = self._run_blocks(self._compiled_blocks, v, a, v_c, a_c)
-            except Exception as err:
-                report = self._on_compile_failure
-                if report is None or not is_compile_error(err):
-                    raise
-                self.uncompile_blocks()
-                report(err)
-                v, a = self._run_blocks(self.blocks, v, a, v_c, a_c)  # the blocks are pure: rerun
+            v, a = self._compiled_forward(v, a, v_c, a_c)
         else:
             v, a = self._run_blocks(self.blocks, v, a, v_c, a_c)
 
