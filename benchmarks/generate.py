@@ -22,9 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rflav_cli.bench import time_generation  # noqa: E402
+from rflav_cli.runtime import auto_compile, pick_device  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.defaults:  # what `rflav generate` does when no flag says otherwise
+        device = pick_device(args.device)
+        args.compile = False
+        args.background_compile = auto_compile(device, args.frames)
     r = time_generation(
         args.model,
         "tiny" if args.tiny else args.size,
@@ -41,6 +46,9 @@ def run(args: argparse.Namespace) -> dict:
         profile=args.profile,
     )
     return {
+        "impl": "rflav",
+        "compiled": "background" if args.background_compile else bool(args.compile),
+        "mux": not args.no_mux,
         "device": r.device,
         "model": r.model,
         "dtype": r.dtype,
@@ -102,6 +110,11 @@ def main() -> None:
         "--background-compile",
         action="store_true",
         help="compile on a thread while eager frames stream (generate's default way of compiling)",
+    )
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="compile or not as `rflav generate` decides by default (overrides --compile)",
     )
     p.add_argument("--no-overlap", action="store_true", help="CUDA: decode and vocode on the sampling stream")
     p.add_argument("--profile", metavar="TRACE.json", help="write a torch profiler trace")
