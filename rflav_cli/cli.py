@@ -18,11 +18,13 @@ from .requests import (
     DriftRequest,
     EvalRequest,
     GenerateRequest,
+    ServeRequest,
     TrainConfig,
     check_drift_request,
     check_eval_request,
     check_generate_request,
     check_prepare_request,
+    check_serve_request,
     check_train_config,
     parse_metrics,
 )
@@ -263,6 +265,67 @@ def generate(
     if stopped is not None:
         typer.echo(f"rflav: {stopped}", err=True)  # even with --quiet: the outputs are short
         raise typer.Exit(stopped.exit_code)
+
+
+@app.command()
+def serve(
+    model: Optional[list[str]] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Checkpoint to offer (preset, Hub repo id or local folder); repeat for several, the page offers them by name [default: dance].",
+    ),
+    vae: Optional[str] = typer.Option(
+        None,
+        "--vae",
+        help="SD-VAE: a Hub repo id or a local folder [default: each checkpoint's, else stabilityai/sd-vae-ft-ema].",
+    ),
+    audio_scale: Optional[float] = typer.Option(
+        None, "--audio-scale", help="Mel scale of the checkpoints [default: from their rflav.json]."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; anything but this machine's own (127.0.0.1, ::1) lets others in: use --token.",
+    ),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free one, printed)."),
+    max_streams: Optional[int] = typer.Option(
+        None,
+        "--max-streams",
+        help="Generations running at once; more viewers are told the server is busy [default: 1, the models share one device].",
+    ),
+    token: Optional[str] = typer.Option(
+        None,
+        "--token",
+        help="Shared secret clients must give (?token=... in the page and stream URLs, or an Authorization: Bearer header).",
+    ),
+    offline: bool = typer.Option(
+        False, "--offline", help="Use only files already in the Hugging Face cache."
+    ),
+) -> None:
+    """Serve a web page to generate and watch live; each stream is also a URL for any player."""
+    request = ServeRequest(
+        models=list(model) if model else ServeRequest().models,
+        vae=vae,
+        audio_scale=audio_scale,
+        device=device,
+        offline=offline,
+        host=host,
+        port=port,
+        max_streams=max_streams,
+        token=token,
+    )
+    _run(lambda: check_serve_request(request))  # before torch is imported
+
+    def go() -> None:
+        from .serve import run_serve
+
+        run_serve(request)
+
+    _run(go)
 
 
 @app.command()

@@ -6,12 +6,13 @@ bad value is reported in a fraction of a second instead of after the heavy impor
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,68 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise UsageError(f"cannot write to {folder}: choose a writable {{output}}", params=("output",))
     return paths
+
+
+# ----------------------------------------------------------------------------------------
+# rflav serve
+# ----------------------------------------------------------------------------------------
+
+
+SERVE_DEFAULT_HOST = "127.0.0.1"
+SERVE_DEFAULT_PORT = 8000
+
+
+@dataclass
+class ServeRequest:
+    """Everything `rflav serve` can be asked; defaults match the CLI's."""
+
+    models: list[str] = field(default_factory=lambda: [GENERATE_DEFAULT_PRESET])
+    vae: str | None = None
+    audio_scale: float | None = None
+    device: str = "auto"
+    offline: bool = False
+    host: str = SERVE_DEFAULT_HOST
+    port: int = SERVE_DEFAULT_PORT
+    max_streams: int | None = None  # None: one, the models share one device
+    token: str | None = None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on `host` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_serve_request(req: ServeRequest) -> None:
+    """Every check of a serve request that needs neither torch nor the models."""
+    if not req.models:
+        raise UsageError("give at least one {model}", params=("model",))
+    for model in req.models:
+        _check_model(GenerateRequest(model=model))
+    if req.audio_scale is not None and not _finite(req.audio_scale, 0, strictly=True):
+        raise UsageError(
+            f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",)
+        )
+    if not DEVICE_RE.fullmatch(req.device):
+        raise UsageError(
+            f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
+    if not req.host.strip():
+        raise UsageError("{host} must not be empty", params=("host",))
+    if not 0 <= req.port <= 65535:
+        raise UsageError(
+            f"{{port}} must be from 0 to 65535 (0: any free port), got {req.port}", params=("port",)
+        )
+    if req.max_streams is not None and req.max_streams < 1:
+        raise UsageError(
+            f"{{max_streams}} must be at least 1, got {req.max_streams}", params=("max_streams",)
+        )
+    if req.token is not None and (not req.token or req.token != req.token.strip() or len(req.token) < 8):
+        raise UsageError("{token} must be at least 8 characters, without spaces around it", params=("token",))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,524 @@
+"""`rflav serve`: generate and watch live, in a browser or in any player.
+
+A small HTTP server (Starlette on uvicorn) with the models loaded once at start:
+
+* ``GET /``: the page, to pick a model, class, seed and guidance and watch the stream;
+* ``GET /models``: the models offered and their classes, as JSON;
+* ``GET /stream.mp4?model=NAME&seed=S&class=C&cfg_scale=G``: an endless fragmented MP4 (H.264 +
+  AAC) of one new generation, which any player can open (``ffplay URL``);
+* ``GET /status``: the generations running, as JSON.
+
+Clients choose only among the models given at start, by name. At most ``max_streams``
+generations run at once; more get HTTP 503 with the reason. Each generation runs in its own
+thread and writes into a :class:`~rflav_cli.media.VideoWriter` whose MP4 comes out of a pipe
+that the event loop reads with a bounded buffer: a client that reads slowly holds back the
+generation instead of growing memory, and one that disconnects stops it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .errors import RflavError, UsageError
+from .hub import PRESETS
+from .media import PIPE, OutputClosed, VideoWriter
+from .pipeline import Pipeline
+from .requests import ServeRequest, check_serve_request, is_loopback_host
+from .runtime import pick_device
+
+__all__ = ["LiveStream", "ServedModel", "StreamLimit", "build_app", "run_serve"]
+
+# Bytes the event loop holds from one generation's pipe before it stops reading (then ffmpeg,
+# and behind it the generation, wait for the client).
+_READ_LIMIT = 1 << 14
+_CHUNK = 1 << 14
+# Kernel send buffer of each connection (inherited from the listening socket): without a cap
+# Linux grows it to megabytes, minutes of video generated ahead of a client that does not read.
+# This still carries about 10 Mbit/s over a 100 ms round trip.
+_SEND_BUFFER = 1 << 16
+_MAX_SEED = 2**63 - 1
+_STREAM_PARAMS = {"model", "seed", "class", "cfg_scale", "token"}
+_GRACEFUL_SHUTDOWN_S = 3
+_STREAM_HEADERS = {
+    "content-type": "video/mp4",
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+}
+
+
+def _log(message: str) -> None:
+    print(f"rflav: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Models and generations
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedModel:
+    """A loaded model and the name clients choose it by."""
+
+    name: str
+    pipe: Pipeline
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names of a class-conditional model (indices when it has no names), else None."""
+        count = self.pipe.model.num_classes
+        if count <= 0:
+            return None
+        return list(self.pipe.class_names or [str(i) for i in range(count)])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "classes": self.classes,
+            "guidance": self.classes is not None,  # classifier-free guidance needs classes
+            "size": self.pipe.image_size,
+        }
+
+
+def served_names(models: list[str]) -> list[str]:
+    """The name clients use for each --model: a preset's name, a folder's last part or a Hub
+    repo id; repeated names get -2, -3, …"""
+    names: list[str] = []
+    for model in models:
+        folder = Path(model).expanduser()
+        base = folder.resolve().name if model not in PRESETS and folder.is_dir() else model
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+class LiveStream:
+    """One endless generation, written as fragmented MP4 into a pipe (:attr:`output`).
+
+    :meth:`start` runs the generation in a thread; :meth:`stop` ends it from any thread within
+    a fraction of a second (a frame in progress is finished first). `on_end` is called from the
+    thread once it is over."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(
+        self,
+        served: ServedModel,
+        *,
+        seed: int,
+        label: str | None,
+        cfg_scale: float,
+        on_end: Callable[[LiveStream], None],
+    ) -> None:
+        self.id = next(self._ids)
+        self.served, self.seed, self.label, self.cfg_scale = served, seed, label, cfg_scale
+        self.frames = 0
+        self.error: BaseException | None = None
+        self._on_end = on_end
+        self._stop = threading.Event()
+        self._started = False
+        size = served.pipe.image_size
+        self.writer = VideoWriter(PIPE, width=size, height=size)
+        self.output = self.writer.stream
+        self._thread = threading.Thread(target=self._run, name=f"rflav-stream-{self.id}", daemon=True)
+
+    def start(self) -> None:
+        self._started = True
+        self._thread.start()
+
+    def discard(self) -> None:
+        """Release a stream that was never started."""
+        if not self._started:
+            self._started = True
+            self.writer.abort()
+            self._on_end(self)
+
+    def stop(self) -> None:
+        """Ask the generation to end; safe from any thread and from a signal handler."""
+        self._stop.set()
+        self.writer.interrupt()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.served.name,
+            "seed": self.seed,
+            "class": self.label,
+            "cfg_scale": self.cfg_scale,
+            "frames": self.frames,
+        }
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                generation = self.served.pipe.generate(
+                    num_frames=None, seeds=[self.seed], label=self.label, cfg_scale=self.cfg_scale
+                )
+                for frame in generation:
+                    if self._stop.is_set():
+                        break
+                    self.writer.write(frame.video[0], frame.audio[0])
+                    self.frames += 1
+        except OutputClosed:
+            pass  # the viewer left, or the server stops
+        except BaseException as err:  # noqa: BLE001 - reported, and the stream ends
+            self.error = err
+            _log(f"stream {self.id} failed: {err}")
+        finally:
+            # A live stream has no end to finalise: its reader has left, or is told by the
+            # end of the pipe.
+            self.writer.abort()
+            self._on_end(self)
+
+
+class StreamLimit:
+    """The generations running, at most `max_streams` at once."""
+
+    def __init__(self, max_streams: int) -> None:
+        self.max_streams = max_streams
+        self._lock = threading.Lock()
+        self._active: dict[int, LiveStream] = {}
+        self._closing = False
+
+    def open(self, served: ServedModel, *, seed: int, label: str | None, cfg_scale: float) -> LiveStream:
+        """A new stream (not started yet), or a UsageError when every place is taken."""
+        with self._lock:
+            if self._closing:
+                raise _Busy("the server is shutting down")
+            if len(self._active) >= self.max_streams:
+                running = len(self._active)
+                raise _Busy(
+                    f"busy: {running} of {self.max_streams} generation{'s' if self.max_streams > 1 else ''} "
+                    f"running (--max-streams {self.max_streams}); try again when one ends"
+                )
+            stream = LiveStream(served, seed=seed, label=label, cfg_scale=cfg_scale, on_end=self._ended)
+            self._active[stream.id] = stream
+            return stream
+
+    def _ended(self, stream: LiveStream) -> None:
+        with self._lock:
+            self._active.pop(stream.id, None)
+        reason = f"failed ({stream.error})" if stream.error else "ended"
+        _log(f"stream {stream.id} {reason} after {stream.frames} frames")
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def streams(self) -> list[LiveStream]:
+        return list(self._active.values())
+
+    def stop_all(self) -> list[LiveStream]:
+        """Stop every generation and accept no new one. Takes no lock, so that a signal handler
+        may call it whatever the main thread was doing."""
+        self._closing = True
+        streams = list(self._active.values())
+        for stream in streams:
+            stream.stop()
+        return streams
+
+
+class _Busy(RflavError):
+    """Every generation place is taken (HTTP 503)."""
+
+
+class _NotFound(RflavError):
+    """An unknown model name (HTTP 404)."""
+
+
+# ----------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------
+
+
+def _text(message: str, status: int, **headers: str) -> PlainTextResponse:
+    return PlainTextResponse(message + "\n", status_code=status, headers=headers or None)
+
+
+class _LiveResponse(Response):
+    """Sends a stream's MP4 as it is made; stops the generation when the client leaves."""
+
+    def __init__(self, stream: LiveStream) -> None:
+        super().__init__(media_type="video/mp4")
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = self.stream
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_LIMIT)
+        transport = None
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), stream.output
+            )
+            headers = [(k.encode(), v.encode()) for k, v in _STREAM_HEADERS.items()]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            stream.start()
+
+            async def pump() -> None:
+                while chunk := await reader.read(_CHUNK):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+            async def until_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+            tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(until_disconnect())]
+            try:
+                # A send that fails (the connection broke) ends the stream like a disconnect.
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            stream.stop()
+            if transport is not None:
+                transport.close()
+            else:
+                stream.output.close()
+            stream.discard()
+
+
+@dataclass
+class _App:
+    models: dict[str, ServedModel]
+    limit: StreamLimit
+    token: str | None = None
+    page: str = field(
+        default_factory=lambda: resources.files(__package__).joinpath("web/live.html").read_text()
+    )
+
+    def authorised(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        given = request.query_params.get("token")
+        header = request.headers.get("authorization", "")
+        if given is None and header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return given is not None and secrets.compare_digest(given.encode(), self.token.encode())
+
+    def refuse(self) -> PlainTextResponse:
+        return _text(
+            "this server needs its token: open /?token=TOKEN, or add token=TOKEN to the stream URL",
+            401,
+            **{"www-authenticate": "Bearer"},
+        )
+
+    async def page_view(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return self.refuse()
+        return HTMLResponse(self.page, headers={"cache-control": "no-store"})
+
+    async def models_view(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return self.refuse()
+        return JSONResponse(
+            {
+                "models": [m.describe() for m in self.models.values()],
+                "max_streams": self.limit.max_streams,
+            }
+        )
+
+    async def status_view(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return self.refuse()
+        return JSONResponse(
+            {
+                "streams": self.limit.running,
+                "max_streams": self.limit.max_streams,
+                "generations": [s.describe() for s in self.limit.streams()],
+            }
+        )
+
+    async def stream_view(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return self.refuse()
+        try:
+            served, seed, label, cfg_scale = self.parse(request.query_params)
+            if request.method == "HEAD":  # what a GET would answer, without generating
+                return Response(headers=_STREAM_HEADERS)
+            stream = self.limit.open(served, seed=seed, label=label, cfg_scale=cfg_scale)
+        except _Busy as err:
+            return _text(str(err), 503, **{"retry-after": "5"})
+        except _NotFound as err:
+            return _text(str(err), 404)
+        except RflavError as err:
+            return _text(str(err), 400)
+        client = request.client.host if request.client else "?"
+        what = f"{served.name} seed {seed}" + (f" class {label}" if label is not None else "")
+        _log(f"stream {stream.id}: {what} for {client}")
+        return _LiveResponse(stream)
+
+    def parse(self, query: Any) -> tuple[ServedModel, int, str | None, float]:
+        """The stream's parameters, checked: only the models given at start, by name."""
+        unknown = sorted(set(query.keys()) - _STREAM_PARAMS)
+        if unknown:
+            raise UsageError(
+                f"unknown parameter {unknown[0]!r}: use {', '.join(sorted(_STREAM_PARAMS - {'token'}))}"
+            )
+        name = query.get("model") or next(iter(self.models))
+        served = self.models.get(name)
+        if served is None:
+            raise _NotFound(f"unknown model {name!r}: this server offers {', '.join(self.models)}")
+        try:
+            seed = int(query.get("seed", "0"))
+        except ValueError:
+            raise UsageError(f"seed must be a whole number, got {query.get('seed')!r}") from None
+        if not 0 <= seed <= _MAX_SEED:
+            raise UsageError(f"seed must be from 0 to {_MAX_SEED}, got {seed}")
+        classes = served.classes
+        label = query.get("class") or None
+        cfg_text = query.get("cfg_scale")
+        if classes is None:
+            if label is not None or cfg_text:
+                raise UsageError(f"model {served.name} has no classes: drop class and cfg_scale")
+            return served, seed, None, 1.0
+        if label is None:
+            raise UsageError(f"model {served.name} needs a class: one of {', '.join(classes)}")
+        if label not in classes:
+            raise UsageError(f"unknown class {label!r} for {served.name}: use one of {', '.join(classes)}")
+        try:
+            cfg_scale = float(cfg_text) if cfg_text else 1.0
+        except ValueError:
+            raise UsageError(f"cfg_scale must be a number, got {cfg_text!r}") from None
+        if not (cfg_scale >= 0 and cfg_scale < float("inf")):
+            raise UsageError(f"cfg_scale must be a number >= 0, got {cfg_text}")
+        return served, seed, label, cfg_scale
+
+
+def build_app(models: list[ServedModel], limit: StreamLimit, token: str | None = None) -> Starlette:
+    """The Starlette application serving `models` (names must be unique)."""
+    state = _App({m.name: m for m in models}, limit, token)
+    return Starlette(
+        routes=[
+            Route("/", state.page_view),
+            Route("/models", state.models_view),
+            Route("/status", state.status_view),
+            Route("/stream.mp4", state.stream_view, methods=["GET", "HEAD"]),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Server
+# ----------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with Ctrl-C / SIGTERM also ending every generation (their responses are
+    endless: a graceful shutdown would otherwise wait for them)."""
+
+    def __init__(self, config: uvicorn.Config, limit: StreamLimit) -> None:
+        super().__init__(config)
+        self.limit = limit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.limit.stop_all()
+        super().handle_exit(sig, frame)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        sock.bind(address)
+    except OSError as err:
+        raise UsageError(
+            f"cannot listen on {{host}} {host} {{port}} {port}: {err.strerror or err}",
+            params=("host", "port"),
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    shown = "127.0.0.1" if wildcard else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"
+
+
+def run_serve(req: ServeRequest) -> None:
+    """Load the models, then serve until Ctrl-C or SIGTERM (which end every generation)."""
+    check_serve_request(req)
+    if not is_loopback_host(req.host):
+        exposure = (
+            "clients need the --token"
+            if req.token
+            else "anyone who can reach this machine can use it (give --token to require a shared secret)"
+        )
+        _log(f"warning: listening on {req.host}, not only on this machine: {exposure}")
+    device = pick_device(req.device)
+    sock = _bind(req.host, req.port)
+    try:
+        names = served_names(req.models)
+        models = []
+        for name, model in zip(names, req.models):
+            _log(f"loading {model}")
+            pipe = Pipeline.from_pretrained(
+                model,
+                vae=req.vae,
+                offline=req.offline or None,
+                audio_scale=req.audio_scale,
+                device=device,
+            )
+            models.append(ServedModel(name, pipe))
+        limit = StreamLimit(req.max_streams or 1)
+        config = uvicorn.Config(
+            build_app(models, limit, req.token),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        )
+        server = _Server(config, limit)
+        port = sock.getsockname()[1]
+        token = f"?token={req.token}" if req.token else ""
+        _log(f"serving {', '.join(names)} on {_url(req.host, port)}{token} (Ctrl-C to stop)")
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        except KeyboardInterrupt:  # uvicorn hands the Ctrl-C it handled back to us: it is done
+            pass
+        for stream in limit.stop_all():
+            stream.join(timeout=5)
+    finally:
+        sock.close()
+    _log("stopped")

@@ -1,0 +1,377 @@
+"""`rflav serve`: the page, the stream URL, the limits and the safety rules, against a real server
+running the packaged `ball` model (no download), and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tiny
+from typer.testing import CliRunner
+
+from rflav_cli.cli import app
+from rflav_cli.requests import ServeRequest, check_serve_request, is_loopback_host
+from rflav_cli.serve import served_names
+
+pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe to inspect streams")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "examples" / "live" / "page.png"
+TOKEN = "s3cret-token"
+
+
+class Server:
+    """`rflav serve` in a subprocess, on a free port; its stderr is collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rflav_cli",
+                "serve",
+                "--model",
+                "ball",
+                "--device",
+                "cpu",
+                "--port",
+                "0",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        line = self.wait_for("serving ", timeout=120)
+        self.port = int(re.search(r":(\d+)/", line).group(1))
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"server never said {text!r}: {self.lines}")
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, str, dict]:
+        request = urllib.request.Request(self.base + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, resp.read().decode(), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(), dict(err.headers)
+
+    def status(self, query: str = "") -> dict:
+        code, body, _ = self.get("/status" + query)
+        assert code == 200, body
+        return json.loads(body)
+
+    def open_stream(self, query: str = "model=ball", rcvbuf: int | None = None) -> socket.socket:
+        """A viewer: the request sent, the response head read; the caller reads the body or not."""
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", self.port))
+        sock.sendall(f"GET /stream.mp4?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return sock
+
+    def wait_idle(self, timeout: float) -> float:
+        """Seconds until no generation runs; fails after `timeout`."""
+        began = time.monotonic()
+        while self.status()["streams"]:
+            assert time.monotonic() - began < timeout, self.status()
+            time.sleep(0.02)
+        return time.monotonic() - began
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._reader.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The packaged ball model, and a tiny class-conditional checkpoint given as a folder."""
+    root = tmp_path_factory.mktemp("served")
+    classes = tiny.build_tiny_model(root / "classes", num_classes=2, class_names=["drums", "guitar"])
+    s = Server("--model", str(classes), "--vae", str(tiny.build_tiny_vae(root / "vae")))
+    yield s
+    s.stop()
+
+
+def test_page_and_models(server):
+    code, page, headers = server.get("/")
+    assert code == 200 and headers["content-type"].startswith("text/html") and "<video" in page
+    code, body, _ = server.get("/models")
+    assert code == 200
+    assert json.loads(body)["models"] == [
+        {"name": "ball", "classes": None, "guidance": False, "size": 32},
+        {"name": "classes", "classes": ["drums", "guitar"], "guidance": True, "size": 256},
+    ]
+
+
+def test_served_names_are_unique():
+    assert served_names(["ball", "rflav_cli/weights/ball/", "org/model", "ball"]) == [
+        "ball",
+        "ball-2",
+        "org/model",
+        "ball-3",
+    ]
+
+
+def test_class_and_guidance_of_a_class_conditional_model(server):
+    sock = server.open_stream("model=classes&class=guitar&cfg_scale=2.5&seed=4")
+    try:
+        assert sock.recv(4096)
+        (running,) = server.status()["generations"]
+        assert {k: running[k] for k in ("model", "seed", "class", "cfg_scale")} == {
+            "model": "classes",
+            "seed": 4,
+            "class": "guitar",
+            "cfg_scale": 2.5,
+        }
+        assert running["frames"] >= 1
+    finally:
+        sock.close()
+    server.wait_idle(timeout=5)
+    for query, message in [
+        ("model=classes", "model classes needs a class: one of drums, guitar"),
+        ("model=classes&class=piano", "unknown class 'piano' for classes"),
+        ("model=classes&class=drums&cfg_scale=-1", "cfg_scale must be a number >= 0"),
+        ("model=classes&class=drums&cfg_scale=nan", "cfg_scale must be a number >= 0"),
+    ]:
+        code, body, _ = server.get("/stream.mp4?" + query)
+        assert code == 400 and message in body, body
+
+
+def test_stream_url_plays_in_ffprobe_and_leaving_stops_the_generation(server):
+    res = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-read_intervals",
+            "%+2",  # the stream is endless: decode its first 2 s, then hang up
+            "-count_frames",
+            "-show_streams",
+            "-of",
+            "json",
+            f"{server.base}/stream.mp4?model=ball&seed=3",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    streams = {s["codec_type"]: s for s in json.loads(res.stdout)["streams"]}
+    video, audio = streams["video"], streams["audio"]
+    assert (video["codec_name"], video["width"], video["height"]) == ("h264", 32, 32)
+    assert int(video["nb_read_frames"]) >= 20
+    assert (audio["codec_name"], audio["sample_rate"]) == ("aac", "16000") and int(
+        audio["nb_read_frames"]
+    ) > 0
+    server.wait_idle(timeout=2)
+
+
+def test_disconnecting_viewer_stops_its_generation_within_a_second(server):
+    sock = server.open_stream("model=ball&seed=1")
+    assert sock.recv(4096)
+    assert server.status()["generations"][0]["seed"] == 1
+    sock.close()
+    assert server.wait_idle(timeout=5) < 1.0
+    server.wait_for("ended after")
+
+
+def test_slow_viewer_holds_the_generation_back_and_others_are_told_busy(server):
+    # A viewer that reads nothing: the generation must stop at bounded buffers.
+    slow = server.open_stream("model=ball", rcvbuf=4096)
+    try:
+        frames, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + 40
+        while time.monotonic() - still_since < 1.5:
+            assert time.monotonic() < deadline, (
+                f"the generation never waited for the viewer ({frames} frames)"
+            )
+            now = server.status()["generations"][0]["frames"]
+            if now != frames:
+                frames, still_since = now, time.monotonic()
+            time.sleep(0.1)
+        assert 0 < frames < 600  # about 25 s of this model's video: its MP4 is ~12 kB/s
+
+        # The one place (--max-streams 1, the default on CPU) is taken: 503 and why.
+        code, body, headers = server.get("/stream.mp4?model=ball&seed=2")
+        assert code == 503 and headers["retry-after"] == "5"
+        assert body.strip().splitlines() == [
+            "busy: 1 of 1 generation running (--max-streams 1); try again when one ends"
+        ]
+        assert server.status()["streams"] == 1
+    finally:
+        slow.close()
+    server.wait_idle(timeout=5)
+    sock = server.open_stream("model=ball&seed=2")  # the place is free again
+    sock.close()
+    server.wait_idle(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "query, code, message",
+    [
+        ("model=dance", 404, "unknown model 'dance': this server offers ball, classes"),
+        ("model=/etc/passwd", 404, "unknown model '/etc/passwd'"),
+        ("model=../rflav_cli/weights/ball", 404, "unknown model"),
+        ("model=ball&path=/tmp/x.mp4", 400, "unknown parameter 'path'"),
+        ("model=ball&seed=-1", 400, "seed must be from 0"),
+        ("model=ball&seed=x", 400, "seed must be a whole number"),
+        ("model=ball&class=dog", 400, "model ball has no classes"),
+    ],
+)
+def test_bad_stream_requests_get_4xx_and_start_nothing(server, query, code, message):
+    got, body, _ = server.get("/stream.mp4?" + query)
+    assert got == code and message in body and len(body.strip().splitlines()) == 1
+    assert server.status()["streams"] == 0
+
+
+def test_page_in_headless_chromium_plays_video_and_sound(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_exe = shutil.which("chromedriver")
+    if chromium is None or driver_exe is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=640,620",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(driver_exe))
+    try:
+        driver.set_page_load_timeout(20)
+        driver.get(server.base + "/")
+        start = driver.find_element(By.ID, "start")
+        deadline = time.monotonic() + 20
+        while not start.is_enabled():  # enabled once the models are listed
+            assert time.monotonic() < deadline, driver.find_element(By.ID, "status").text
+            time.sleep(0.05)
+        driver.find_element(By.ID, "seed").clear()
+        driver.find_element(By.ID, "seed").send_keys("7")
+        start.click()
+        state = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = driver.execute_script(
+                "const v = document.getElementById('video');"
+                "return {time: v.currentTime, audio: v.webkitAudioDecodedByteCount,"
+                " video: v.webkitVideoDecodedByteCount, live: window.rflavLive,"
+                " status: document.getElementById('status').textContent};"
+            )
+            if state["time"] > 2.5:
+                break
+            assert not state["live"]["error"], state
+            time.sleep(0.2)
+        assert state["time"] > 2, state
+        assert state["audio"] > 0 and state["video"] > 0, state
+        assert state["status"] == "Playing ball, seed 7.", state
+        assert server.status()["generations"][0]["seed"] == 7
+        shot = SCREENSHOT if os.environ.get("RFLAV_UPDATE_SCREENSHOT") else tmp_path / "page.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shot))
+        driver.find_element(By.ID, "stop").click()
+        assert server.wait_idle(timeout=5) < 1.0  # Stop ends the generation
+    finally:
+        driver.quit()
+    server.wait_idle(timeout=5)
+
+
+def test_open_host_warns_and_the_token_is_required(tmp_path):
+    s = Server("--host", "0.0.0.0", "--token", TOKEN)
+    try:
+        assert any("warning: listening on 0.0.0.0" in line and "--token" in line for line in s.lines)
+        for path in ("/", "/models", "/status", "/stream.mp4?model=ball", "/?token=wrong-token"):
+            code, body, headers = s.get(path)
+            assert code == 401 and "needs its token" in body and headers["www-authenticate"] == "Bearer"
+        code, page, _ = s.get(f"/?token={TOKEN}")
+        assert code == 200 and "<video" in page
+        assert s.get("/models", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+
+        # Ctrl-C with a viewer watching: the generation and the server end cleanly.
+        sock = s.open_stream(f"model=ball&token={TOKEN}")
+        assert sock.recv(4096)
+        assert s.stop() == 0
+        sock.settimeout(10)
+        while sock.recv(65536):  # the stream ends
+            pass
+        sock.close()
+        assert "Traceback" not in "\n".join(s.lines) and s.lines[-1] == "rflav: stopped"
+    finally:
+        s.stop()
+
+    s = Server("--host", "0.0.0.0")
+    try:
+        assert any(
+            "warning: listening on 0.0.0.0" in line and "anyone who can reach this machine" in line
+            for line in s.lines
+        )
+        assert s.get("/models")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_serve_flags_are_checked_before_loading():
+    assert is_loopback_host("127.0.0.1") and is_loopback_host("::1") and is_loopback_host("localhost")
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("192.168.1.2")
+    check_serve_request(ServeRequest(models=["ball"]))
+    for args, message in [
+        (["--max-streams", "0"], "--max-streams must be at least 1"),
+        (["--port", "70000"], "--port must be from 0 to 65535"),
+        (["--token", "short"], "--token must be at least 8 characters"),
+        (["--device", "gpu"], "unknown --device 'gpu'"),
+        (["--model", "no/such/thing/here"], "--model no/such/thing/here: not a preset"),
+    ]:
+        result = CliRunner().invoke(app, ["serve", "--model", "ball", *args])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and message in lines[0], lines
