@@ -502,30 +502,28 @@ def _fake_folder(req: EvalRequest, console) -> Iterator[tuple[Path, dict | None]
 
 def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
     count = req.num_samples or req.num_clips
-    world, rank = _world()
+    world, _ = _world()
     if req.fake_out is None and world > 1:
         raise EvalError(
             "with several processes, give {fake_out} (a folder all of them can write)", params=("fake_out",)
         )
     folder = req.fake_out or Path(tempfile.mkdtemp(prefix="rflav-eval-fake-"))
-    # Rank r generates a contiguous block of seeds; file names carry the seed, so blocks never clash.
-    per = -(-count // world)
-    first, last = rank * per, min(count, (rank + 1) * per)
-    if last > first:
-        run_generate(
-            GenerateRequest(
-                model=req.model,
-                frames=P.CLIP_FRAMES,
-                num_samples=last - first,
-                batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
-                seed=req.gen_seed + first,
-                output=str(folder / f"rank{rank}") + "/",
-                device=req.device,
-                quiet=req.quiet or rank != 0,
-                offline=req.offline,
-            ),
-            console,
-        )
+    # generate's own sharding: under torchrun each rank makes its share of the seeds, and a rerun
+    # into the same --fake-out makes only the clips that are not complete yet.
+    run_generate(
+        GenerateRequest(
+            model=req.model,
+            frames=P.CLIP_FRAMES,
+            num_samples=count,
+            batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
+            seed=req.gen_seed,
+            output=str(folder) + "/",
+            device=req.device,
+            quiet=req.quiet,
+            offline=req.offline,
+        ),
+        console,
+    )
     if world > 1:
         dist.barrier()
     return folder, {"model": req.model, "samples": count, "seeds": [req.gen_seed, req.gen_seed + count - 1]}

@@ -78,6 +78,12 @@ def atomic_write(target: Path, write: Callable[[str], object], suffix: str = ".t
         raise
 
 
+def write_json(target: Path, data: object) -> None:
+    """`data` as indented JSON (one trailing newline), written atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(target), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_safetensors(
     tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:

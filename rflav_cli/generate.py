@@ -6,15 +6,18 @@ The CLI only parses flags into :class:`GenerateRequest` and calls :func:`run_gen
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task
 from rich.text import Text
@@ -22,7 +25,7 @@ from rich.text import Text
 from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
-from .files import atomic_write
+from .files import write_json
 from .hub import PRESETS
 from .media import (
     STDOUT,
@@ -33,6 +36,7 @@ from .media import (
     probe,
     read_audio,
     read_video_frames,
+    remove_partials,
 )
 from .pipeline import AVFrame, Pipeline
 from .progress import TextColumn, progress_bar
@@ -44,12 +48,26 @@ from .requests import (
     generate_output_paths,
 )
 from .runtime import (
+    Dist,
+    StopRequest,
     auto_compile,
     compile_failure_message,
+    init_distributed,
     is_compile_error,
-    pick_device,
+    launched_by_torchrun,
     pick_dtype,
+    rank_device,
     stop_on_signals,
+)
+from .samples import (
+    COMPLETE,
+    INCOMPLETE,
+    MISSING,
+    Sample,
+    batches_of,
+    sample_state,
+    write_manifest,
+    write_running_sidecar,
 )
 
 __all__ = ["GenerateRequest", "GenerationInterrupted", "run_generate", "validate"]
@@ -75,7 +93,7 @@ def validate(req: GenerateRequest) -> tuple[torch.device, torch.dtype]:
         info = probe(path)
         if not (info.has_audio if stream == "audio" else info.has_video):
             raise UsageError(f"{{{param}}} {path} has no {stream} stream", params=(param,))
-    device = pick_device(req.device)
+    device = rank_device(req.device)  # under torchrun on GPUs, this process's own
     return device, pick_dtype(req.dtype, device)
 
 
@@ -88,6 +106,8 @@ class _RateColumn(ProgressColumn):
     """frames/s and the real-time factor (video seconds per wall second)."""
 
     def render(self, task: Task) -> Text:
+        if not task.fields.get("rate", True):
+            return Text("")
         speed = task.finished_speed or task.speed
         if not speed:
             return Text("-- frames/s", style="progress.data.speed")
@@ -96,7 +116,7 @@ class _RateColumn(ProgressColumn):
 
 def _progress(console: Console, quiet: bool) -> Progress:
     return progress_bar(
-        TextColumn("{task.completed:>5.0f}/{task.fields[total_text]} frames"),
+        TextColumn("{task.completed:>5.0f}/{task.fields[total_text]}"),
         _RateColumn(),
         console=console,
         enabled=not quiet,
@@ -157,11 +177,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # Runs longer than this write files that are playable under their final name while they grow.
@@ -232,8 +247,56 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     num_frames = generate_frame_count(req, given_frames)
     seeds = [req.seed + i for i in range(req.num_samples)]
     paths = generate_output_paths(req, model_name, seeds)
+    run = _Run(
+        req=req,
+        console=console,
+        device=device,
+        dtype=dtype,
+        model_name=model_name,
+        label=label,
+        given_audio=given_audio,
+        num_frames=num_frames,
+        samples=[Sample(i, seed, path) for i, (seed, path) in enumerate(zip(seeds, paths))],
+    )
+    joins_group = launched_by_torchrun() and not dist.is_initialized()  # else a caller's (eval) group
+    ranks = init_distributed(device)
+    try:
+        return _run_samples(run, ranks)
+    finally:
+        if joins_group and dist.is_initialized():
+            dist.destroy_process_group()
 
-    with console.status(f"loading {model_name}", spinner="dots") if not req.quiet else _null():
+
+@dataclass
+class _Run:
+    """One `generate` request, resolved: what every step of the run reads."""
+
+    req: GenerateRequest
+    console: Console
+    device: torch.device
+    dtype: torch.dtype
+    model_name: str
+    label: str | None
+    given_audio: np.ndarray | None
+    num_frames: int | None
+    samples: list[Sample]
+
+
+def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
+    """Load the model, skip what a previous run of the same command completed, and make this
+    rank's share of the rest; rank 0 gets every summary and writes the manifest."""
+    req, console, device, dtype = run.req, run.console, run.device, run.dtype
+    model_name, label, given_audio, num_frames = run.model_name, run.label, run.given_audio, run.num_frames
+    samples = run.samples
+    paths = [s.path for s in samples]
+    if ranks.world > 1 and (num_frames is None or _is_stdout(paths[0])):
+        raise UsageError(
+            "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} a folder",
+            params=("forever", "output"),
+        )
+    quiet = req.quiet or not ranks.main
+
+    with console.status(f"loading {model_name}", spinner="dots") if not quiet else _null():
         pipe = Pipeline.from_pretrained(
             model_name,
             vae=req.vae,
@@ -254,107 +317,192 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
     weights_id = {"revision": source.revision} if source and source.revision else {}
     if source and not source.revision:
         weights_id = {"model_sha256": _sha256(Path(source.folder) / "model.safetensors")}
+    settings = {
+        "model": source.source if source else model_name,
+        "vae": pipe.vae_source,
+        "audio_scale": pipe.audio_scale,
+        "class": label,
+        "cfg_scale": req.cfg_scale,
+        "steps": req.steps,
+        "frames_requested": num_frames,
+        "audio_input": str(req.audio_input) if req.audio_input else None,
+        "video_input": str(req.video_input) if req.video_input else None,
+        "guidance_scale": req.guidance_scale,
+    }
+
+    def identity(sample: Sample) -> dict:
+        return {**settings, "seed": sample.seed}
+
+    # A rerun of the same command makes only what is not complete (--overwrite: everything).
+    states = {s.index: MISSING for s in samples}
+    if num_frames is not None and not req.overwrite and not _is_stdout(paths[0]):
+        states = {s.index: sample_state(s, identity(s)) for s in samples}
+    todo = [s for s in samples if states[s.index] != COMPLETE]
+    if ranks.world > 1:
+        dist.barrier()  # every rank has seen the files as they were before anyone writes
+    folder = paths[0].parent if len(samples) > 1 or _output_is_folder(req) else None
+    if len(todo) < len(samples) and not quiet:
+        console.print(
+            f"{len(samples) - len(todo)} of {len(samples)} samples already complete in "
+            f"{folder or paths[0]}: skipped (--overwrite makes them again)",
+            markup=False,
+            highlight=False,
+        )
+    all_batches = batches_of(todo, req.batch_size)
 
     summaries: list[dict] = []
     interrupted = False
-    with stop_on_signals() as stop, _progress(console, req.quiet) as progress:
-        for start in range(0, len(seeds), req.batch_size):
-            batch_seeds = seeds[start : start + req.batch_size]
-            batch_paths = paths[start : start + req.batch_size]
-            description = batch_paths[0].name if len(batch_paths) == 1 else f"{len(batch_paths)} samples"
-            if _is_stdout(batch_paths[0]):
-                description = "standard output"
-            task = progress.add_task(
-                description, total=num_frames, total_text="∞" if num_frames is None else str(num_frames)
+    with stop_on_signals() as stop, _progress(console, quiet) as progress:
+        overall = None
+        if ranks.world > 1 and todo:
+            overall = progress.add_task(
+                f"{ranks.world} processes", total=len(todo), total_text=f"{len(todo)} samples", rate=False
             )
-            video_iter = (
-                read_video_frames(req.video_input, size=pipe.image_size)
-                if req.video_input is not None
-                else None
-            )
-            generation = pipe.generate(
-                num_frames=num_frames,
-                seeds=batch_seeds,
-                steps=req.steps,
-                label=label,
-                cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
-                audio=given_audio,
-                video=video_iter,
-                guidance_scale=req.guidance_scale,
-            )
-            live = num_frames is None or num_frames > LIVE_FILE_AFTER_FRAMES
-            outputs = _Outputs(batch_paths, req.wav, req.overwrite, pipe.image_size, live)
-            began = time.perf_counter()
-            written = 0
-            failed = False
-            try:
-                for frame in generation:
-                    outputs.write(frame)
-                    written += 1
-                    progress.update(task, completed=written)
-                    if stop.is_set():
-                        interrupted = True
-                        break
-                if interrupted:
-                    for frame in generation.finish():
-                        outputs.write(frame)
-                        written += 1
-            except OutputClosed:  # -o - and the player quit: the run ends there, normally
-                outputs.reader_left = True
-            except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
-                interrupted = True
-            except Exception as err:
-                # A failed clip leaves no file behind, short or not; an endless stream keeps
-                # (finalised) what it made before the failure: that may be hours of video.
-                failed = num_frames is not None
-                if is_compile_error(err):  # only when compiling was asked for: see on_compile_failure
-                    raise UsageError(compile_failure_message(err)) from err
-                raise
-            finally:
-                if written and not failed and not outputs.reader_left:
-                    outputs.close()
-                else:
-                    outputs.abort()
-            progress.update(task, completed=written)
-            wall = time.perf_counter() - began
-            for seed, path in zip(batch_seeds, batch_paths):
-                if not written:
-                    continue
-                summary = {
-                    "output": str(path),
-                    "model": source.source if source else model_name,
-                    **weights_id,
-                    "vae": pipe.vae_source,
-                    "vocoder": pipe.vocoder_name,
-                    "vocoder_source": pipe.vocoder_source,
-                    "audio_scale": pipe.audio_scale,
-                    "class": label,
-                    "cfg_scale": req.cfg_scale,
-                    "seed": seed,
-                    "steps": req.steps,
-                    "dtype": str(pipe.dtype).removeprefix("torch."),
-                    "device": str(pipe.device),
-                    "compiled": pipe.compile,
-                    "frames": written,
-                    "frames_requested": num_frames,
-                    "seconds": written / FPS,
-                    "wall_seconds": round(wall, 3),
-                    "interrupted": interrupted,
-                    "audio_input": str(req.audio_input) if req.audio_input else None,
-                    "video_input": str(req.video_input) if req.video_input else None,
-                    "guidance_scale": req.guidance_scale,
-                    "rflav_version": __version__,
-                }
-                if not _is_stdout(path):  # standard output has no place for a sidecar
-                    _write_json(path.with_suffix(".json"), summary)
-                summaries.append(summary)
+        done_everywhere = 0
+        for first in range(0, len(all_batches), ranks.world):
+            batch = all_batches[first + ranks.rank] if first + ranks.rank < len(all_batches) else []
+            made = 0
+            if batch:
+                written = _make_batch(run, pipe, batch, states, identity, weights_id, progress, stop)
+                summaries += written
+                made = len(written)
+                interrupted = stop.is_set() or any(w["interrupted"] for w in written)
             if interrupted:
                 break
+            if overall is not None:
+                count = torch.tensor([made], device=device if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(count)
+                done_everywhere += int(count.item())
+                progress.update(overall, completed=done_everywhere)
+    if ranks.world > 1 and not interrupted:
+        gathered: list = [None] * ranks.world
+        dist.all_gather_object(gathered, summaries)
+        summaries = (
+            sorted((s for part in gathered for s in part), key=lambda s: s["seed"]) if ranks.main else []
+        )
+    if folder is not None and ranks.main and num_frames is not None:
+        write_manifest(folder, samples)
     if interrupted and (num_frames is not None or not summaries):
         raise GenerationInterrupted(
-            _interrupted_message(summaries, num_frames, len(seeds)), summaries, stop.signum or signal.SIGINT
+            _interrupted_message(summaries, num_frames, len(todo)), summaries, stop.signum or signal.SIGINT
         )
     return summaries
+
+
+def _make_batch(
+    run: _Run,
+    pipe: Pipeline,
+    batch: list[Sample],
+    states: dict[int, str],
+    identity: Callable[[Sample], dict],
+    weights_id: dict,
+    progress: Progress,
+    stop: StopRequest,
+) -> list[dict]:
+    """Generate one batch of samples into their files; return their summaries (none when
+    stopped before the first frame). A stop request ends the batch early, finalising its files."""
+    req, num_frames, given_audio = run.req, run.num_frames, run.given_audio
+    paths = [s.path for s in batch]
+    to_stdout = _is_stdout(paths[0])
+    description = (
+        "standard output" if to_stdout else paths[0].name if len(paths) == 1 else f"{len(paths)} samples"
+    )
+    task = progress.add_task(
+        description,
+        total=num_frames,
+        total_text=f"{'∞' if num_frames is None else num_frames} frames",
+        rate=True,
+    )
+    video_iter = (
+        read_video_frames(req.video_input, size=pipe.image_size) if req.video_input is not None else None
+    )
+    generation = pipe.generate(
+        num_frames=num_frames,
+        seeds=[s.seed for s in batch],
+        steps=req.steps,
+        label=run.label,
+        cfg_scale=1.0 if req.cfg_scale is None else req.cfg_scale,
+        audio=given_audio,
+        video=video_iter,
+        guidance_scale=req.guidance_scale,
+    )
+    live = num_frames is None or num_frames > LIVE_FILE_AFTER_FRAMES
+    # Files of a sample this command started and did not finish are its own to replace.
+    overwrite = req.overwrite or any(states[s.index] == INCOMPLETE for s in batch)
+    if not to_stdout:
+        for sample in batch:
+            sample.path.parent.mkdir(parents=True, exist_ok=True)
+            for target in (sample.path, sample.path.with_suffix(".wav")):
+                remove_partials(target)  # of a killed run that made this sample before
+            write_running_sidecar(sample, identity(sample), __version__)
+    outputs = _Outputs(paths, req.wav, overwrite, pipe.image_size, live)
+    began = time.perf_counter()
+    written = 0
+    failed = interrupted = False
+    try:
+        for frame in generation:
+            outputs.write(frame)
+            written += 1
+            progress.update(task, completed=written)
+            if stop.is_set():
+                interrupted = True
+                break
+        if interrupted:
+            for frame in generation.finish():
+                outputs.write(frame)
+                written += 1
+    except OutputClosed:  # -o - and the player quit: the run ends there, normally
+        outputs.reader_left = True
+    except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
+        interrupted = True
+    except Exception as err:
+        # A failed clip leaves no file behind, short or not; an endless stream keeps
+        # (finalised) what it made before the failure: that may be hours of video.
+        failed = num_frames is not None
+        if is_compile_error(err):  # only when compiling was asked for: see on_compile_failure
+            raise UsageError(compile_failure_message(err)) from err
+        raise
+    finally:
+        kept = written and not failed and not outputs.reader_left
+        if kept:
+            outputs.close()
+        else:
+            outputs.abort()
+        if not kept and not to_stdout:
+            for sample in batch:
+                if not sample.path.exists():  # else its "running" sidecar says to make it again
+                    sample.sidecar.unlink(missing_ok=True)
+    progress.update(task, completed=written)
+    wall = time.perf_counter() - began
+    if not written:
+        return []
+    summaries = []
+    for sample in batch:
+        summary = {
+            "output": str(sample.path),
+            **identity(sample),
+            **weights_id,
+            "vocoder": pipe.vocoder_name,
+            "vocoder_source": pipe.vocoder_source,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "device": str(pipe.device),
+            "compiled": pipe.compile,
+            "frames": written,
+            "seconds": written / FPS,
+            "wall_seconds": round(wall, 3),
+            "interrupted": interrupted,
+            "status": "interrupted" if interrupted else "complete",
+            "rflav_version": __version__,
+        }
+        if not to_stdout:  # standard output has no place for a sidecar
+            write_json(sample.sidecar, summary)
+        summaries.append(summary)
+    return summaries
+
+
+def _output_is_folder(req: GenerateRequest) -> bool:
+    raw = None if req.output is None else str(req.output)
+    return raw is not None and raw != STDOUT and (Path(raw).is_dir() or raw.endswith(("/", os.sep)))
 
 
 def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> None:

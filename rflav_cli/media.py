@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import json
 import os
 import queue
@@ -440,6 +441,19 @@ def _prepare_output(path: str | os.PathLike[str], overwrite: bool, suffix: str) 
     except OSError as e:
         raise MediaError(f"cannot write to folder {folder}: {e.strerror}") from None
     return dest, tmp
+
+
+def remove_partials(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that writers of `dest` left behind when their process was
+    killed (a finished or aborted writer removes its own). Only for a destination that no
+    running writer is using. Returns what was removed."""
+    dest = Path(dest)
+    removed = []
+    for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*.partial*"):
+        if re.fullmatch(re.escape(f".{dest.name}.") + r"[0-9a-f]{8}\.partial\.\w+", tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE, flav_config_problem
 from .errors import FileFormatError, RflavError, UsageError
 from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
+from .samples import read_sidecar
 
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
 STDOUT = "-"  # --output - : the MP4 goes to standard output (media.STDOUT)
@@ -250,8 +251,13 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
             paths = [out / n for n in names]
         else:
             paths = [out if out.suffix else out.with_name(out.name + ".mp4")]
+    # A sample with an rflav sidecar may be this command's, to skip or finish: decided once the
+    # model is loaded (samples.sample_state). An endless stream is never resumed.
+    resumable = not req.forever and raw != STDOUT
     for path in paths:
         targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".wav")] if req.wav else [])
+        if resumable and read_sidecar(path.with_suffix(".json")) is not None:
+            targets = []
         for target in targets:
             if target.exists() and not req.overwrite:
                 raise UsageError(

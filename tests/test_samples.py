@@ -1,0 +1,169 @@
+"""Many samples: the same files from one process or several (torchrun), a rerun that makes only
+what is missing, and the manifest that lists every sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rflav_cli.errors import UsageError
+from rflav_cli.media import read_audio, read_video_frames
+from rflav_cli.samples import COMPLETE, INCOMPLETE, MISSING, Sample, sample_state, write_manifest
+
+pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffmpeg to read outputs")
+
+# The packaged model: no download, a few frames per second of CPU.
+COMMAND = ("generate", "--class", "ball", "--quiet")
+
+
+def _env() -> dict[str, str]:
+    # One thread everywhere: torchrun gives each worker one, and the comparison is bit for bit.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _rflav(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rflav_cli", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return np.stack(list(read_video_frames(path, size=32))), read_audio(path)
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_make_the_files_of_one(tmp_path):
+    one = _rflav(*COMMAND, "--frames", "12", "--num-samples", "3", "-o", "one/", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "rflav_cli",
+            *COMMAND,
+            "--frames",
+            "12",
+            "--num-samples",
+            "3",
+            "-o",
+            "two/",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for seed in range(3):
+        name = f"ball-seed{seed}.mp4"
+        (v1, a1), (v2, a2) = _decoded(tmp_path / "one" / name), _decoded(tmp_path / "two" / name)
+        assert v1.shape == (12, 32, 32, 3) and np.array_equal(v1, v2)
+        assert a1.size >= 12 * 1600 and np.array_equal(a1, a2)  # AAC pads to whole packets
+        side = json.loads((tmp_path / "two" / name).with_suffix(".json").read_text())
+        assert side["seed"] == seed and side["status"] == "complete"
+    rows = _manifest(tmp_path / "two")
+    assert [(r["index"], r["seed"], r["file"], r["status"], r["frames"]) for r in rows] == [
+        (i, i, f"ball-seed{i}.mp4", "complete", 12) for i in range(3)
+    ]
+
+
+def test_a_rerun_makes_only_what_is_missing(tmp_path):
+    args = (*COMMAND, "--frames", "30", "--num-samples", "4", "-o", "out/")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rflav_cli", *args], cwd=tmp_path, env=_env(), stderr=subprocess.DEVNULL
+    )
+    try:  # kill it (no chance to clean up) once two samples are complete
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [
+                p for p in out.glob("*.json") if json.loads(p.read_text() or "{}").get("status") == "complete"
+            ]
+            if len(done) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    complete = {
+        p.with_suffix(".mp4").name: p.with_suffix(".mp4").stat()
+        for p in out.glob("ball-seed*.json")
+        if json.loads(p.read_text()).get("status") == "complete"
+    }
+    assert 2 <= len(complete) < 4, "the run was not stopped half-way"
+
+    rerun = _rflav(*args, cwd=tmp_path)  # the same command
+    assert rerun.returncode == 0, rerun.stderr
+    for name, before in complete.items():  # untouched: not made again
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    rows = _manifest(out)
+    assert [(r["seed"], r["status"], r["frames"]) for r in rows] == [(i, "complete", 30) for i in range(4)]
+    for i in range(4):
+        video, audio = _decoded(out / f"ball-seed{i}.mp4")
+        assert video.shape[0] == 30 and audio.size >= 30 * 1600
+    assert not list(out.glob(".*"))  # no temporary file left behind
+
+    again = _rflav(*args, cwd=tmp_path)
+    assert again.returncode == 0 and all(
+        (out / n).stat().st_mtime_ns == s.st_mtime_ns for n, s in complete.items()
+    )
+
+
+def _sidecar(sample: Sample, identity: dict, **extra) -> None:
+    sample.sidecar.write_text(json.dumps({**identity, "rflav_version": "x", **extra}))
+
+
+def test_sample_states(tmp_path):
+    identity = {"model": "m", "seed": 3, "frames_requested": 20, "steps": 2}
+    sample = Sample(0, 3, tmp_path / "s.mp4")
+    assert sample_state(sample, identity) == MISSING
+    _sidecar(sample, identity, status="running")
+    assert sample_state(sample, identity) == INCOMPLETE  # crashed while making it
+    _sidecar(sample, identity, status="complete", frames=20)
+    assert sample_state(sample, identity) == INCOMPLETE  # the summary without its MP4
+    sample.path.write_bytes(b"mp4")
+    assert sample_state(sample, identity) == COMPLETE
+    _sidecar(sample, identity, status="interrupted", interrupted=True, frames=7)
+    assert sample_state(sample, identity) == INCOMPLETE
+    _sidecar(sample, identity, interrupted=False, frames=20)  # a sidecar from before the status key
+    assert sample_state(sample, identity) == COMPLETE
+    with pytest.raises(UsageError, match="other settings: steps 2 .asked: 4."):
+        sample_state(sample, {**identity, "steps": 4})
+    sample.sidecar.unlink()
+    with pytest.raises(UsageError, match="not a sample of this command"):  # not ours: never replaced
+        sample_state(sample, identity)
+
+    rows = write_manifest(tmp_path, [sample, Sample(1, 4, tmp_path / "t.mp4")]).read_text().splitlines()
+    assert [json.loads(r)["status"] for r in rows] == ["missing", "missing"]
