@@ -128,7 +128,11 @@ def generate(
     forever: bool = typer.Option(
         False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0)."
     ),
-    num_samples: int = typer.Option(1, "--num-samples", help="Number of videos; sample i uses seed + i."),
+    num_samples: int = typer.Option(
+        1,
+        "--num-samples",
+        help="Number of videos; sample i uses seed + i. Rerunning the same command makes only the samples not yet complete; under torchrun each process makes its share.",
+    ),
     batch_size: int = typer.Option(
         1, "--batch-size", help="Samples generated together (faster, more memory)."
     ),
@@ -183,7 +187,11 @@ def generate(
         metavar="PATH",
         help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder; - streams the MP4 to standard output (| ffplay -), no .json. A long run (--forever, over a minute) is playable under its name while it grows [default: MODEL-seedS.mp4, or MODEL-samples/].",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (MP4, .json, .wav)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace existing outputs (MP4, .json, .wav), complete samples of the same command included.",
+    ),
     wav: bool = typer.Option(False, "--wav", help="Also write the audio as a 16-bit WAV next to each MP4."),
     griffin_lim: bool = typer.Option(
         False,
