@@ -281,6 +281,7 @@ def serve(
         None,
         "--model",
         "-m",
+        metavar="<str>",
         help="Checkpoint to offer (preset, Hub repo id or local folder); repeat for several, the page offers them by name [default: dance].",
     ),
     vae: Optional[str] = typer.Option(

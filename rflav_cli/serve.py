@@ -208,7 +208,7 @@ class StreamLimit:
         self._closing = False
 
     def open(self, served: ServedModel, *, seed: int, label: str | None, cfg_scale: float) -> LiveStream:
-        """A new stream (not started yet), or a UsageError when every place is taken."""
+        """A new stream (not started yet); _Busy when every place is taken."""
         with self._lock:
             if self._closing:
                 raise _Busy("the server is shutting down")

@@ -104,7 +104,8 @@ def test_forever_file_plays_under_its_name_while_it_grows(tmp_path):
         assert len(partial) == 1 and os.path.samefile(out, partial[0])
         growing = int(ffprobe_counts(str(out))["video"]["nb_read_frames"])
         assert growing >= 1
-        assert not out.with_suffix(".json").exists()  # the sidecar comes at the end
+        sidecar = out.with_suffix(".json")  # the summary comes at the end; before, at most "running"
+        assert not sidecar.exists() or json.loads(sidecar.read_text())["status"] == "running"
     finally:
         gen.send_signal(signal.SIGINT)
         rc = gen.wait(timeout=60)
