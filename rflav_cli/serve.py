@@ -42,7 +42,7 @@ from .hub import PRESETS
 from .media import PIPE, OutputClosed, VideoWriter
 from .pipeline import Pipeline
 from .requests import ServeRequest, check_serve_request, is_loopback_host
-from .runtime import pick_device
+from .runtime import pick_device, stop_on_signals
 
 __all__ = ["LiveStream", "ServedModel", "StreamLimit", "build_app", "run_serve"]
 
@@ -513,10 +513,10 @@ def run_serve(req: ServeRequest) -> None:
         port = sock.getsockname()[1]
         token = f"?token={req.token}" if req.token else ""
         _log(f"serving {', '.join(names)} on {_url(req.host, port)}{token} (Ctrl-C to stop)")
-        try:
+        # uvicorn handles Ctrl-C and SIGTERM while it serves, then sends the signal again to the
+        # handler it found: ours, which only notes it, so that the server ends here like any other.
+        with stop_on_signals():
             asyncio.run(server.serve(sockets=[sock]))
-        except KeyboardInterrupt:  # uvicorn hands the Ctrl-C it handled back to us: it is done
-            pass
         for stream in limit.stop_all():
             stream.join(timeout=5)
     finally:

@@ -115,9 +115,9 @@ class Server:
             time.sleep(0.02)
         return time.monotonic() - began
 
-    def stop(self) -> int:
+    def stop(self, signum: int = signal.SIGINT) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout=20)
         finally:
@@ -322,6 +322,17 @@ def test_page_in_headless_chromium_plays_video_and_sound(server, tmp_path):
         shot = SCREENSHOT if os.environ.get("RFLAV_UPDATE_SCREENSHOT") else tmp_path / "page.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
+
+        # Start again with another seed while playing: the old generation makes way for the new.
+        driver.find_element(By.ID, "seed").clear()
+        driver.find_element(By.ID, "seed").send_keys("8")
+        start.click()
+        deadline = time.monotonic() + 30
+        while driver.find_element(By.ID, "status").text != "Playing ball, seed 8.":
+            assert time.monotonic() < deadline, driver.execute_script("return window.rflavLive")
+            time.sleep(0.05)
+        assert [g["seed"] for g in server.status()["generations"]] == [8]
+
         driver.find_element(By.ID, "stop").click()
         assert server.wait_idle(timeout=5) < 1.0  # Stop ends the generation
     finally:
@@ -360,7 +371,8 @@ def test_open_host_warns_and_the_token_is_required(tmp_path):
         )
         assert s.get("/models")[0] == 200
     finally:
-        assert s.stop() == 0
+        assert s.stop(signal.SIGTERM) == 0  # SIGTERM ends it as cleanly as Ctrl-C
+    assert s.lines[-1] == "rflav: stopped"
 
 
 def test_serve_flags_are_checked_before_loading():
