@@ -711,6 +711,9 @@ class VideoWriter(_Output):
         ]
         out_args: dict[str, Any] = dict(
             vcodec="libx264",
+            # veryfast: about a third of the default preset's CPU time per frame for the same
+            # quality at this CRF (benchmarks/RESULTS.md), so encoding never competes with sampling.
+            preset="veryfast",
             pix_fmt="yuv420p",
             crf=crf,
             g=max(1, round(self.fps * KEYFRAME_INTERVAL_S)),
