@@ -5,7 +5,10 @@
 #   bash benchmarks/gpu_suite.sh 1    GPU tests, batch 1 end to end (eager, compiled cold and warm), batch 16 eager
 #   bash benchmarks/gpu_suite.sh 2    batch 16 compiled, attention backends, correctness of the fast
 #                                     paths and stage costs, one stream, what the card allows
-#   bash benchmarks/gpu_suite.sh      both
+#   bash benchmarks/gpu_suite.sh 3    generate's defaults (background compile) for 10 s and 60 s,
+#                                     compile cache cold and warm, fp32 with and without TF32,
+#                                     muxing against --no-mux, 64 clips on 1 vs 2 processes
+#   bash benchmarks/gpu_suite.sh      1 and 2
 # Everything is appended to one log, $OUT/suite-<part>.log (OUT defaults to ./gpu-results).
 set -u
 PART=${1:-all}
@@ -57,4 +60,30 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     gen "batch 1 compiled, one stream" 50 --frames 300 --compile --no-overlap
     step "what the card allows" 30 python3 benchmarks/matmul_peak.py --device cuda --batch 1,16 --repeats 10
     tail -n 6 "$LOG"
+fi
+
+if [ "$PART" = 3 ]; then
+    export RFLAV_COMPILE_CACHE="$OUT/compile-cache"  # starts empty: the first run below is cold
+    rm -rf "$RFLAV_COMPILE_CACHE"
+    gen "defaults, 600 frames (compiles in the background, cold cache)" 120 --frames 600 --defaults
+    gen "defaults, 600 frames (warm cache)" 100 --frames 600 --defaults
+    gen "defaults, 100 frames (eager)" 40 --frames 100 --defaults
+    gen "defaults, 100 frames, no MP4" 40 --frames 100 --defaults --no-mux
+    gen "defaults, batch 16, 100 frames" 100 --frames 100 --batch-size 16 --defaults
+    gen "defaults, batch 16, 100 frames, no MP4" 100 --frames 100 --batch-size 16 --defaults --no-mux
+    step "forward fp32 with TF32" 40 python3 -m rflav_cli bench --forward-only --dtype fp32 --json
+    tail -n 12 "$LOG"
+    step "forward fp32 without TF32" 40 python3 -m rflav_cli bench --forward-only --dtype fp32 --no-tf32 --json
+    tail -n 12 "$LOG"
+    clips() {  # title, processes
+        local dir="$OUT/clips-$2" start=$SECONDS
+        rm -rf "$dir"
+        echo "=== $1" | tee -a "$LOG"
+        timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node "$2" -m rflav_cli generate \
+            --model "$OUT/random-b1/model" --vae "$OUT/random-b1/vae" --frames "${CLIP_FRAMES:-100}" --num-samples "${CLIPS:-64}" --batch-size 16 --quiet -o "$dir/" >> "$LOG" 2>&1
+        echo "--- rc $? after $((SECONDS - start)) s, $(grep -c '"complete"' "$dir/manifest.jsonl" 2>/dev/null) clips" | tee -a "$LOG"
+    }
+    python3 -c "from rflav_cli.bench import build_random_checkpoint as b; b('$OUT/random-b1', '${CLIP_SIZE:-FLAV-B/1}')" >> "$LOG" 2>&1
+    clips "64 clips of 10 s, batch 16, 1 process" 1
+    clips "64 clips of 10 s, batch 16, 2 processes on one card" 2
 fi
