@@ -72,8 +72,9 @@ from .config import (
     WIN_LENGTH,
 )
 from .errors import RflavError
-from .files import atomic_write, save_safetensors
+from .files import atomic_write
 from .progress import progress_bar
+from .tensorfiles import save_safetensors
 
 __all__ = [
     "CACHE_INDEX",

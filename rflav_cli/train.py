@@ -40,7 +40,7 @@ from .data import (
     open_training_data,
 )
 from .errors import FileFormatError
-from .files import creation_mode, load_safetensors, read_json_object, save_safetensors
+from .files import creation_mode, read_json_object
 from .flow import flow_matching_loss, sample_training_levels
 from .generate import run_generate
 from .hub import (
@@ -70,6 +70,7 @@ from .requests import (
     resume_train_config,
 )
 from .runtime import Dist, init_distributed, rank_device
+from .tensorfiles import load_safetensors, save_safetensors
 
 try:
     import fcntl

@@ -20,11 +20,12 @@ from typer.testing import CliRunner
 
 from rflav_cli.cli import app
 from rflav_cli.errors import FileFormatError, RflavError
-from rflav_cli.files import atomic_write, creation_mode, current_umask, load_tensor_file
+from rflav_cli.files import atomic_write, creation_mode, current_umask
 from rflav_cli.hub import write_side_file
 from rflav_cli.models.autoencoder import AutoencoderKL, VAEFileError
 from rflav_cli.models.flav import FLAV, CheckpointFileError, FLAVConfig
 from rflav_cli.models.vocoder import CheckpointFormatError, HiFiGAN
+from rflav_cli.tensorfiles import load_tensor_file
 
 REDOWNLOAD = "download it again or pass another folder"
 

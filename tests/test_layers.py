@@ -50,3 +50,40 @@ def test_hub_and_files_do_not_load_torch():
     code = "import sys, rflav_cli.hub, rflav_cli.files; assert 'torch' not in sys.modules, 'torch loaded'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# Imports inside functions that are deliberate: optional packages, and the CLI's heavy modules,
+# loaded only by the subcommand that needs them (so that a bad flag fails before torch loads).
+OPTIONAL_IMPORTS = ("matplotlib", "imageio_ffmpeg")
+
+
+def test_library_imports_at_the_top():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import):
+                    names = [alias.name for alias in inner.names]
+                elif isinstance(inner, ast.ImportFrom):
+                    names = ["." * inner.level + (inner.module or "")]
+                else:
+                    continue
+                offenders += [
+                    f"{path.relative_to(PACKAGE)}:{inner.lineno} {name}"
+                    for name in names
+                    if not name.startswith(OPTIONAL_IMPORTS)
+                ]
+    assert not offenders
+
+
+def test_files_and_request_checks_do_not_load_torch():
+    code = (
+        "import sys, rflav_cli.files, rflav_cli.requests, rflav_cli.samples; "
+        "assert 'torch' not in sys.modules, 'torch loaded'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

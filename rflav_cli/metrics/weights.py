@@ -23,7 +23,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import Tensor
 
 from ..errors import RflavError
-from ..files import atomic_write, load_tensor_file, state_dict_mismatch
+from ..files import atomic_write
+from ..tensorfiles import load_tensor_file, state_dict_mismatch
 
 __all__ = [
     "CACHE_ENV",

@@ -18,15 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FileFormatError
-from ..files import (
-    REDOWNLOAD,
-    atomic_write,
-    load_safetensors,
-    read_json_object,
-    save_safetensors,
-    state_dict_mismatch,
-)
+from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import local_folder
+from ..tensorfiles import load_safetensors, save_safetensors, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

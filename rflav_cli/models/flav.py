@@ -23,16 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import FLAV_FLOAT_FIELDS, FLAV_SIZES, MEL_FRAMES_PER_FRAME, flav_config_problem
 from ..errors import FileFormatError, RflavError, UsageError
-from ..files import (
-    REDOWNLOAD,
-    atomic_write,
-    load_safetensors,
-    read_json_object,
-    save_safetensors,
-    state_dict_mismatch,
-)
+from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import local_folder
 from ..runtime import is_compile_error, persist_compile_cache
+from ..tensorfiles import load_safetensors, save_safetensors, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

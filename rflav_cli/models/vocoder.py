@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from ..audio import mel_filterbank
 from ..config import HOP_LENGTH, N_FFT, WIN_LENGTH
 from ..errors import FileFormatError
-from ..files import REDOWNLOAD, atomic_write, load_tensor_file, read_json_object, state_dict_mismatch
+from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import ResolveError, is_repo_id, local_folder
+from ..tensorfiles import load_tensor_file, state_dict_mismatch
 
 __all__ = [
     "CONFIG_NAME",
