@@ -45,7 +45,8 @@ def main() -> None:
     reference = random_flav(args.size, args.window).to(device)  # one fp32 model shared by every row
     print(f"{args.size}, window {args.window}, device {device_name(device)}, torch {torch.__version__}")
     print(
-        f"{'batch':>5} {'dtype':>6} {'attention':>12} {'compiled':>8} {'median s':>10} {'frames/s @2 steps':>18} "
+        f"{'batch':>5} {'dtype':>6} {'attention':>12} {'compiled':>8} {'median s':>10} "
+        f"{'frames/s @2 steps':>18} "
         f"{'rel err':>9}"
     )
     for batch in [int(b) for b in args.batch.split(",")]:

@@ -340,18 +340,22 @@ def main() -> None:
         return
     s, c = report["stream"], report["crowd"]
     print(
-        f"machine: {report['machine']}; model {args.model} on {args.device}; server ready in {report['server_start_s']} s"
+        f"machine: {report['machine']}; model {args.model} on {args.device}; "
+        f"server ready in {report['server_start_s']} s"
     )
     print(
-        f"first frame after Start: median {report['first_frame_s']['median']} s ({report['first_frame_s']['each']})"
+        f"first frame after Start: median {report['first_frame_s']['median']} s "
+        f"({report['first_frame_s']['each']})"
     )
     print(
         f"stream: {s['played_s']} s played in {s['wall_s']} s; {s['waiting_events']} waiting events, "
         f"{s['stalled_s']:.2f} s stalled; server RSS {s['server_rss_mib']}"
     )
     print(
-        f"crowd of {c['clients']}: pages {c['pages_ok']}/{c['clients']} ok, load median {c['page_load_s']['median']} s, "
-        f"max {c['page_load_s']['max']} s; answers {c['answers']}; generations running {c['generations_running']}"
+        f"crowd of {c['clients']}: pages {c['pages_ok']}/{c['clients']} ok, "
+        f"load median {c['page_load_s']['median']} s, "
+        f"max {c['page_load_s']['max']} s; answers {c['answers']}; "
+        f"generations running {c['generations_running']}"
     )
     print(f"  refused with: {c['refusal']}")
     print(

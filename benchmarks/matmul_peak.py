@@ -65,7 +65,8 @@ def main() -> None:
         floor = flop / peaks["bf16"]
         print(
             f"{args.size} forward, window 10, batch {batch}: {flop:.3f} TFLOP; at the bf16 GEMM rate above "
-            f"it cannot take less than {floor * 1000:.1f} ms, i.e. at most {batch / (2 * floor):.1f} frames/s "
+            f"it cannot take less than {floor * 1000:.1f} ms, "
+            f"i.e. at most {batch / (2 * floor):.1f} frames/s "
             f"at 2 steps per frame (model only)"
         )
 

@@ -59,7 +59,8 @@ def main() -> None:
             torch.cuda.synchronize()
             took = time.perf_counter() - start
             print(
-                f"compiled ({mode}) bf16 batch {args.batch}: {median_time(lambda: compiled(v, a, t)) * 1e3:.2f} ms"
+                f"compiled ({mode}) bf16 batch {args.batch}: "
+                f"{median_time(lambda: compiled(v, a, t)) * 1e3:.2f} ms"
                 f" (compile + warm-up {took:.1f} s)"
             )
             if mode == "default":  # CUDA-graph modes hide their kernels from the profiler

@@ -27,7 +27,8 @@ def load(path: Path) -> dict[tuple[str, int, int], dict]:
 
 def table(runs: dict[tuple[str, int, int], dict]) -> list[str]:
     rows = [
-        "| frames | batch | reference s | rflav s | faster | reference frames/s | rflav steady frames/s | rflav first frame s |"
+        "| frames | batch | reference s | rflav s | faster | reference frames/s "
+        "| rflav steady frames/s | rflav first frame s |"
     ]
     rows.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for frames, batch in sorted({(f, b) for _, f, b in runs}):

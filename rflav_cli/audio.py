@@ -82,7 +82,8 @@ def peak_normalize(wav: Tensor) -> Tensor:
 
 
 def log_mel(wav: Tensor) -> Tensor:
-    """Log-mel of a waveform: ``(N,)`` → ``(N_MELS, N // HOP_LENGTH)``, ``(B, N)`` → ``(B, N_MELS, N // HOP_LENGTH)``.
+    """Log-mel of a waveform: ``(N,)`` → ``(N_MELS, N // HOP_LENGTH)``,
+    ``(B, N)`` → ``(B, N_MELS, N // HOP_LENGTH)``.
 
     The waveform's scale does not matter: each clip is peak-normalised first.
     """

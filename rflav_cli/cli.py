@@ -98,18 +98,27 @@ def generate(
         None,
         "--class",
         "-c",
-        help="Alone: the preset to run (dance, landscape, or ball: small, no download). With --model: a class of that class-conditional checkpoint (name or index).",
+        help=(
+            "Alone: the preset to run (dance, landscape, or ball: small, no download). With --model: a "
+            "class of that class-conditional checkpoint (name or index)."
+        ),
     ),
     model: Optional[str] = typer.Option(
         None,
         "--model",
         "-m",
-        help="Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, model.safetensors, vocoder/, rflav.json) [default: dance].",
+        help=(
+            "Checkpoint: a preset, a Hub repo id (org/name) or a local folder (config.json, "
+            "model.safetensors, vocoder/, rflav.json) [default: dance]."
+        ),
     ),
     vae: Optional[str] = typer.Option(
         None,
         "--vae",
-        help="SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else stabilityai/sd-vae-ft-ema].",
+        help=(
+            "SD-VAE: a Hub repo id or a local folder [default: the checkpoint's, else "
+            "stabilityai/sd-vae-ft-ema]."
+        ),
     ),
     revision: Optional[str] = typer.Option(
         None, "--revision", help="Hub revision (branch, tag or commit) of --model; not for local folders."
@@ -131,7 +140,10 @@ def generate(
     num_samples: int = typer.Option(
         1,
         "--num-samples",
-        help="Number of videos; sample i uses seed + i. Rerunning the same command makes only the samples not yet complete; under torchrun each process makes its share.",
+        help=(
+            "Number of videos; sample i uses seed + i. Rerunning the same command makes only the samples "
+            "not yet complete; under torchrun each process makes its share."
+        ),
     ),
     batch_size: int = typer.Option(
         1, "--batch-size", help="Samples generated together (faster, more memory)."
@@ -145,17 +157,26 @@ def generate(
     cfg_scale: Optional[float] = typer.Option(
         None,
         "--cfg-scale",
-        help="Classifier-free guidance scale, >= 0 (class-conditional checkpoints only) [default: 1, no guidance].",
+        help=(
+            "Classifier-free guidance scale, >= 0 (class-conditional checkpoints only) [default: 1, no "
+            "guidance]."
+        ),
     ),
     audio: Optional[Path] = typer.Option(
         None,
         "--audio",
-        help="Audio-to-video: generate a video for this sound (its first channel, resampled to 16 kHz, is re-encoded into the output).",
+        help=(
+            "Audio-to-video: generate a video for this sound (its first channel, resampled to 16 kHz, is "
+            "re-encoded into the output)."
+        ),
     ),
     video: Optional[Path] = typer.Option(
         None,
         "--video",
-        help="Video-to-audio: generate a soundtrack for this video (resampled to 10 fps and letterboxed to the model's frame size, then re-encoded into the output).",
+        help=(
+            "Video-to-audio: generate a soundtrack for this video (resampled to 10 fps and letterboxed to "
+            "the model's frame size, then re-encoded into the output)."
+        ),
     ),
     guidance_scale: Optional[float] = typer.Option(
         None,
@@ -173,19 +194,31 @@ def generate(
     tf32: bool = typer.Option(
         True,
         "--tf32/--no-tf32",
-        help="With --dtype fp32 on CUDA: matrix products in TensorFloat-32, as the reference code runs; --no-tf32 for full float32.",
+        help=(
+            "With --dtype fp32 on CUDA: matrix products in TensorFloat-32, as the reference code runs; "
+            "--no-tf32 for full float32."
+        ),
     ),
     compile_model: Optional[bool] = typer.Option(
         None,
         "--compile/--no-compile",
-        help="Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster frames after that [default: on for CUDA and 20 s or more].",
+        help=(
+            "Compile the transformer blocks (CUDA graphs on GPUs): a few seconds more to start, faster "
+            "frames after that [default: on for CUDA and 20 s or more]."
+        ),
     ),
     output: Optional[str] = typer.Option(
         None,
         "--output",
         "-o",
         metavar="PATH",
-        help="NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a folder; - streams the MP4 to standard output (| ffplay -), no .json. A long run (--forever, over a minute) is playable under its name while it grows [default: MODEL-seedS.mp4, or MODEL-samples/].",
+        help=(
+            "NAME.mp4 (a name without a suffix gets .mp4; other suffixes are refused: MP4 only), or a "
+            "folder (an existing one, or PATH/) for NAME-seedS.mp4 files; several samples always go into a "
+            "folder; - streams the MP4 to standard output (| ffplay -), no .json. A long run (--forever, "
+            "over a minute) is playable under its name while it grows [default: MODEL-seedS.mp4, or "
+            "MODEL-samples/]."
+        ),
     ),
     overwrite: bool = typer.Option(
         False,
@@ -196,7 +229,10 @@ def generate(
     griffin_lim: bool = typer.Option(
         False,
         "--griffin-lim",
-        help="Make the sound with Griffin-Lim instead of the checkpoint's neural vocoder (needed for checkpoints without vocoder/ whose rflav.json does not say so; lower quality).",
+        help=(
+            "Make the sound with Griffin-Lim instead of the checkpoint's neural vocoder (needed for "
+            "checkpoints without vocoder/ whose rflav.json does not say so; lower quality)."
+        ),
     ),
     offline: bool = typer.Option(
         False, "--offline", help="Use only files already in the Hugging Face cache."
@@ -282,12 +318,18 @@ def serve(
         "--model",
         "-m",
         metavar="<str>",
-        help="Checkpoint to offer (preset, Hub repo id or local folder); repeat for several, the page offers them by name [default: dance].",
+        help=(
+            "Checkpoint to offer (preset, Hub repo id or local folder); repeat for several, the page offers "
+            "them by name [default: dance]."
+        ),
     ),
     vae: Optional[str] = typer.Option(
         None,
         "--vae",
-        help="SD-VAE: a Hub repo id or a local folder [default: each checkpoint's, else stabilityai/sd-vae-ft-ema].",
+        help=(
+            "SD-VAE: a Hub repo id or a local folder [default: each checkpoint's, else "
+            "stabilityai/sd-vae-ft-ema]."
+        ),
     ),
     audio_scale: Optional[float] = typer.Option(
         None, "--audio-scale", help="Mel scale of the checkpoints [default: from their rflav.json]."
@@ -298,18 +340,27 @@ def serve(
     host: str = typer.Option(
         "127.0.0.1",
         "--host",
-        help="Address to listen on; anything but this machine's own (127.0.0.1, ::1) lets others in: use --token.",
+        help=(
+            "Address to listen on; anything but this machine's own (127.0.0.1, ::1) lets others in: use "
+            "--token."
+        ),
     ),
     port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free one, printed)."),
     max_streams: Optional[int] = typer.Option(
         None,
         "--max-streams",
-        help="Generations running at once; more viewers are told the server is busy [default: 1, the models share one device].",
+        help=(
+            "Generations running at once; more viewers are told the server is busy [default: 1, the models "
+            "share one device]."
+        ),
     ),
     token: Optional[str] = typer.Option(
         None,
         "--token",
-        help="Shared secret clients must give (?token=... in the page and stream URLs, or an Authorization: Bearer header).",
+        help=(
+            "Shared secret clients must give (?token=... in the page and stream URLs, or an Authorization: "
+            "Bearer header)."
+        ),
     ),
     offline: bool = typer.Option(
         False, "--offline", help="Use only files already in the Hugging Face cache."
@@ -361,12 +412,19 @@ def train(
         Path("runs/rflav"),
         "--output",
         "-o",
-        help="Run folder; the same command again resumes the run. Options left out then keep the run's values; the model, --image-size, --window, --autoencoder, --audio-scale and --init cannot change (give a new folder), the others can.",
+        help=(
+            "Run folder; the same command again resumes the run. Options left out then keep the run's "
+            "values; the model, --image-size, --window, --autoencoder, --audio-scale and --init cannot "
+            "change (give a new folder), the others can."
+        ),
     ),
     size: Optional[str] = typer.Option(
         None,
         "--size",
-        help="Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config or --init gives the model].",
+        help=(
+            "Model size: FLAV-S/2 … FLAV-XL/8, FLAV-B/1, FLAV-L/1 [default: FLAV-B/1, unless --model-config "
+            "or --init gives the model]."
+        ),
     ),
     old_size: Optional[str] = typer.Option(
         None, "--model", hidden=True, help="Old name of --size (train only)."
@@ -374,34 +432,52 @@ def train(
     model_config: Optional[Path] = typer.Option(
         None,
         "--model-config",
-        help="JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and latent_size set --window and --image-size.",
+        help=(
+            "JSON with FLAV constructor keys (as in a checkpoint's config.json); its predict_frames and "
+            "latent_size set --window and --image-size."
+        ),
     ),
     init: Optional[str] = typer.Option(
         None,
         "--init",
-        help="Fine-tune: a preset (dance, landscape, ball), a repo id or a checkpoint folder (its window, size and audio scale are kept).",
+        help=(
+            "Fine-tune: a preset (dance, landscape, ball), a repo id or a checkpoint folder (its window, "
+            "size and audio scale are kept)."
+        ),
     ),
     autoencoder: Optional[str] = typer.Option(
         None,
         "--autoencoder",
-        help="SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, or what a latent cache or --init says].",
+        help=(
+            "SD-VAE repo id or folder, or none to train in pixel space [default: stabilityai/sd-vae-ft-ema, "
+            "or what a latent cache or --init says]."
+        ),
     ),
     vocoder: Optional[str] = typer.Option(
         None,
         "--vocoder",
-        help="Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim [default: the dance checkpoint's, fetched once].",
+        help=(
+            "Vocoder folder (config.json, vocoder.pt) copied into every checkpoint, or none for Griffin-Lim "
+            "[default: the dance checkpoint's, fetched once]."
+        ),
     ),
     image_size: Optional[int] = typer.Option(
         None,
         "--image-size",
         min=1,
-        help="Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: 256, or what --model-config, --init or a latent cache says].",
+        help=(
+            "Frames are letterboxed to this square size in pixels; a multiple of 8 with a VAE [default: "
+            "256, or what --model-config, --init or a latent cache says]."
+        ),
     ),
     window: Optional[int] = typer.Option(
         None,
         "--window",
         min=1,
-        help="Frames per training clip, the rolling window [default: 10, or --model-config's / --init's predict_frames].",
+        help=(
+            "Frames per training clip, the rolling window [default: 10, or --model-config's / --init's "
+            "predict_frames]."
+        ),
     ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", min=1, help="Clips per step and device [default: 8]."
@@ -586,7 +662,10 @@ def evaluate(
     real: Path = typer.Option(
         ...,
         "--real",
-        help="Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz written by --save-real-stats.",
+        help=(
+            "Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz "
+            "written by --save-real-stats."
+        ),
     ),
     fake: Optional[Path] = typer.Option(
         None, "--fake", help="Folder of generated videos (or give --model to generate them now)."
@@ -594,7 +673,10 @@ def evaluate(
     metrics: str = typer.Option(
         "fvd,kvd,fad",
         "--metrics",
-        help="Comma list of fvd, kvd, fad. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded.",
+        help=(
+            "Comma list of fvd, kvd, fad. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only "
+            "those are loaded."
+        ),
     ),
     num_clips: Optional[int] = typer.Option(
         None,
@@ -628,12 +710,18 @@ def evaluate(
     i3d_weights: Optional[str] = typer.Option(
         None,
         "--i3d-weights",
-        help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+        help=(
+            "i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or "
+            "~/.cache/rflav, downloaded once]."
+        ),
     ),
     audioclip_weights: Optional[str] = typer.Option(
         None,
         "--audioclip-weights",
-        help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+        help=(
+            "AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or "
+            "~/.cache/rflav, downloaded once]."
+        ),
     ),
     save_real_stats: Optional[Path] = typer.Option(
         None, "--save-real-stats", help="Save the real set's features to this .npz, for a later --real."
@@ -642,7 +730,10 @@ def evaluate(
         None,
         "--model",
         "-m",
-        help="Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead of --fake.",
+        help=(
+            "Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead "
+            "of --fake."
+        ),
     ),
     num_samples: Optional[int] = typer.Option(
         None,
@@ -738,13 +829,19 @@ def drift(
     metrics: str = typer.Option(
         "fvd,kvd,fad",
         "--metrics",
-        help="Comma list of fvd, kvd, fad, computed at every window position. FVD and KVD need the I3D weights, FAD the AudioCLIP weights; only those are loaded.",
+        help=(
+            "Comma list of fvd, kvd, fad, computed at every window position. FVD and KVD need the I3D "
+            "weights, FAD the AudioCLIP weights; only those are loaded."
+        ),
     ),
     num_clips: Optional[int] = typer.Option(
         None,
         "--num-clips",
         min=2,
-        help="Real clips to compare with, sampled with --seed when there are more (all of them if there are fewer) [default: 2048].",
+        help=(
+            "Real clips to compare with, sampled with --seed when there are more (all of them if there are "
+            "fewer) [default: 2048]."
+        ),
     ),
     num_old: Optional[int] = typer.Option(None, "--num", hidden=True, min=2, help="Old name of --num-clips."),
     seed: int = typer.Option(
@@ -758,19 +855,28 @@ def drift(
     i3d_weights: Optional[str] = typer.Option(
         None,
         "--i3d-weights",
-        help="i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+        help=(
+            "i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or "
+            "~/.cache/rflav, downloaded once]."
+        ),
     ),
     audioclip_weights: Optional[str] = typer.Option(
         None,
         "--audioclip-weights",
-        help="AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or ~/.cache/rflav, downloaded once].",
+        help=(
+            "AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or "
+            "~/.cache/rflav, downloaded once]."
+        ),
     ),
     output: Path = typer.Option(
         Path("drift"),
         "--output",
         "-o",
         metavar="PATH",
-        help="Writes PATH.csv and PATH.png (a .csv or .png ending of PATH is dropped first; an existing folder gets drift.csv and drift.png).",
+        help=(
+            "Writes PATH.csv and PATH.png (a .csv or .png ending of PATH is dropped first; an existing "
+            "folder gets drift.csv and drift.png)."
+        ),
     ),
     device: str = typer.Option(
         "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."

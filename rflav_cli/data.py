@@ -164,7 +164,8 @@ class DatasetIndex:
         return self.folder / self.videos[i].path
 
     def clips(self, window: int, stride: int = 1) -> list[tuple[int, int]]:
-        """(video index, start frame) of every window with ``start + window ≤ frames``, every ``stride`` frames."""
+        """(video index, start frame) of every window with ``start + window ≤ frames``, every
+        ``stride`` frames."""
         return _clips([v.frames for v in self.videos], window, stride)
 
     def summary(self, window: int | None = None, stride: int = 1) -> str:

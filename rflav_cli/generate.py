@@ -291,7 +291,10 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
     paths = [s.path for s in samples]
     if ranks.world > 1 and (num_frames is None or _is_stdout(paths[0])):
         raise UsageError(
-            "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} a folder",
+            (
+                "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} a "
+                "folder"
+            ),
             params=("forever", "output"),
         )
     quiet = req.quiet or not ranks.main

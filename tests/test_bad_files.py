@@ -446,7 +446,8 @@ def test_cli_process_exits_2_on_truncated_weights(good, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"rflav: error: {folder / 'model.safetensors'} (FLAV weights) is truncated "
-        f"({(folder / 'model.safetensors').stat().st_size} of {(good['model'] / 'model.safetensors').stat().st_size} "
+        f"({(folder / 'model.safetensors').stat().st_size} of "
+        f"{(good['model'] / 'model.safetensors').stat().st_size} "
         f"bytes): {REDOWNLOAD}"
     ]
 

@@ -360,7 +360,8 @@ def test_sigterm_in_a_later_batch_says_which_samples_are_missing(ckpt, tmp_path,
     assert (first["frames"], first["interrupted"]) == (6, False)
     assert second["interrupted"] is True and 2 <= second["frames"] < 6
     assert result.stderr.strip() == (
-        f"rflav: interrupted: {second['frames']} of 6 frames written to {tmp_path / 'many' / 'model-seed1.mp4'} "
+        f"rflav: interrupted: {second['frames']} of 6 frames written to "
+        f"{tmp_path / 'many' / 'model-seed1.mp4'} "
         "(finalised and playable; its .json says interrupted); 1 complete sample before; "
         "1 of 3 samples not generated"
     )

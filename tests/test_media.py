@@ -665,7 +665,8 @@ def _stdout_writer_script(frames: int) -> str:
         "try:\n"
         f"    with VideoWriter(STDOUT, width={SMALL}, height={SMALL}) as w:\n"
         f"        for i in range({frames}):\n"
-        f"            w.write(np.full(({SMALL}, {SMALL}, 3), i % 256, np.uint8), np.zeros({SPF}, np.float32))\n"
+        f"            w.write(np.full(({SMALL}, {SMALL}, 3), i % 256, np.uint8), "
+        f"np.zeros({SPF}, np.float32))\n"
         "except OutputClosed as err:\n"
         "    print('closed:', err, file=sys.stderr)\n"
     )

@@ -118,7 +118,8 @@ def _config_problem(config: dict[str, Any]) -> str | None:
             return f"{key} must be true or false, got {json.dumps(config[key], default=repr)}"
     channels = config["block_out_channels"]
     if not (isinstance(channels, list) and channels and all(_is_int(c) and c > 0 for c in channels)):
-        return f"block_out_channels must be a list of positive integers, got {json.dumps(channels, default=repr)}"
+        shown = json.dumps(channels, default=repr)
+        return f"block_out_channels must be a list of positive integers, got {shown}"
     groups = config.get("norm_num_groups", 32)
     if any(c % groups for c in channels):
         return f"every block_out_channels entry must be divisible by norm_num_groups {groups}, got {channels}"
@@ -127,7 +128,8 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         if not (
             isinstance(types, list) and len(types) == len(channels) and all(t == expected for t in types)
         ):
-            return f"{key} must be {len(channels)} x {expected!r} (one per block_out_channels), got {json.dumps(types, default=repr)}"
+            shown = json.dumps(types, default=repr)
+            return f"{key} must be {len(channels)} x {expected!r} (one per block_out_channels), got {shown}"
     act = config.get("act_fn", "silu")
     if not (isinstance(act, str) and act.lower() in _ACTIVATIONS):
         return f"act_fn must be one of {', '.join(sorted(_ACTIVATIONS))}, got {json.dumps(act, default=repr)}"

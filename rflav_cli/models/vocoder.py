@@ -94,10 +94,14 @@ def _config_problem(config: Mapping[str, Any]) -> str | None:
     if any(k < u for u, k in zip(rates, kernels)):
         return "each upsample_kernel_sizes entry must be at least its upsample_rates entry"
     if config["upsample_initial_channel"] >> len(rates) < 1:
-        return f"upsample_initial_channel {config['upsample_initial_channel']} is too small for {len(rates)} upsamplings"
+        channels = config["upsample_initial_channel"]
+        return f"upsample_initial_channel {channels} is too small for {len(rates)} upsamplings"
     dilations = config["resblock_dilation_sizes"]
     if not (isinstance(dilations, list) and all(_positive_ints(d) for d in dilations)):
-        return f"resblock_dilation_sizes must be a list of lists of positive integers, got {shown('resblock_dilation_sizes')}"
+        return (
+            "resblock_dilation_sizes must be a list of lists of positive integers, "
+            f"got {shown('resblock_dilation_sizes')}"
+        )
     if len(dilations) != len(config["resblock_kernel_sizes"]):
         return "resblock_kernel_sizes and resblock_dilation_sizes differ in length"
     return None
@@ -414,7 +418,10 @@ class StreamingVocoder:
         """Add ``(B, num_mels, f)`` log-mel frames; return the ``(B, samples)`` now final."""
         if mel_chunk.dim() != 3 or mel_chunk.shape[1] != self.vocoder.num_mels:
             raise ValueError(
-                f"expected a mel chunk of shape (B, {self.vocoder.num_mels}, frames), got {tuple(mel_chunk.shape)}"
+                (
+                    f"expected a mel chunk of shape (B, {self.vocoder.num_mels}, frames), got "
+                    f"{tuple(mel_chunk.shape)}"
+                )
             )
         param = next(itertools.chain(self.vocoder.parameters(), self.vocoder.buffers()))
         mel_chunk = mel_chunk.to(param.device, param.dtype)
