@@ -42,12 +42,14 @@ def run(args: argparse.Namespace) -> dict:
         mux=not args.no_mux,
         compile=args.compile or args.background_compile,
         compile_in_background=args.background_compile,
+        cuda_graph=args.cuda_graph,
         overlap=not args.no_overlap,
         profile=args.profile,
     )
     return {
         "impl": "rflav",
         "compiled": "background" if args.background_compile else bool(args.compile),
+        "cuda_graph": args.cuda_graph,
         "mux": not args.no_mux,
         "device": r.device,
         "model": r.model,
@@ -115,6 +117,11 @@ def main() -> None:
         "--defaults",
         action="store_true",
         help="compile or not as `rflav generate` decides by default (overrides --compile)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="uncompiled: replay each full-window model call as a CUDA graph of the eager kernels",
     )
     p.add_argument("--no-overlap", action="store_true", help="CUDA: decode and vocode on the sampling stream")
     p.add_argument("--profile", metavar="TRACE.json", help="write a torch profiler trace")

@@ -63,12 +63,17 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
 fi
 
 if [ "$PART" = 3 ]; then
+    step "GPU tests" 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    tail -n 3 "$LOG"
     export RFLAV_COMPILE_CACHE="$OUT/compile-cache"  # starts empty: the first run below is cold
     rm -rf "$RFLAV_COMPILE_CACHE"
     gen "defaults, 600 frames (compiles in the background, cold cache)" 120 --frames 600 --defaults
     gen "defaults, 600 frames (warm cache)" 100 --frames 600 --defaults
     gen "defaults, 100 frames (eager)" 40 --frames 100 --defaults
     gen "defaults, 100 frames, no MP4" 40 --frames 100 --defaults --no-mux
+    gen "eager as a CUDA graph, 100 frames" 40 --frames 100 --cuda-graph
+    gen "eager as a CUDA graph, 100 frames, no MP4" 40 --frames 100 --cuda-graph --no-mux
+    gen "eager as a CUDA graph, batch 16, 100 frames" 100 --frames 100 --batch-size 16 --cuda-graph
     gen "defaults, batch 16, 100 frames" 100 --frames 100 --batch-size 16 --defaults
     gen "defaults, batch 16, 100 frames, no MP4" 100 --frames 100 --batch-size 16 --defaults --no-mux
     step "forward fp32 with TF32" 40 python3 -m rflav_cli bench --forward-only --dtype fp32 --json

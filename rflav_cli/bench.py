@@ -375,6 +375,7 @@ def time_generation(
     overlap: bool = True,
     tf32: bool = True,
     compile_in_background: bool = False,
+    cuda_graph: bool = False,
     profile: str | Path | None = None,
     video_dir: str | Path | None = None,
     on_status: StatusCallback | None = None,

@@ -35,6 +35,7 @@ from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import GenerateRequest, generate_frame_count
 from .runtime import (
+    CudaGraphReplay,
     compile_failure_reason,
     compile_mode,
     cpu_has_native_bf16,
@@ -348,6 +349,8 @@ class Pipeline:
     tf32: bool = True  # CUDA float32 products in TensorFloat-32, as the reference runs fp32
     # Compile on a thread while the first frames come from the eager blocks: no wait for the first frame.
     compile_in_background: bool = True
+    # CUDA, not compiled: replay each full-window model call as a CUDA graph of the eager kernels.
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         use_tf32(self.device, self.tf32)
@@ -392,6 +395,7 @@ class Pipeline:
         griffin_lim: bool = False,
         tf32: bool = True,
         compile_in_background: bool = True,
+        cuda_graph: bool = False,
     ) -> "Pipeline":
         """Resolve `model` (preset, Hub repo id or local folder) and load everything.
 
@@ -403,6 +407,8 @@ class Pipeline:
         the first full-window step, which then waits for it. A failed compilation raises, unless
         `on_compile_failure` is given: then it gets the reason and the stream goes on eagerly.
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
+        `cuda_graph` (CUDA, without `compile`) replays each full-window model call as a CUDA graph
+        of the eager kernels, so the host queues one replay per call.
         `tf32` (CUDA) computes float32 matrix products in TensorFloat-32, as the reference code
         does (a process-wide torch setting); False keeps full float32.
         `device` is a name (auto, cpu, cuda, cuda:N, mps; None: auto) or a torch.device; the
@@ -455,6 +461,7 @@ class Pipeline:
             overlap=overlap,
             tf32=tf32,
             compile_in_background=compile_in_background,
+            cuda_graph=cuda_graph,
         )
 
     def to(
@@ -603,6 +610,9 @@ class Pipeline:
                 return model(v, a, t, y)
             return model.forward_with_cfg(v, a, t, y, cfg_scale)
 
+        if self.cuda_graph and self.device.type == "cuda" and not self.compile:
+            # The full window has one shape for the whole stream: one capture serves every frame.
+            return CudaGraphReplay(velocity, lambda shape: shape[1] == model.window)
         return velocity
 
     # -- generation ---------------------------------------------------------------------------
