@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_suite.sh 3    generate's defaults (background compile) for 10 s and 60 s,
 #                                     compile cache cold and warm, fp32 with and without TF32,
 #                                     muxing against --no-mux, 64 clips on 1 vs 2 processes
+#   bash benchmarks/gpu_suite.sh 4    rflav serve watched live for 5 minutes by the http player
+#                                     (first fragment, stalls, memory), FLAV-B/1 at batch 1
 #   bash benchmarks/gpu_suite.sh      1 and 2
 # Everything is appended to one log, $OUT/suite-<part>.log (OUT defaults to ./gpu-results).
 set -u
@@ -91,4 +93,11 @@ if [ "$PART" = 3 ]; then
     python3 -c "from rflav_cli.bench import build_random_checkpoint as b; b('$OUT/random-b1', '${CLIP_SIZE:-FLAV-B/1}')" >> "$LOG" 2>&1
     clips "64 clips of 10 s, batch 16, 1 process" 1
     clips "64 clips of 10 s, batch 16, 2 processes on one card" 2
+fi
+
+if [ "$PART" = 4 ]; then
+    python3 -c "from rflav_cli.bench import build_random_checkpoint as b; b('$OUT/random-b1', 'FLAV-B/1')" >> "$LOG" 2>&1
+    step "live: 5-minute stream, http player" 560 python3 benchmarks/live.py --player http \
+        --model "$OUT/random-b1/model" --vae "$OUT/random-b1/vae" --device cuda --minutes "${LIVE_MINUTES:-5}" --json
+    tail -n 30 "$LOG"
 fi
