@@ -10,6 +10,8 @@
 #                                     muxing against --no-mux, 64 clips on 1 vs 2 processes
 #   bash benchmarks/gpu_suite.sh 4    rflav serve watched live for 5 minutes by the http player
 #                                     (first fragment, stalls, memory), FLAV-B/1 at batch 1
+#   bash benchmarks/gpu_suite.sh 5    against the reference code on this card (benchmarks/vs_reference.sh;
+#                                     REF and REF_BENCH name the reference code and its timing script)
 #   bash benchmarks/gpu_suite.sh      1 and 2
 # Everything is appended to one log, $OUT/suite-<part>.log (OUT defaults to ./gpu-results).
 set -u
@@ -100,4 +102,9 @@ if [ "$PART" = 4 ]; then
     step "live: 5-minute stream, http player" 560 python3 benchmarks/live.py --player http \
         --model "$OUT/random-b1/model" --vae "$OUT/random-b1/vae" --device cuda --minutes "${LIVE_MINUTES:-5}" --json
     tail -n 30 "$LOG"
+fi
+
+if [ "$PART" = 5 ]; then
+    step "against the reference" 580 env OUT="$OUT" CASES="${CASES:-100:1 600:1 100:16}" bash benchmarks/vs_reference.sh
+    tail -n 8 "$LOG"
 fi
