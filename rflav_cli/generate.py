@@ -258,6 +258,12 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
         num_frames=num_frames,
         samples=[Sample(i, seed, path) for i, (seed, path) in enumerate(zip(seeds, paths))],
     )
+    if launched_by_torchrun() and (num_frames is None or _is_stdout(paths[0])):
+        raise UsageError(
+            "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} "
+            "a folder",
+            params=("forever", "output"),
+        )
     joins_group = launched_by_torchrun() and not dist.is_initialized()  # else a caller's (eval) group
     ranks = init_distributed(device)
     try:
@@ -289,14 +295,6 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
     model_name, label, given_audio, num_frames = run.model_name, run.label, run.given_audio, run.num_frames
     samples = run.samples
     paths = [s.path for s in samples]
-    if ranks.world > 1 and (num_frames is None or _is_stdout(paths[0])):
-        raise UsageError(
-            (
-                "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} a "
-                "folder"
-            ),
-            params=("forever", "output"),
-        )
     quiet = req.quiet or not ranks.main
 
     with console.status(f"loading {model_name}", spinner="dots") if not quiet else _null():

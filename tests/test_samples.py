@@ -167,3 +167,18 @@ def test_sample_states(tmp_path):
 
     rows = write_manifest(tmp_path, [sample, Sample(1, 4, tmp_path / "t.mp4")]).read_text().splitlines()
     assert [json.loads(r)["status"] for r in rows] == ["missing", "missing"]
+
+
+@pytest.mark.parametrize("how", [("--forever", "-o", "x.mp4"), ("--frames", "5", "-o", "-")])
+def test_torchrun_wants_files_of_a_fixed_length(tmp_path, how):
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # as torchrun sets them
+    result = subprocess.run(
+        [sys.executable, "-m", "rflav_cli", *COMMAND, *how],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "under torchrun" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
