@@ -48,6 +48,20 @@ def test_compiled_equals_eager_on_cuda(ckpt):
         assert np.abs(fast[1] - eager[1]).max() <= 1e-4
 
 
+def test_background_compile_takes_over_on_cuda(ckpt):
+    """Compiled on a thread (CUDA graphs recorded there), then used by the sampling thread: the
+    frames after the switch are the eager ones up to rounding."""
+    eager = frames(load(ckpt, dtype="fp32"), n=12)
+    pipe = load(ckpt, dtype="fp32", compile=True)
+    generation = pipe.generate(num_frames=12, seeds=[0, 1], label="b")
+    out = [next(generation)]
+    assert pipe.model.wait_compiled(timeout=600)
+    out += list(generation)
+    video, audio = np.stack([f.video for f in out]), np.stack([f.audio for f in out])
+    assert pipe.compile and np.abs(video.astype(int) - eager[0]).max() <= 1
+    assert np.abs(audio - eager[1]).max() <= 1e-4
+
+
 def test_cuda_graph_replay_equals_eager(ckpt):
     """The eager kernels replayed as a CUDA graph: the same frames as launching them one by one."""
     for dtype in ("fp32", "bf16"):
