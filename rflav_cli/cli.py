@@ -335,8 +335,27 @@ def serve(
         None, "--audio-scale", help="Mel scale of the checkpoints [default: from their rflav.json]."
     ),
     device: str = typer.Option(
-        "auto", "--device", help="auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]."
+        "auto",
+        "--device",
+        help=(
+            "auto, cuda, cuda:N, mps or cpu [auto: CUDA, else MPS, else CPU]; auto or cuda with several GPUs "
+            "loads each model once per GPU, cuda:N uses GPU N only."
+        ),
     ),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="auto, fp32, bf16 or fp16 [auto: bf16 on CUDA and on CPUs with native bf16, else fp32].",
+    ),
+    compile_model: Optional[bool] = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help=(
+            "Compile the transformer blocks (CUDA graphs on GPUs) while the first frames come from the "
+            "uncompiled ones: faster frames once done [default: on for CUDA, off elsewhere]."
+        ),
+    ),
+    steps: int = typer.Option(2, "--steps", help="Model evaluations per frame (more: slower, finer)."),
     host: str = typer.Option(
         "127.0.0.1",
         "--host",
@@ -350,8 +369,8 @@ def serve(
         None,
         "--max-streams",
         help=(
-            "Generations running at once; more viewers are told the server is busy [default: 1, the models "
-            "share one device]."
+            "Generations running at once, each new one on the least busy GPU; more viewers are told the "
+            "server is busy [default: one per GPU with --device auto or cuda, else 1]."
         ),
     ),
     token: Optional[str] = typer.Option(
@@ -372,6 +391,9 @@ def serve(
         vae=vae,
         audio_scale=audio_scale,
         device=device,
+        dtype=dtype,
+        compile=compile_model,
+        steps=steps,
         offline=offline,
         host=host,
         port=port,

@@ -290,10 +290,13 @@ class ServeRequest:
     vae: str | None = None
     audio_scale: float | None = None
     device: str = "auto"
+    dtype: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off elsewhere (an endless stream: runtime.auto_compile)
+    steps: int = 2
     offline: bool = False
     host: str = SERVE_DEFAULT_HOST
     port: int = SERVE_DEFAULT_PORT
-    max_streams: int | None = None  # None: one, the models share one device
+    max_streams: int | None = None  # None: one per device streams run on (every GPU for auto or cuda)
     token: str | None = None
 
 
@@ -321,6 +324,14 @@ def check_serve_request(req: ServeRequest) -> None:
         raise UsageError(
             f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
         )
+    if req.dtype not in GENERATE_DTYPES:
+        raise UsageError(
+            f"unknown {{dtype}} {req.dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",)
+        )
+    if req.dtype == "fp16" and req.device == "cpu":
+        raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
+    if req.steps < 1:
+        raise UsageError(f"{{steps}} must be at least 1, got {req.steps}", params=("steps",))
     if not req.host.strip():
         raise UsageError("{host} must not be empty", params=("host",))
     if not 0 <= req.port <= 65535:

@@ -9,9 +9,11 @@ A small HTTP server (Starlette on uvicorn) with the models loaded once at start:
 * ``GET /status``: the generations running, as JSON.
 
 Clients choose only among the models given at start, by name. At most ``max_streams``
-generations run at once; more get HTTP 503 with the reason. Each generation runs in its own
-thread and writes into a :class:`~rflav_cli.media.VideoWriter` whose MP4 comes out of a pipe
-that the event loop reads with a bounded buffer: a client that reads slowly holds back the
+generations run at once (by default one per device); more get HTTP 503 with the reason. With
+several GPUs (``--device auto`` or ``cuda``) each model is loaded once per GPU and a new
+generation goes to a GPU with none running, else to the least busy one. Each generation runs in
+its own thread and writes into a :class:`~rflav_cli.media.VideoWriter` whose MP4 comes out of a
+pipe that the event loop reads with a bounded buffer: a client that reads slowly holds back the
 generation instead of growing memory, and one that disconnects stops it at once.
 """
 
@@ -23,8 +25,10 @@ import secrets
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,26 @@ from .hub import PRESETS
 from .media import PIPE, OutputClosed, VideoWriter
 from .pipeline import Pipeline
 from .requests import ServeRequest, check_serve_request, is_loopback_host
-from .runtime import pick_device, stop_on_signals
+from .runtime import (
+    auto_compile,
+    compile_failure_message,
+    is_compile_error,
+    pick_device,
+    pick_dtype,
+    stop_on_signals,
+)
 
-__all__ = ["LiveStream", "ServedModel", "StreamLimit", "build_app", "run_serve"]
+__all__ = [
+    "DevicePlacement",
+    "LiveStream",
+    "ServedModel",
+    "StreamLimit",
+    "build_app",
+    "load_served_models",
+    "prepare_serve",
+    "run_serve",
+    "serve_devices",
+]
 
 # Bytes the event loop holds from one generation's pipe before it stops reading (then ffmpeg,
 # and behind it the generation, wait for the client).
@@ -75,10 +96,15 @@ def _log(message: str) -> None:
 
 @dataclass
 class ServedModel:
-    """A loaded model and the name clients choose it by."""
+    """A model loaded once per device that streams run on, and the name clients choose it by."""
 
     name: str
-    pipe: Pipeline
+    pipes: dict[str, Pipeline]  # device name (as DevicePlacement knows it) -> the copy loaded there
+
+    @property
+    def pipe(self) -> Pipeline:
+        """The first copy: what the copies share (classes, image size) is read from it."""
+        return next(iter(self.pipes.values()))
 
     @property
     def classes(self) -> list[str] | None:
@@ -112,6 +138,33 @@ def served_names(models: list[str]) -> list[str]:
     return names
 
 
+class DevicePlacement:
+    """Where a new stream runs: on a device with no stream running when there is one, else on
+    the least busy; ties go to the first in order. Knows devices by name only. Not locked:
+    StreamLimit calls it under its own lock."""
+
+    def __init__(self, devices: Sequence[str]) -> None:
+        if not devices or len(set(devices)) != len(devices):
+            raise ValueError(f"need distinct devices, got {list(devices)}")
+        self._running = dict.fromkeys(devices, 0)
+
+    def take(self) -> str:
+        """The device for a new stream, counted as running one more."""
+        device = min(self._running, key=self._running.__getitem__)  # the first of the least busy
+        self._running[device] += 1
+        return device
+
+    def release(self, device: str) -> None:
+        """A stream on `device` has ended."""
+        if self._running[device] <= 0:
+            raise ValueError(f"no stream is running on {device}")
+        self._running[device] -= 1
+
+    def running(self) -> dict[str, int]:
+        """Streams running on each device, in the devices' order."""
+        return dict(self._running)
+
+
 class LiveStream:
     """One endless generation, written as fragmented MP4 into a pipe (:attr:`output`).
 
@@ -125,19 +178,22 @@ class LiveStream:
         self,
         served: ServedModel,
         *,
+        device: str,
         seed: int,
         label: str | None,
         cfg_scale: float,
+        steps: int = 2,
         on_end: Callable[[LiveStream], None],
     ) -> None:
         self.id = next(self._ids)
-        self.served, self.seed, self.label, self.cfg_scale = served, seed, label, cfg_scale
+        self.served, self.device, self.pipe = served, device, served.pipes[device]
+        self.seed, self.label, self.cfg_scale, self.steps = seed, label, cfg_scale, steps
         self.frames = 0
-        self.error: BaseException | None = None
+        self.error: str | None = None  # one line: why the generation failed
         self._on_end = on_end
         self._stop = threading.Event()
         self._started = False
-        size = served.pipe.image_size
+        size = self.pipe.image_size
         self.writer = VideoWriter(PIPE, width=size, height=size)
         self.output = self.writer.stream
         self._thread = threading.Thread(target=self._run, name=f"rflav-stream-{self.id}", daemon=True)
@@ -169,17 +225,26 @@ class LiveStream:
         return {
             "id": self.id,
             "model": self.served.name,
+            "device": self.device,
             "seed": self.seed,
             "class": self.label,
             "cfg_scale": self.cfg_scale,
+            "steps": self.steps,
             "frames": self.frames,
         }
 
     def _run(self) -> None:
         try:
-            with torch.no_grad():
-                generation = self.served.pipe.generate(
-                    num_frames=None, seeds=[self.seed], label=self.label, cfg_scale=self.cfg_scale
+            # A new thread's current CUDA device is the first GPU: make it this copy's own, for
+            # whatever allocates on "the current device" (streams, graphs).
+            on_gpu = self.pipe.device.type == "cuda" and self.pipe.device.index is not None
+            with torch.no_grad(), torch.cuda.device(self.pipe.device) if on_gpu else nullcontext():
+                generation = self.pipe.generate(
+                    num_frames=None,
+                    seeds=[self.seed],
+                    steps=self.steps,
+                    label=self.label,
+                    cfg_scale=self.cfg_scale,
                 )
                 for frame in generation:
                     if self._stop.is_set():
@@ -189,8 +254,8 @@ class LiveStream:
         except OutputClosed:
             pass  # the viewer left, or the server stops
         except BaseException as err:  # noqa: BLE001 - reported, and the stream ends
-            self.error = err
-            _log(f"stream {self.id} failed: {err}")
+            # --compile was asked for and cannot work: say so in one line, with the way out.
+            self.error = compile_failure_message(err) if is_compile_error(err) else _one_line(err)
         finally:
             # A live stream has no end to finalise: its reader has left, or is told by the
             # end of the pipe.
@@ -198,17 +263,26 @@ class LiveStream:
             self._on_end(self)
 
 
-class StreamLimit:
-    """The generations running, at most `max_streams` at once."""
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
-    def __init__(self, max_streams: int) -> None:
+
+class StreamLimit:
+    """The generations running: at most `max_streams` at once, spread over `devices` (the names
+    of the devices every ServedModel has a copy on), each sampling `steps` model evaluations per
+    frame."""
+
+    def __init__(self, max_streams: int, devices: Sequence[str] = ("cpu",), steps: int = 2) -> None:
         self.max_streams = max_streams
+        self.steps = steps
         self._lock = threading.Lock()
         self._active: dict[int, LiveStream] = {}
+        self._placement = DevicePlacement(devices)
         self._closing = False
 
     def open(self, served: ServedModel, *, seed: int, label: str | None, cfg_scale: float) -> LiveStream:
-        """A new stream (not started yet); _Busy when every place is taken."""
+        """A new stream (not started yet) on the least busy device; _Busy when every place is taken."""
         with self._lock:
             if self._closing:
                 raise _Busy("the server is shutting down")
@@ -218,19 +292,38 @@ class StreamLimit:
                     f"busy: {running} of {self.max_streams} generation{'s' if self.max_streams > 1 else ''} "
                     f"running (--max-streams {self.max_streams}); try again when one ends"
                 )
-            stream = LiveStream(served, seed=seed, label=label, cfg_scale=cfg_scale, on_end=self._ended)
+            device = self._placement.take()
+            try:
+                stream = LiveStream(
+                    served,
+                    device=device,
+                    seed=seed,
+                    label=label,
+                    cfg_scale=cfg_scale,
+                    steps=self.steps,
+                    on_end=self._ended,
+                )
+            except BaseException:
+                self._placement.release(device)
+                raise
             self._active[stream.id] = stream
             return stream
 
     def _ended(self, stream: LiveStream) -> None:
         with self._lock:
-            self._active.pop(stream.id, None)
+            if self._active.pop(stream.id, None) is not None:
+                self._placement.release(stream.device)
         reason = f"failed ({stream.error})" if stream.error else "ended"
         _log(f"stream {stream.id} {reason} after {stream.frames} frames")
 
     @property
     def running(self) -> int:
         return len(self._active)
+
+    def running_per_device(self) -> dict[str, int]:
+        """Generations running on each device."""
+        with self._lock:
+            return self._placement.running()
 
     def streams(self) -> list[LiveStream]:
         return list(self._active.values())
@@ -355,6 +448,7 @@ class _App:
             {
                 "streams": self.limit.running,
                 "max_streams": self.limit.max_streams,
+                "devices": self.limit.running_per_device(),  # generations running on each
                 "generations": [s.describe() for s in self.limit.streams()],
             }
         )
@@ -476,6 +570,57 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
+def serve_devices(name: str) -> list[torch.device]:
+    """The devices streams run on: every visible GPU when `name` is auto or cuda and CUDA sees
+    several, else the one device `name` picks (cuda:N, cpu, mps, or a single GPU)."""
+    device = pick_device(name)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if name in ("auto", "cuda") and count > 1:
+        return [torch.device("cuda", index) for index in range(count)]
+    return [device]
+
+
+def _compile_failed(name: str, device: torch.device, reason: str) -> None:
+    """Compiling was our choice, not the user's: one line, and the streams go on eagerly."""
+    _log(
+        f"compiling {name} on {device} failed ({reason}); continuing without it "
+        "(--no-compile skips the attempt)"
+    )
+
+
+def load_served_models(req: ServeRequest, devices: Sequence[torch.device]) -> list[ServedModel]:
+    """Each --model loaded once on each of `devices`, with the request's precision and compile policy."""
+    models = []
+    for name, model in zip(served_names(req.models), req.models):
+        pipes: dict[str, Pipeline] = {}
+        for device in devices:
+            _log(f"loading {model}" + (f" on {device}" if len(devices) > 1 else ""))
+            # An endless stream: compiled blocks pay off on CUDA (runtime.auto_compile). They are
+            # compiled in the background, so the first frames do not wait for the compiler.
+            compile_blocks = req.compile if req.compile is not None else auto_compile(device, None)
+            pipes[str(device)] = Pipeline.from_pretrained(
+                model,
+                vae=req.vae,
+                offline=req.offline or None,
+                audio_scale=req.audio_scale,
+                device=device,
+                dtype=req.dtype,
+                compile=compile_blocks,
+                on_compile_failure=None if req.compile else partial(_compile_failed, name, device),
+            )
+        models.append(ServedModel(name, pipes))
+    return models
+
+
+def prepare_serve(req: ServeRequest) -> tuple[list[ServedModel], StreamLimit]:
+    """The models loaded on every device streams run on, and the limit that places the streams:
+    --max-streams, by default one per device."""
+    devices = serve_devices(req.device)
+    models = load_served_models(req, devices)
+    limit = StreamLimit(req.max_streams or len(devices), [str(d) for d in devices], steps=req.steps)
+    return models, limit
+
+
 def run_serve(req: ServeRequest) -> None:
     """Load the models, then serve until Ctrl-C or SIGTERM (which end every generation)."""
     check_serve_request(req)
@@ -486,22 +631,11 @@ def run_serve(req: ServeRequest) -> None:
             else "anyone who can reach this machine can use it (give --token to require a shared secret)"
         )
         _log(f"warning: listening on {req.host}, not only on this machine: {exposure}")
-    device = pick_device(req.device)
+    # An unavailable device, or a precision it cannot run, fails before the port is taken.
+    pick_dtype(req.dtype, serve_devices(req.device)[0])
     sock = _bind(req.host, req.port)
     try:
-        names = served_names(req.models)
-        models = []
-        for name, model in zip(names, req.models):
-            _log(f"loading {model}")
-            pipe = Pipeline.from_pretrained(
-                model,
-                vae=req.vae,
-                offline=req.offline or None,
-                audio_scale=req.audio_scale,
-                device=device,
-            )
-            models.append(ServedModel(name, pipe))
-        limit = StreamLimit(req.max_streams or 1)
+        models, limit = prepare_serve(req)
         config = uvicorn.Config(
             build_app(models, limit, req.token),
             log_level="warning",
@@ -512,7 +646,10 @@ def run_serve(req: ServeRequest) -> None:
         server = _Server(config, limit)
         port = sock.getsockname()[1]
         token = f"?token={req.token}" if req.token else ""
-        _log(f"serving {', '.join(names)} on {_url(req.host, port)}{token} (Ctrl-C to stop)")
+        names = ", ".join(m.name for m in models)
+        places = f"{limit.max_streams} stream{'s' if limit.max_streams > 1 else ''} at once"
+        devices = ", ".join(limit.running_per_device())
+        _log(f"serving {names} on {_url(req.host, port)}{token} ({places} on {devices}; Ctrl-C to stop)")
         # uvicorn handles Ctrl-C and SIGTERM while it serves, then sends the signal again to the
         # handler it found: ours, which only notes it, so that the server ends here like any other.
         with stop_on_signals():

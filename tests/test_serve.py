@@ -3,6 +3,8 @@ running the packaged `ball` model (no download), and the page in headless Chromi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -19,17 +21,46 @@ from pathlib import Path
 
 import pytest
 import tiny
+import torch
+import torch._dynamo.exc
+import uvicorn
 from typer.testing import CliRunner
 
 from rflav_cli.cli import app
+from rflav_cli.pipeline import Pipeline
 from rflav_cli.requests import ServeRequest, check_serve_request, is_loopback_host
-from rflav_cli.serve import served_names
+from rflav_cli.serve import (
+    DevicePlacement,
+    ServedModel,
+    StreamLimit,
+    build_app,
+    load_served_models,
+    prepare_serve,
+    serve_devices,
+    served_names,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe to inspect streams")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "examples" / "live" / "page.png"
 TOKEN = "s3cret-token"
+
+
+def open_stream(port: int, query: str, rcvbuf: int | None = None) -> socket.socket:
+    """A viewer: the request sent, the response head read; the caller reads the body or not."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /stream.mp4?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
 
 
 class Server:
@@ -93,19 +124,7 @@ class Server:
         return json.loads(body)
 
     def open_stream(self, query: str = "model=ball", rcvbuf: int | None = None) -> socket.socket:
-        """A viewer: the request sent, the response head read; the caller reads the body or not."""
-        sock = socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.connect(("127.0.0.1", self.port))
-        sock.sendall(f"GET /stream.mp4?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 200"), head
-        return sock
+        return open_stream(self.port, query, rcvbuf)
 
     def wait_idle(self, timeout: float) -> float:
         """Seconds until no generation runs; fails after `timeout`."""
@@ -168,6 +187,8 @@ def test_class_and_guidance_of_a_class_conditional_model(server):
             "cfg_scale": 2.5,
         }
         assert running["frames"] >= 1
+        assert (running["device"], running["steps"]) == ("cpu", 2)
+        assert server.status()["devices"] == {"cpu": 1}  # --device cpu: one device, one place
     finally:
         sock.close()
     server.wait_idle(timeout=5)
@@ -384,9 +405,243 @@ def test_serve_flags_are_checked_before_loading():
         (["--port", "70000"], "--port must be from 0 to 65535"),
         (["--token", "short"], "--token must be at least 8 characters"),
         (["--device", "gpu"], "unknown --device 'gpu'"),
+        (["--dtype", "fp8"], "unknown --dtype 'fp8': use auto, fp32, bf16, fp16"),
+        (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 is not supported on CPU"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--model", "no/such/thing/here"], "--model no/such/thing/here: not a preset"),
     ]:
         result = CliRunner().invoke(app, ["serve", "--model", "ball", *args])
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and message in lines[0], lines
+
+
+# ----------------------------------------------------------------------------------------
+# Streams spread over GPUs: the placement, and its wiring checked on CPU with GPUs pretended
+# ----------------------------------------------------------------------------------------
+
+
+def test_placement_prefers_a_device_with_no_stream_then_the_least_busy():
+    place = DevicePlacement(["cuda:0", "cuda:1", "cuda:2"])
+    assert [place.take() for _ in range(3)] == ["cuda:0", "cuda:1", "cuda:2"]  # one each first
+    place.release("cuda:1")
+    assert place.take() == "cuda:1"  # the free one, not the next in turn
+    assert [place.take() for _ in range(3)] == ["cuda:0", "cuda:1", "cuda:2"]  # then two each
+    place.release("cuda:2")
+    place.release("cuda:2")
+    place.release("cuda:0")
+    assert place.running() == {"cuda:0": 1, "cuda:1": 2, "cuda:2": 0}
+    assert place.take() == "cuda:2"
+    assert place.take() == "cuda:0"  # tied with cuda:2 at one: the first in order
+    with pytest.raises(ValueError):
+        DevicePlacement(["cpu"]).release("cpu")  # nothing runs there
+    with pytest.raises(ValueError):
+        DevicePlacement(["cuda:0", "cuda:0"])
+
+
+def pretend_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_serve_devices_every_gpu_for_auto_and_cuda_else_the_one_named(monkeypatch):
+    with monkeypatch.context() as m:
+        pretend_gpus(m, 3)
+        every_gpu = [torch.device("cuda", i) for i in range(3)]
+        assert serve_devices("auto") == every_gpu
+        assert serve_devices("cuda") == every_gpu
+        assert serve_devices("cuda:2") == [torch.device("cuda:2")]
+        assert serve_devices("cpu") == [torch.device("cpu")]
+        pretend_gpus(m, 1)
+        assert serve_devices("auto") == [torch.device("cuda")]
+    assert serve_devices("cpu") == [torch.device("cpu")]
+
+
+class FakeLoads:
+    """Pipeline.from_pretrained, recorded: each call gets its own real CPU pipeline of the asked
+    model, whose generate calls are recorded with the device the copy was loaded for."""
+
+    def __init__(self, real: bool = True) -> None:
+        self.loads: list[dict] = []
+        self.generations: list[tuple[str, dict]] = []
+        self.real = real
+
+    def __call__(self, model: str, *, device: torch.device, **options) -> object:
+        self.loads.append({"model": model, "device": str(device), **options})
+        if not self.real:
+            return object()
+        pipe = ORIGINAL_FROM_PRETRAINED(model, device="cpu", dtype="fp32", offline=options["offline"])
+        generate = pipe.generate
+
+        def recorded(**kwargs):
+            self.generations.append((str(device), kwargs))
+            return generate(**kwargs)
+
+        pipe.generate = recorded
+        return pipe
+
+
+ORIGINAL_FROM_PRETRAINED = Pipeline.from_pretrained
+
+
+def test_compile_and_dtype_as_generate_decides_for_an_endless_stream(monkeypatch, capsys):
+    loads = FakeLoads(real=False)
+    monkeypatch.setattr(Pipeline, "from_pretrained", loads)
+    pretend_gpus(monkeypatch, 2)
+
+    load_served_models(ServeRequest(models=["ball"], dtype="fp16"), [torch.device("cuda", 1)])
+    (load,) = loads.loads
+    assert (load["dtype"], load["compile"]) == ("fp16", True)  # CUDA, unbounded: compiled
+    # Compiling was not asked for: a failure is one line in the log and the stream goes on.
+    load["on_compile_failure"]("no working C++ compiler found")
+    assert capsys.readouterr().err.splitlines() == [
+        "rflav: loading ball",
+        "rflav: compiling ball on cuda:1 failed (no working C++ compiler found); continuing without it "
+        "(--no-compile skips the attempt)",
+    ]
+
+    for compile_flag, device, expected in [
+        (None, "cpu", False),
+        (False, "cuda:0", False),
+        (True, "cpu", True),
+    ]:
+        loads.loads.clear()
+        load_served_models(ServeRequest(models=["ball"], compile=compile_flag), [torch.device(device)])
+        assert loads.loads[0]["compile"] is expected, (compile_flag, device)
+        # Asked for: a failure is the stream's error, not something to step over.
+        assert (loads.loads[0]["on_compile_failure"] is None) == (compile_flag is True)
+
+
+@contextlib.contextmanager
+def in_process_server(models, limit):
+    """The app on uvicorn in a thread, on a free port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    config = uvicorn.Config(build_app(models, limit), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        for stream in limit.stop_all():
+            stream.join(timeout=5)
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for_devices(port: int, expected: dict, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while (running := get_json(port, "/status")["devices"]) != expected:
+        assert time.monotonic() < deadline, running
+        time.sleep(0.02)
+
+
+def test_two_gpus_get_a_copy_each_and_one_stream_each(monkeypatch):
+    loads = FakeLoads()
+    monkeypatch.setattr(Pipeline, "from_pretrained", loads)
+    with monkeypatch.context() as m:  # GPUs only while loading: the copies really run on the CPU
+        pretend_gpus(m, 2)
+        models, limit = prepare_serve(ServeRequest(models=["ball"], device="auto", dtype="bf16", steps=3))
+    assert [(load["device"], load["dtype"]) for load in loads.loads] == [
+        ("cuda:0", "bf16"),
+        ("cuda:1", "bf16"),
+    ]
+    (ball,) = models
+    assert list(ball.pipes) == ["cuda:0", "cuda:1"] and ball.pipes["cuda:0"] is not ball.pipes["cuda:1"]
+    assert limit.max_streams == 2  # one per GPU
+
+    with in_process_server(models, limit) as port:
+        viewers = [open_stream(port, "model=ball&seed=1"), open_stream(port, "model=ball&seed=2")]
+        for viewer in viewers:
+            assert viewer.recv(4096)  # both are generating
+        status = get_json(port, "/status")
+        assert status["devices"] == {"cuda:0": 1, "cuda:1": 1}
+        assert sorted((g["seed"], g["device"]) for g in status["generations"]) == [
+            (1, "cuda:0"),
+            (2, "cuda:1"),
+        ]
+        # Each generation ran on its own GPU's copy, with --steps.
+        assert [(device, call["seeds"], call["steps"]) for device, call in loads.generations] == [
+            ("cuda:0", [1], 3),
+            ("cuda:1", [2], 3),
+        ]
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mp4?model=ball&seed=3", timeout=10)
+        assert busy.value.code == 503
+        assert busy.value.read().decode().strip() == (
+            "busy: 2 of 2 generations running (--max-streams 2); try again when one ends"
+        )
+
+        viewers[1].close()  # cuda:1 is free again: the next stream goes there, not to cuda:0
+        wait_for_devices(port, {"cuda:0": 1, "cuda:1": 0})
+        viewers[1] = open_stream(port, "model=ball&seed=4")
+        assert viewers[1].recv(4096)
+        assert loads.generations[-1][0] == "cuda:1" and loads.generations[-1][1]["seeds"] == [4]
+        assert get_json(port, "/status")["devices"] == {"cuda:0": 1, "cuda:1": 1}
+        for viewer in viewers:
+            viewer.close()
+        wait_for_devices(port, {"cuda:0": 0, "cuda:1": 0})
+
+
+def test_more_streams_than_gpus_share_the_least_busy(monkeypatch):
+    loads = FakeLoads()
+    monkeypatch.setattr(Pipeline, "from_pretrained", loads)
+    with monkeypatch.context() as m:
+        pretend_gpus(m, 2)
+        models, limit = prepare_serve(ServeRequest(models=["ball"], device="cuda", max_streams=3))
+    assert limit.max_streams == 3
+    with in_process_server(models, limit) as port:
+        viewers = [open_stream(port, f"model=ball&seed={seed}") for seed in range(3)]
+        for viewer in viewers:
+            assert viewer.recv(4096)
+        assert get_json(port, "/status")["devices"] == {"cuda:0": 2, "cuda:1": 1}
+        assert [device for device, _ in loads.generations] == ["cuda:0", "cuda:1", "cuda:0"]
+        for viewer in viewers:
+            viewer.close()
+        wait_for_devices(port, {"cuda:0": 0, "cuda:1": 0})
+
+
+def test_one_named_gpu_is_one_copy_and_one_stream(monkeypatch):
+    loads = FakeLoads(real=False)
+    monkeypatch.setattr(Pipeline, "from_pretrained", loads)
+    pretend_gpus(monkeypatch, 4)
+    models, limit = prepare_serve(ServeRequest(models=["ball", "ball"], device="cuda:3"))
+    assert [load["device"] for load in loads.loads] == ["cuda:3", "cuda:3"]
+    assert [list(m.pipes) for m in models] == [["cuda:3"], ["cuda:3"]]
+    assert limit.max_streams == 1 and limit.running_per_device() == {"cuda:3": 0}
+
+
+def test_a_failed_compilation_that_was_asked_for_ends_the_stream_with_one_line(capsys):
+    class CannotCompile:
+        image_size, device = 32, torch.device("cpu")
+
+        def generate(self, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException(
+                "Traceback ...\nInvalidCxxCompiler: No working C++ compiler"
+            )
+
+    limit = StreamLimit(1)
+    stream = limit.open(ServedModel("broken", {"cpu": CannotCompile()}), seed=0, label=None, cfg_scale=1.0)
+    stream.output.close()
+    stream.start()
+    stream.join(timeout=10)
+    assert stream.error == (
+        "--compile failed (InvalidCxxCompiler: No working C++ compiler); run without --compile, or install "
+        "what torch.compile needs (a C++ compiler on CPU, Triton and a C compiler on GPUs)"
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        f"rflav: stream {stream.id} failed ({stream.error}) after 0 frames"
+    ]
+    assert limit.running == 0 and limit.running_per_device() == {"cpu": 0}
