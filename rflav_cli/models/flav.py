@@ -8,6 +8,7 @@ as they are. Layouts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -477,8 +478,10 @@ class FLAV(nn.Module):
         )
 
     def _compile_in_background(self, blocks: list[nn.Module], *inputs: torch.Tensor) -> None:
+        # The thread's current CUDA device is the first GPU's until set: make it the model's.
+        device = torch.cuda.device(inputs[0].device) if inputs[0].is_cuda else contextlib.nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), device:
                 self._run_blocks(blocks, *inputs)
         except Exception as err:  # noqa: BLE001 - handed to the forward that would use the blocks
             self._compile_error = err
