@@ -146,8 +146,10 @@ class Generation:
         given_video: Iterator[np.ndarray] | None = None,
         given_audio: np.ndarray | None = None,
         output_stream: "torch.cuda.Stream | None" = None,
+        on_first_frame: Callable[[], None] | None = None,
     ) -> None:
         self._frames = frames
+        self._on_first_frame = on_first_frame
         self._output_stream = output_stream
         self._decode = decode
         self._vocoder = vocoder
@@ -177,6 +179,9 @@ class Generation:
                 self._stop()
             else:
                 self._produce_one()
+        if self._on_first_frame is not None:
+            self._on_first_frame()
+            self._on_first_frame = None
         return self._ready.popleft()
 
     def finish(self) -> list[AVFrame]:
@@ -360,7 +365,10 @@ class Pipeline:
     def _compile_blocks(self) -> None:
         fallback = None if self.on_compile_failure is None else self._compile_failed
         self.model.compile_blocks(
-            compile_mode(self.device), on_failure=fallback, background=self.compile_in_background
+            compile_mode(self.device),
+            on_failure=fallback,
+            background=self.compile_in_background,
+            hold=self.compile_in_background,  # started by each stream's first frame (Generation)
         )
 
     def _compile_failed(self, err: BaseException) -> None:
@@ -696,6 +704,8 @@ class Pipeline:
             given_video=given_video,
             given_audio=audio,
             output_stream=torch.cuda.Stream(self.device) if self._overlaps else None,
+            # A held background compilation starts once the first frame is out (see _compile_blocks).
+            on_first_frame=self.model.start_compiling if self.model.blocks_compiled else None,
         )
 
 

@@ -405,6 +405,7 @@ class FLAV(nn.Module):
         self._on_compile_failure: Callable[[BaseException], None] | None = None
         self._compile_thread: threading.Thread | None = None
         self._compile_error: Exception | None = None
+        self._compile_gate: threading.Event | None = None
         self._compiled_ready: threading.Event | None = (
             None  # made by compile_blocks (deepcopy-safe until then)
         )
@@ -434,6 +435,7 @@ class FLAV(nn.Module):
         *,
         on_failure: Callable[[BaseException], None] | None = None,
         background: bool = False,
+        hold: bool = False,
     ) -> "FLAV":
         """Compile the transformer blocks for inference (torch.compile, static shapes; `mode`
         "reduce-overhead" replays them as CUDA graphs). The blocks are identical, so they share
@@ -444,6 +446,10 @@ class FLAV(nn.Module):
         Compilation happens in the first full-window forward, which waits for it; with
         `background`, that forward and the next ones run eagerly while a thread compiles on a
         copy of its inputs, and the compiled blocks take over once ready (:meth:`wait_compiled`).
+        With `hold` as well, the thread starts only at a full-window forward after
+        :meth:`start_compiling`: a pipeline calls it once its first frame is out, so compiling,
+        which takes much of the interpreter's time, never delays that frame.
+
         If compiling fails (no C++ compiler, no Triton, ...) the error propagates, unless
         `on_failure` is given: then the eager blocks come back, `on_failure` gets the error, and
         all later forwards run eagerly."""
@@ -455,7 +461,15 @@ class FLAV(nn.Module):
         self._compiled_ready = threading.Event()
         if not background:
             self._compiled_ready.set()
+        self._compile_gate = threading.Event()
+        if not hold:
+            self._compile_gate.set()
         return self
+
+    def start_compiling(self) -> None:
+        """Let a held background compilation start at the next full-window forward."""
+        if self._compile_gate is not None:
+            self._compile_gate.set()
 
     def uncompile_blocks(self) -> "FLAV":
         """Back to the eager blocks."""
@@ -464,8 +478,9 @@ class FLAV(nn.Module):
         return self
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait for a background compilation (started by the first full-window forward); True
-        once the compiled blocks serve the next forward, False if they never will."""
+        """Wait for a background compilation (once a full-window forward has started it); True
+        once the compiled blocks serve the next forward, False if they never will or it has not
+        started."""
         if self._compiled_blocks is None:
             return False
         thread = self._compile_thread
@@ -494,7 +509,7 @@ class FLAV(nn.Module):
         """The blocks' forward through the compiled blocks once they are ready, eager until then."""
         blocks = self._compiled_blocks
         if not self._compiled_ready.is_set():
-            if self._compile_thread is None:
+            if self._compile_thread is None and self._compile_gate.is_set():
                 inputs = [x.detach().clone() for x in (v, a, v_c, a_c)]
                 self._compile_thread = threading.Thread(
                     target=self._compile_in_background,
