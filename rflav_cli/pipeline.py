@@ -623,6 +623,21 @@ class Pipeline:
             return CudaGraphReplay(velocity, lambda shape: shape[1] == model.window)
         return velocity
 
+    def warm_up(self) -> None:
+        """Pay a stream's one-time costs now: every pre-roll shape, the rolling step, VAE decoding
+        and vocoding (kernel loading, algorithm choices, memory pools) and, with `compile`, the
+        compilation, on a throwaway stream of batch 1. A server calls this before it takes
+        viewers, so that a viewer's first frames come at the steady speed. Outputs of later
+        streams are unchanged (every draw comes from the seeds)."""
+        label = 0 if self.model.num_classes > 0 else None
+        generation = self.generate(num_frames=None, seeds=[0], label=label)
+        next(generation)  # the pre-roll and the first rolling step; lets a held compilation start
+        if self.compile:
+            next(generation)  # a full-window step starts the compiler
+            self.model.wait_compiled()
+            next(generation)  # the compiled blocks' first run (CUDA graphs are recorded here)
+        generation.finish()
+
     # -- generation ---------------------------------------------------------------------------
     def generate(
         self,

@@ -608,6 +608,8 @@ def load_served_models(req: ServeRequest, devices: Sequence[torch.device]) -> li
                 compile=compile_blocks,
                 on_compile_failure=None if req.compile else partial(_compile_failed, name, device),
             )
+            _log(f"warming up {model}" + (" (compiling)" if pipes[str(device)].compile else ""))
+            pipes[str(device)].warm_up()
         models.append(ServedModel(name, pipes))
     return models
 

@@ -120,3 +120,15 @@ def test_to_rejects_bad_dtypes_and_devices(pipe):
     with pytest.raises(RflavError, match="unknown device 'tpu'"):
         pipe.to("tpu")
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32  # unchanged after the refusals
+
+
+def test_warm_up_changes_no_later_stream(tmp_path):
+    """A server warms a pipeline up before its first viewer: the streams after it are those of a
+    pipeline that was never warmed up."""
+    model = tiny.build_tiny_model(tmp_path / "m")
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    cold = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32")
+    warm = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32")
+    warm.warm_up()
+    for a, b in zip(cold.generate(num_frames=6, seeds=[3]), warm.generate(num_frames=6, seeds=[3])):
+        assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)

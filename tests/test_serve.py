@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -469,8 +470,10 @@ class FakeLoads:
     def __call__(self, model: str, *, device: torch.device, **options) -> object:
         self.loads.append({"model": model, "device": str(device), **options})
         if not self.real:
-            return object()
+            return types.SimpleNamespace(compile=options["compile"], warm_up=lambda: None)
         pipe = ORIGINAL_FROM_PRETRAINED(model, device="cpu", dtype="fp32", offline=options["offline"])
+        pipe.warm_up()  # as the server does, before the generations recorded below
+        pipe.warm_up = lambda: None
         generate = pipe.generate
 
         def recorded(**kwargs):
@@ -496,6 +499,7 @@ def test_compile_and_dtype_as_generate_decides_for_an_endless_stream(monkeypatch
     load["on_compile_failure"]("no working C++ compiler found")
     assert capsys.readouterr().err.splitlines() == [
         "rflav: loading ball",
+        "rflav: warming up ball (compiling)",
         "rflav: compiling ball on cuda:1 failed (no working C++ compiler found); continuing without it "
         "(--no-compile skips the attempt)",
     ]
