@@ -351,8 +351,8 @@ def serve(
         None,
         "--compile/--no-compile",
         help=(
-            "Compile the transformer blocks (CUDA graphs on GPUs) while the first frames come from the "
-            "uncompiled ones: faster frames once done [default: on for CUDA, off elsewhere]."
+            "Compile the transformer blocks (CUDA graphs on GPUs) at start, before the first viewer: "
+            "faster frames [default: on for CUDA, off elsewhere]."
         ),
     ),
     steps: int = typer.Option(2, "--steps", help="Model evaluations per frame (more: slower, finer)."),
