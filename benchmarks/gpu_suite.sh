@@ -14,6 +14,9 @@
 #                                     REF and REF_BENCH name the reference code and its timing script)
 #   bash benchmarks/gpu_suite.sh      1 and 2
 # Everything is appended to one log, $OUT/suite-<part>.log (OUT defaults to ./gpu-results).
+# On a CUDA image that lacks some of rflav's packages, bring them as wheels (benchmarks/gpu_wheels.sh)
+# and start with:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
 PART=${1:-all}
 OUT=${OUT:-gpu-results}
