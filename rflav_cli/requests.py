@@ -68,6 +68,22 @@ class GenerateRequest:
     griffin_lim: bool = False  # make the sound with Griffin-Lim, not the checkpoint's vocoder
 
 
+def check_device(device: str) -> None:
+    """A --device value as every command accepts it (whether it is there is torch's to say)."""
+    if not DEVICE_RE.fullmatch(device):
+        raise UsageError(
+            f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
+        )
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    """A --dtype value, and the one combination known bad before the device is looked at."""
+    if dtype not in GENERATE_DTYPES:
+        raise UsageError(f"unknown {{dtype}} {dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",))
+    if dtype == "fp16" and device == "cpu":
+        raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
+
+
 def _finite(value: float, at_least: float, strictly: bool) -> bool:
     return math.isfinite(value) and (value > at_least if strictly else value >= at_least)
 
@@ -111,16 +127,8 @@ def check_generate_request(req: GenerateRequest) -> None:
         raise UsageError("{forever} writes one stream: drop {num_samples}", params=("forever", "num_samples"))
     _check_stdout_output(req)
     generate_frame_count(req, None)
-    if not DEVICE_RE.fullmatch(req.device):
-        raise UsageError(
-            f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
-    if req.dtype not in GENERATE_DTYPES:
-        raise UsageError(
-            f"unknown {{dtype}} {req.dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",)
-        )
-    if req.dtype == "fp16" and req.device == "cpu":
-        raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
+    check_device(req.device)
+    check_dtype(req.dtype, req.device)
     _check_model(req)
     for param, path in (("audio_input", req.audio_input), ("video_input", req.video_input)):
         if path is not None and not Path(path).is_file():
@@ -320,16 +328,8 @@ def check_serve_request(req: ServeRequest) -> None:
         raise UsageError(
             f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",)
         )
-    if not DEVICE_RE.fullmatch(req.device):
-        raise UsageError(
-            f"unknown {{device}} {req.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
-    if req.dtype not in GENERATE_DTYPES:
-        raise UsageError(
-            f"unknown {{dtype}} {req.dtype!r}: use {', '.join(GENERATE_DTYPES)}", params=("dtype",)
-        )
-    if req.dtype == "fp16" and req.device == "cpu":
-        raise UsageError("{dtype} fp16 is not supported on CPU: use bf16 or fp32", params=("dtype",))
+    check_device(req.device)
+    check_dtype(req.dtype, req.device)
     if req.steps < 1:
         raise UsageError(f"{{steps}} must be at least 1, got {req.steps}", params=("steps",))
     if not req.host.strip():
@@ -486,10 +486,8 @@ def check_train_config(cfg: TrainConfig) -> None:
             f"unknown {{missing_audio}} {cfg.missing_audio!r}: use {' or '.join(MISSING_AUDIO_CHOICES)}",
             params=("missing_audio",),
         )
-    if cfg.device is not None and not DEVICE_RE.fullmatch(cfg.device):
-        raise UsageError(
-            f"unknown {{device}} {cfg.device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
+    if cfg.device is not None:
+        check_device(cfg.device)
     if cfg.size is not None and cfg.size not in FLAV_SIZES:
         raise UsageError(
             f"unknown {{size}} {cfg.size!r}: choose one of {', '.join(FLAV_SIZES)}", params=("size",)
@@ -790,10 +788,7 @@ def resume_train_config(
 
 def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, device: str = "auto") -> None:
     """Checks of `rflav prepare` that need no torch (the VAE halves the image three times)."""
-    if not DEVICE_RE.fullmatch(device):
-        raise UsageError(
-            f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
+    check_device(device)
     if image_size < VAE_DOWNSCALE or image_size % VAE_DOWNSCALE:
         raise UsageError(
             f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",
@@ -926,10 +921,7 @@ def _check_common(metrics: Sequence[str], device: str, seed: int, num_clips: int
     parse_metrics(metrics)
     _at_least(num_clips, 2, "num_clips")
     _at_least(seed, 0, "seed")
-    if not DEVICE_RE.fullmatch(device):
-        raise UsageError(
-            f"unknown {{device}} {device!r}: use auto, cuda (or cuda:N), mps or cpu", params=("device",)
-        )
+    check_device(device)
 
 
 def check_eval_request(req: EvalRequest) -> None:
