@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..media import MediaError, find_ffmpeg, probe
+from ..media import MediaError, ffmpeg_command, find_ffmpeg, probe
 from ..requests import EvalError
 from .frechet import frechet_distance
 from .kernel import polynomial_mmd
@@ -126,12 +126,7 @@ class Clip:
 
 def _video_pts(path: Path) -> np.ndarray:
     """Presentation timestamps of the first video stream's packets, sorted (no decoding)."""
-    cmd = [
-        find_ffmpeg(),
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
+    cmd = ffmpeg_command(
         "-i",
         str(path),
         "-map",
@@ -141,7 +136,7 @@ def _video_pts(path: Path) -> np.ndarray:
         "-f",
         "framemd5",
         "-",
-    ]
+    )
     res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise MediaError(
@@ -307,12 +302,7 @@ def i3d_input(clips: torch.Tensor, size: int = I3D_SIZE) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _passthrough_option() -> tuple[str, str]:
     """ffmpeg's option for one output frame per decoded frame (-vsync left in ffmpeg 9)."""
-    cmd = [
-        find_ffmpeg(),
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
+    cmd = ffmpeg_command(
         "-f",
         "lavfi",
         "-i",
@@ -322,7 +312,7 @@ def _passthrough_option() -> tuple[str, str]:
         "-f",
         "null",
         "-",
-    ]
+    )
     ok = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
     return ("-fps_mode", "passthrough") if ok else ("-vsync", "passthrough")
 
@@ -335,12 +325,7 @@ def _decode_rgb(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
     w, h = info.width, info.height
     # One output frame per decoded frame, stored size, no autorotation, BT.601 matrix and
     # bilinear chroma: what PyAV's to_ndarray("rgb24") gives by default.
-    cmd = [
-        find_ffmpeg(),
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
+    cmd = ffmpeg_command(
         "-noautorotate",
         "-i",
         str(path),
@@ -354,7 +339,7 @@ def _decode_rgb(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
         "-pix_fmt",
         "rgb24",
         "-",
-    ]
+    )
     last = max(wanted)
     frame_bytes = w * h * 3
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
