@@ -163,6 +163,21 @@ class StateDictMismatch:
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.misshaped)
 
+    def describe(self, limit: int = 8) -> str:
+        """One line: "missing: …; unexpected: …; mis-shaped: KEY (file SHAPE, model SHAPE)", each
+        list cut after `limit` keys. Callers put the file and the fix around it."""
+        misshaped = [f"{k} (file {tuple(f)}, model {tuple(m)})" for k, f, m in self.misshaped]
+        parts = []
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if keys:
+                more = f", … ({len(keys)} in all)" if len(keys) > limit else ""
+                parts.append(f"{label}: {', '.join(keys[:limit])}{more}")
+        return "; ".join(parts)
+
 
 def state_dict_mismatch(
     expected: Mapping[str, Sequence[int]],

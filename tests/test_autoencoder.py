@@ -130,9 +130,9 @@ def test_mismatched_weights_name_the_offending_keys(tmp_path, tiny_config, tiny_
         AutoencoderKL.from_pretrained(write_folder(tmp_path, tiny_config, bad))
     message = str(err.value)
     assert "\n" not in message
-    assert "missing keys 1: decoder.conv_out.bias" in message
-    assert "unexpected keys 1: encoder.extra.weight" in message
-    assert "quant_conv.weight (8, 8, 3, 3) != (8, 8, 1, 1)" in message
+    assert "missing: decoder.conv_out.bias" in message
+    assert "unexpected: encoder.extra.weight" in message
+    assert "quant_conv.weight (file (8, 8, 3, 3), model (8, 8, 1, 1))" in message
 
 
 def test_missing_files_give_clear_error(tmp_path):

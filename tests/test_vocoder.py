@@ -175,7 +175,7 @@ def test_mismatched_keys_are_named(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "missing: conv_post.bias" in msg
     assert "unexpected: extra.bias" in msg
-    assert "mis-shaped: conv_pre.bias (5,) != (32,)" in msg
+    assert "mis-shaped: conv_pre.bias (file (5,), model (32,))" in msg
     assert "\n" not in msg
 
 

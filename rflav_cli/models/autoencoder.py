@@ -517,18 +517,8 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Raise one clear error listing missing, unexpected and mis-shaped keys."""
     mismatch = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()}, state)
-    misshaped = [f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped]
-    problems = [
-        f"{label} {len(items)}: {_short_list(items)}"
-        for label, items in (
-            ("missing keys", mismatch.missing),
-            ("unexpected keys", mismatch.unexpected),
-            ("wrong shapes", misshaped),
-        )
-        if items
-    ]
-    if problems:
+    if mismatch:
         raise VAEWeightsError(
-            f"{source} does not match the AutoencoderKL config next to it ({'; '.join(problems)}); "
+            f"{source} does not match the AutoencoderKL config next to it ({mismatch.describe()}); "
             "use the config.json that belongs to these weights"
         )

@@ -124,20 +124,10 @@ class CheckpointMismatchError(CheckpointFileError):
 def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> None:
     """Raise one message naming every missing, unexpected and mis-shaped key."""
     mismatch = state_dict_mismatch(expected, found)
-    missing, unexpected = sorted(mismatch.missing), sorted(mismatch.unexpected)
-    misshaped = [
-        f"{k} (file {file_shape}, model {model_shape})"
-        for k, file_shape, model_shape in sorted(mismatch.misshaped)
-    ]
     if mismatch:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{label}: {shown}")
         raise CheckpointMismatchError(
             f"{what} does not match its config; "
-            + "; ".join(parts)
+            + mismatch.describe()
             + ": use the config.json that came with these weights or download the checkpoint again"
         )
 

@@ -308,21 +308,9 @@ class HiFiGAN(nn.Module):
         state_dict = fold_weight_norm(state_dict)
         if strict:
             mismatch = state_dict_mismatch({k: v.shape for k, v in self.state_dict().items()}, state_dict)
-            misshaped = [
-                f"{k} {file_shape} != {model_shape}" for k, file_shape, model_shape in mismatch.misshaped
-            ]
-            problems = [
-                f"{label}: {', '.join(keys)}"
-                for label, keys in (
-                    ("missing", mismatch.missing),
-                    ("unexpected", mismatch.unexpected),
-                    ("mis-shaped", misshaped),
-                )
-                if keys
-            ]
-            if problems:
+            if mismatch:
                 raise CheckpointFormatError(
-                    "vocoder weights do not match its config.json (" + "; ".join(problems) + ")"
+                    f"vocoder weights do not match its config.json ({mismatch.describe()})"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
