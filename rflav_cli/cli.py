@@ -679,6 +679,30 @@ def _num_clips(num_clips: int | None, num_old: int | None) -> int:
     return num_old
 
 
+# Options eval and drift share.
+_LETTERBOX_ANTIALIAS = typer.Option(
+    "on",
+    "--letterbox-antialias",
+    help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16).",
+)
+_I3D_WEIGHTS = typer.Option(
+    None,
+    "--i3d-weights",
+    help=(
+        "i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or "
+        "~/.cache/rflav, downloaded once]."
+    ),
+)
+_AUDIOCLIP_WEIGHTS = typer.Option(
+    None,
+    "--audioclip-weights",
+    help=(
+        "AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or "
+        "~/.cache/rflav, downloaded once]."
+    ),
+)
+
+
 @app.command("eval")
 def evaluate(
     real: Path = typer.Option(
@@ -719,32 +743,14 @@ def evaluate(
     protocol: Literal["mmdiffusion"] = typer.Option(
         "mmdiffusion", "--protocol", help="Evaluation protocol: mmdiffusion (MM-Diffusion's evaluator)."
     ),
-    letterbox_antialias: Literal["on", "off"] = typer.Option(
-        "on",
-        "--letterbox-antialias",
-        help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16).",
-    ),
+    letterbox_antialias: Literal["on", "off"] = _LETTERBOX_ANTIALIAS,
     allow_fewer: bool = typer.Option(
         False,
         "--allow-fewer",
         help="Use all clips of a set that has fewer than --num-clips (instead of stopping).",
     ),
-    i3d_weights: Optional[str] = typer.Option(
-        None,
-        "--i3d-weights",
-        help=(
-            "i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or "
-            "~/.cache/rflav, downloaded once]."
-        ),
-    ),
-    audioclip_weights: Optional[str] = typer.Option(
-        None,
-        "--audioclip-weights",
-        help=(
-            "AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or "
-            "~/.cache/rflav, downloaded once]."
-        ),
-    ),
+    i3d_weights: Optional[str] = _I3D_WEIGHTS,
+    audioclip_weights: Optional[str] = _AUDIOCLIP_WEIGHTS,
     save_real_stats: Optional[Path] = typer.Option(
         None, "--save-real-stats", help="Save the real set's features to this .npz, for a later --real."
     ),
@@ -869,27 +875,9 @@ def drift(
     seed: int = typer.Option(
         0, "--seed", min=0, help="Seed of the real-clip selection when there are more than --num-clips."
     ),
-    letterbox_antialias: Literal["on", "off"] = typer.Option(
-        "on",
-        "--letterbox-antialias",
-        help="Antialias the 64×64 letterbox: on (torchvision >= 0.17) or off (torchvision <= 0.16).",
-    ),
-    i3d_weights: Optional[str] = typer.Option(
-        None,
-        "--i3d-weights",
-        help=(
-            "i3d_pretrained_400.pt, or a folder holding it, for FVD/KVD [default: $RFLAV_CACHE or "
-            "~/.cache/rflav, downloaded once]."
-        ),
-    ),
-    audioclip_weights: Optional[str] = typer.Option(
-        None,
-        "--audioclip-weights",
-        help=(
-            "AudioCLIP-Full-Training.pt, or a folder holding it, for FAD [default: $RFLAV_CACHE or "
-            "~/.cache/rflav, downloaded once]."
-        ),
-    ),
+    letterbox_antialias: Literal["on", "off"] = _LETTERBOX_ANTIALIAS,
+    i3d_weights: Optional[str] = _I3D_WEIGHTS,
+    audioclip_weights: Optional[str] = _AUDIOCLIP_WEIGHTS,
     output: Path = typer.Option(
         Path("drift"),
         "--output",
