@@ -6,7 +6,6 @@ The CLI only parses flags into :class:`GenerateRequest` and calls :func:`run_gen
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ from .requests import (
     generate_frame_count,
     generate_model_and_label,
     generate_output_paths,
+    output_is_folder,
 )
 from .runtime import (
     Dist,
@@ -341,7 +341,7 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
     todo = [s for s in samples if states[s.index] != COMPLETE]
     if ranks.world > 1:
         dist.barrier()  # every rank has seen the files as they were before anyone writes
-    folder = paths[0].parent if len(samples) > 1 or _output_is_folder(req) else None
+    folder = paths[0].parent if len(samples) > 1 or output_is_folder(req) else None
     if len(todo) < len(samples) and not quiet:
         console.print(
             f"{len(samples) - len(todo)} of {len(samples)} samples already complete in "
@@ -499,11 +499,6 @@ def _make_batch(
             write_json(sample.sidecar, summary)
         summaries.append(summary)
     return summaries
-
-
-def _output_is_folder(req: GenerateRequest) -> bool:
-    raw = None if req.output is None else str(req.output)
-    return raw is not None and raw != STDOUT and (Path(raw).is_dir() or raw.endswith(("/", os.sep)))
 
 
 def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> None:

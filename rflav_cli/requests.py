@@ -226,6 +226,14 @@ def generate_frame_count(req: GenerateRequest, given_frames: int | None) -> int 
     return round(GENERATE_DEFAULT_SECONDS * FPS)
 
 
+def output_is_folder(req: GenerateRequest) -> bool:
+    """--output names a folder: one that exists, or a path ending in "/"."""
+    if req.output is None or str(req.output) == STDOUT:
+        return False
+    raw = str(req.output)
+    return Path(raw).expanduser().is_dir() or raw.endswith(("/", os.sep))
+
+
 def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int]) -> list[Path]:
     """The MP4 of each seed, checked: never an existing file unless overwriting, always in a
     writable place.
@@ -243,7 +251,7 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
         paths = [Path(f"{stem}-samples") / n for n in names] if len(seeds) > 1 else [Path(names[0])]
     else:
         out = Path(raw).expanduser()
-        if out.is_dir() or raw.endswith(("/", os.sep)):
+        if output_is_folder(req):
             paths = [out / n for n in names]
         elif out.suffix.lower() not in ("", ".mp4"):
             raise UsageError(
