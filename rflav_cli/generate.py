@@ -52,6 +52,7 @@ from .runtime import (
     StopRequest,
     auto_compile,
     compile_failure_message,
+    compile_skipped_message,
     init_distributed,
     is_compile_error,
     launched_by_torchrun,
@@ -535,7 +536,7 @@ def _compile_failed(console: Console, reason: str) -> None:
     """Compiling was our choice, not the user's: say why it failed (--quiet hides progress, not
     this); the pipeline goes on eagerly."""
     console.print(
-        f"compiling failed ({reason}); continuing without it (--no-compile skips the attempt)",
+        compile_skipped_message(reason),
         markup=False,
         highlight=False,
         soft_wrap=True,

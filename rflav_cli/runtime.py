@@ -174,16 +174,18 @@ def compile_failure_reason(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
-def compile_failure_message(err: BaseException, asked: bool = True) -> str:
-    """One line for a failed compilation: what failed, why, and the two ways out."""
-    reason = compile_failure_reason(err)
-    what, way_out = (
-        ("--compile", "run without --compile") if asked else ("compiling", "run with --no-compile")
-    )
+def compile_failure_message(err: BaseException) -> str:
+    """One line for a compilation that was asked for (--compile) and failed: why, and the two
+    ways out."""
     return (
-        f"{what} failed ({reason}); {way_out}, or install what torch.compile needs "
-        "(a C++ compiler on CPU, Triton and a C compiler on GPUs)"
+        f"--compile failed ({compile_failure_reason(err)}); run without --compile, or install what "
+        "torch.compile needs (a C++ compiler on CPU, Triton and a C compiler on GPUs)"
     )
+
+
+def compile_skipped_message(reason: str, what: str = "compiling") -> str:
+    """One line for a compilation chosen by default that failed: the run goes on without it."""
+    return f"{what} failed ({reason}); continuing without it (--no-compile skips the attempt)"
 
 
 def new_graph_step(model: FLAV) -> None:

@@ -49,6 +49,7 @@ from .requests import ServeRequest, check_serve_request, is_loopback_host
 from .runtime import (
     auto_compile,
     compile_failure_message,
+    compile_skipped_message,
     is_compile_error,
     pick_device,
     pick_dtype,
@@ -582,10 +583,7 @@ def serve_devices(name: str) -> list[torch.device]:
 
 def _compile_failed(name: str, device: torch.device, reason: str) -> None:
     """Compiling was our choice, not the user's: one line, and the streams go on eagerly."""
-    _log(
-        f"compiling {name} on {device} failed ({reason}); continuing without it "
-        "(--no-compile skips the attempt)"
-    )
+    _log(compile_skipped_message(reason, f"compiling {name} on {device}"))
 
 
 def load_served_models(req: ServeRequest, devices: Sequence[torch.device]) -> list[ServedModel]:
