@@ -33,9 +33,7 @@ from .pipeline import Pipeline
 from .progress import progress_bar
 from .runtime import (
     compile_failure_message,
-    compile_mode,
     is_compile_error,
-    new_graph_step,
     pick_device,
     pick_dtype,
     use_tf32,
@@ -284,20 +282,14 @@ def time_forward(
         if torch_dtype == torch.float32 and not compile
         else copy.deepcopy(reference).to(torch_dtype)
     )
-    if compile:  # compiled as the pipeline compiles it (CUDA graphs on GPUs)
-        net.compile_blocks(compile_mode(torch_device))
-
-    def fn(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new_graph_step(net)
-        return net(*args)
-
+    if compile:  # compiled as the pipeline compiles it (replayed as a CUDA graph on GPUs)
+        net.compile_blocks()
     inputs = forward_inputs(reference.config, batch, torch_device)
 
     with torch.no_grad():
         expected = reference(*inputs)
-        # Warm-up: eager caches; compiled, also the compilation, the CUDA graph's warm-up call
-        # and its recording.
-        times, out = timed_calls(lambda: fn(*inputs), torch_device, repeats, warmup=3 if compile else 1)
+        # Warm-up: eager caches; compiled, also the compilation and the CUDA graph's capture.
+        times, out = timed_calls(lambda: net(*inputs), torch_device, repeats, warmup=3 if compile else 1)
     median = statistics.median(times)
     return ForwardResult(
         model=name,

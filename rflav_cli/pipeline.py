@@ -6,9 +6,10 @@ frames waiting for their audio, so a stream can run for hours at constant memory
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,8 @@ from .requests import GenerateRequest, generate_frame_count
 from .runtime import (
     CudaGraphReplay,
     compile_failure_reason,
-    compile_mode,
     cpu_has_native_bf16,
     dtype_from_torch,
-    new_graph_step,
     pick_dtype,
     resolve_device,
     use_tf32,
@@ -365,7 +364,6 @@ class Pipeline:
     def _compile_blocks(self) -> None:
         fallback = None if self.on_compile_failure is None else self._compile_failed
         self.model.compile_blocks(
-            compile_mode(self.device),
             on_failure=fallback,
             background=self.compile_in_background,
             hold=self.compile_in_background,  # started by each stream's first frame (Generation)
@@ -610,8 +608,6 @@ class Pipeline:
 
         def velocity(v: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """A plain, class-conditional or guided (batched CFG) forward."""
-            if not torch.is_grad_enabled():  # guided steps differentiate through eager blocks
-                new_graph_step(model)
             if y is None:
                 return model(v, a, t)
             if cfg_scale == 1.0:
@@ -628,14 +624,33 @@ class Pipeline:
         and vocoding (kernel loading, algorithm choices, memory pools) and, with `compile`, the
         compilation, on a throwaway stream of batch 1. A server calls this before it takes
         viewers, so that a viewer's first frames come at the steady speed. Outputs of later
-        streams are unchanged (every draw comes from the seeds)."""
+        streams are unchanged (every draw comes from the seeds).
+
+        It runs on a thread of its own: one-time costs paid there carry over to every thread,
+        while the CUDA graph it captures is that thread's own and is freed with it."""
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+                    self._throwaway_stream()
+            except BaseException as err:  # noqa: BLE001 - raised again by the caller's thread
+                failures.append(err)
+
+        thread = threading.Thread(target=run, name="rflav-warm-up", daemon=True)
+        thread.start()
+        thread.join()
+        if failures:
+            raise failures[0]
+
+    def _throwaway_stream(self) -> None:
         label = 0 if self.model.num_classes > 0 else None
         generation = self.generate(num_frames=None, seeds=[0], label=label)
         next(generation)  # the pre-roll and the first rolling step; lets a held compilation start
         if self.compile:
             next(generation)  # a full-window step starts the compiler
             self.model.wait_compiled()
-            next(generation)  # the compiled blocks' first run (CUDA graphs are recorded here)
+            next(generation)  # the compiled blocks' first run (on CUDA, a graph is captured here)
         generation.finish()
 
     # -- generation ---------------------------------------------------------------------------

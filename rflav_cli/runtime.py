@@ -14,15 +14,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .models.flav import FLAV
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,12 +119,6 @@ def use_tf32(device: torch.device, enabled: bool = True) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def compile_mode(device: torch.device) -> str | None:
-    """torch.compile mode for the rolling step: CUDA graphs on GPUs (every step has the same
-    shapes, so one capture serves the whole stream), the default elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else None
-
-
 AUTO_COMPILE_MIN_FRAMES = 200
 
 
@@ -188,63 +178,88 @@ def compile_skipped_message(reason: str, what: str = "compiling") -> str:
     return f"{what} failed ({reason}); continuing without it (--no-compile skips the attempt)"
 
 
-def new_graph_step(model: FLAV) -> None:
-    """Call before each forward of a model whose blocks replay as CUDA graphs: graphs reuse
-    their output memory on the next replay, and every forward's outputs are consumed (turned
-    into new tensors) before the next forward starts."""
-    if model.blocks_compiled and model.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()
+class CudaGraphCaptureError(RuntimeError):
+    """A function could not be captured as a CUDA graph (it synchronises with the host, draws
+    random numbers, ...); the thread's stream is as it was before the attempt."""
 
 
 _Captured = tuple["torch.cuda.CUDAGraph", list[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 class CudaGraphReplay:
-    """Run a function of tensors as a CUDA graph of its eager kernels, one graph per input shape:
-    the host queues one replay instead of hundreds of kernels, so the step's speed no longer
-    follows the host CPU, and no compiler is involved (capturing costs about two calls).
+    """Run a function of tensors as a CUDA graph of its kernels, one graph per input shape: the
+    host queues one replay instead of hundreds of kernels, so the step's speed no longer follows
+    the host CPU (capturing costs about three calls).
 
     `fn` must be capturable: the same kernels for the same shapes, no host synchronisation, no
-    new random draws. Inputs are copied into the graph's own buffers and outputs copied out (the
-    next replay overwrites them). Calls that track gradients, and inputs whose first shape
-    `graph_shape` rejects, run `fn` directly."""
+    new random draws; eager kernels and torch.compile'd code compiled without CUDA graphs both
+    are. Inputs are copied into the graph's own buffers and outputs copied out, so a caller may
+    keep what it gets. Calls that track gradients, inputs off CUDA, and inputs whose first shape
+    `graph_shape` rejects run `fn` directly.
+
+    Each thread captures and replays its own graphs (they die with the thread): the static
+    buffers of a graph cannot serve two threads at once, and a capture only forbids unsafe CUDA
+    calls on its own thread, so another thread may decode or copy frames meanwhile."""
 
     def __init__(
-        self, fn: Callable[..., tuple[torch.Tensor, ...]], graph_shape: Callable[[torch.Size], bool]
+        self,
+        fn: Callable[..., tuple[torch.Tensor, ...]],
+        graph_shape: Callable[[torch.Size], bool] = lambda shape: True,
     ) -> None:
         self.fn = fn
         self.graph_shape = graph_shape
-        self._graphs: dict[
-            tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]
-        ] = {}
+        self._local = threading.local()
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if (
-            torch.is_grad_enabled()
-            or inputs[0].device.type != "cuda"
-            or not self.graph_shape(inputs[0].shape)
-        ):
+        if not self._replays(inputs):
             return self.fn(*inputs)
+        graphs = self._thread_graphs()
         key = tuple((x.shape, x.dtype, x.device) for x in inputs)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_outputs = self._graphs[key]
+        if key not in graphs:
+            graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_outputs = graphs[key]
         for buffer, x in zip(static_inputs, inputs):
             buffer.copy_(x, non_blocking=True)
         graph.replay()
         return tuple(out.clone() for out in static_outputs)
 
+    def _replays(self, inputs: tuple[torch.Tensor, ...]) -> bool:
+        return (
+            not torch.is_grad_enabled()
+            and inputs[0].device.type == "cuda"
+            and self.graph_shape(inputs[0].shape)
+        )
+
+    def _thread_graphs(self) -> dict[tuple, _Captured]:
+        graphs = getattr(self._local, "graphs", None)
+        if graphs is None:
+            graphs = self._local.graphs = {}
+        return graphs
+
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured:
+        device = inputs[0].device
+        caller = torch.cuda.current_stream(device)
         static_inputs = [x.clone() for x in inputs]
-        side = torch.cuda.Stream(inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy init, workspace allocation
-            for _ in range(2):
+        # The thread's own side stream (torch.cuda.graph's default one is shared by all threads).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(caller)
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up off the capture: lazy initialisation, workspaces
                 self.fn(*static_inputs)
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+        caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_outputs = tuple(self.fn(*static_inputs))
+        try:
+            with (
+                torch.cuda.device(device),
+                torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"),
+            ):
+                static_outputs = tuple(self.fn(*static_inputs))
+        except RuntimeError as err:
+            # A failed capture can leave the side stream current (torch.cuda.graph's exit stops
+            # at the failing capture_end): give the caller back its stream.
+            torch.cuda.set_stream(caller)
+            raise CudaGraphCaptureError(f"CUDA graph capture failed: {err}") from err
+        caller.wait_stream(side)
         return graph, static_inputs, static_outputs
 
 

@@ -49,8 +49,8 @@ def test_compiled_equals_eager_on_cuda(ckpt):
 
 
 def test_background_compile_takes_over_on_cuda(ckpt):
-    """Compiled on a thread (CUDA graphs recorded there), then used by the sampling thread: the
-    frames after the switch are the eager ones up to rounding."""
+    """Compiled on a thread, then replayed as a CUDA graph that the sampling thread captures:
+    the frames after the switch are the eager ones up to rounding."""
     eager = frames(load(ckpt, dtype="fp32"), n=12)
     pipe = load(ckpt, dtype="fp32", compile=True)
     generation = pipe.generate(num_frames=12, seeds=[0, 1], label="b")
@@ -60,6 +60,30 @@ def test_background_compile_takes_over_on_cuda(ckpt):
     video, audio = np.stack([f.video for f in out]), np.stack([f.audio for f in out])
     assert pipe.compile and np.abs(video.astype(int) - eager[0]).max() <= 1
     assert np.abs(audio - eager[1]).max() <= 1e-4
+
+
+def test_one_compiled_model_serves_two_threads_at_once(ckpt):
+    """As `rflav serve` runs streams: each thread captures its own graph of the shared compiled
+    blocks, and neither stream's frames are disturbed by the other's."""
+    import threading
+
+    def one_seed(pipe: Pipeline, seed: int) -> np.ndarray:
+        return np.stack([f.video for f in pipe.generate(num_frames=14, seeds=[seed], label="b")])
+
+    eager_pipe = load(ckpt, dtype="fp32")
+    eager = {seed: one_seed(eager_pipe, seed) for seed in (3, 4)}
+    pipe = load(ckpt, dtype="fp32", compile=True, compile_in_background=False)
+    pipe.warm_up()
+    got: dict[int, np.ndarray] = {}
+    threads = [
+        threading.Thread(target=lambda s=seed: got.__setitem__(s, one_seed(pipe, s))) for seed in (3, 4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (3, 4):
+        assert np.abs(got[seed].astype(int) - eager[seed]).max() <= 1
 
 
 def test_cuda_graph_replay_equals_eager(ckpt):

@@ -213,3 +213,31 @@ def test_compiled_blocks_serve_only_calls_without_gradients():
     with torch.no_grad():
         short_v, _ = model(f["in.v"][:, :2], f["in.a"][:, :2], f["in.t"][:, :2], f["in.y"])
     torch.testing.assert_close(short_v, f["out.v"][:, :2], **TOL)  # causal: the prefix's outputs
+
+
+def test_a_block_run_that_cannot_be_captured_falls_back_to_eager_when_asked():
+    """Compiled blocks replay as a CUDA graph on GPUs; if the capture fails and the caller gave
+    `on_failure`, it hears why once and this forward and the later ones run eagerly."""
+    from rflav_cli.runtime import CudaGraphCaptureError
+
+    model, f = _model("flav_tiny_causal")
+    reports: list[BaseException] = []
+    model.compile_blocks(on_failure=reports.append)
+
+    def uncapturable(*inputs):
+        raise CudaGraphCaptureError("CUDA graph capture failed: operation not permitted")
+
+    model._compiled_graph = uncapturable
+    with torch.no_grad():
+        v, a = model(f["in.v"], f["in.a"], f["in.t"], f["in.y"])
+        assert [str(r) for r in reports] == ["CUDA graph capture failed: operation not permitted"]
+        assert not model.blocks_compiled
+        torch.testing.assert_close(v, f["out.v"], **TOL)
+        torch.testing.assert_close(a, f["out.a"], **TOL)
+        model(f["in.v"], f["in.a"], f["in.t"], f["in.y"])
+    assert len(reports) == 1
+
+    model.compile_blocks()  # no on_failure: the error is the caller's
+    model._compiled_graph = uncapturable
+    with torch.no_grad(), pytest.raises(CudaGraphCaptureError):
+        model(f["in.v"], f["in.a"], f["in.t"], f["in.y"])

@@ -660,13 +660,13 @@ def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
     that names the way out, and leaves no output behind."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def failing_compile(self, mode=None, **kwargs):
+    def failing_compile(self, **kwargs):
         def block(*args):
             raise BackendCompilerFailed(
                 lambda: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None
             )
 
-        real_compile_blocks(self, mode, **kwargs)
+        real_compile_blocks(self, **kwargs)
         self._compiled_blocks = [block] * len(self.blocks)
         return self
 
@@ -706,14 +706,14 @@ def test_auto_compile_policy():
     assert not auto_compile(cpu, None) and not auto_compile(cpu, 10 * AUTO_COMPILE_MIN_FRAMES)
 
 
-def _failing_compile(self, mode=None, **kwargs):
+def _failing_compile(self, **kwargs):
     """compile_blocks whose compiled blocks fail the way torch.compile does without Triton."""
     from torch._dynamo.exc import BackendCompilerFailed
 
     def block(*args):
         raise BackendCompilerFailed(lambda: None, RuntimeError("triton not found"), None)
 
-    real_compile_blocks(self, mode, **kwargs)
+    real_compile_blocks(self, **kwargs)
     self._compiled_blocks = [block] * len(self.blocks)
     return self
 

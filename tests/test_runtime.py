@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import threading
+import weakref
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from rflav_cli.cli import _flag
 from rflav_cli.errors import UsageError
 from rflav_cli.models.flav import FLAV
 from rflav_cli.runtime import (
+    CudaGraphReplay,
     Dist,
     compile_cache_dir,
     init_distributed,
@@ -98,3 +102,69 @@ def test_compile_cache_outlives_the_temporary_folder(monkeypatch, tmp_path):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     monkeypatch.setenv("RFLAV_COMPILE_CACHE", str(tmp_path / "ours"))
     assert compile_cache_dir() == tmp_path / "ours"
+
+
+class _HostGraph:
+    """What a CUDA graph does, on the host: replay reruns the captured function on the same
+    input buffers and writes into the same output buffers."""
+
+    def __init__(self, fn, static_inputs, static_outputs):
+        self.fn, self.static_inputs, self.static_outputs = fn, static_inputs, static_outputs
+
+    def replay(self) -> None:
+        for buffer, out in zip(self.static_outputs, self.fn(*self.static_inputs)):
+            buffer.copy_(out)
+
+
+class _HostGraphReplay(CudaGraphReplay):
+    """CudaGraphReplay with the CUDA capture replaced by _HostGraph, so its bookkeeping (the
+    buffers, which calls replay, whose graphs they are) runs on any machine."""
+
+    def __init__(self, fn, graph_shape=lambda shape: True):
+        super().__init__(fn, graph_shape)
+        self.captures: list[tuple[int, weakref.ref]] = []
+
+    def _replays(self, inputs):
+        return not torch.is_grad_enabled() and self.graph_shape(inputs[0].shape)
+
+    def _capture(self, inputs):
+        static_inputs = [x.clone() for x in inputs]
+        static_outputs = tuple(out.clone() for out in self.fn(*static_inputs))
+        graph = _HostGraph(self.fn, static_inputs, static_outputs)
+        self.captures.append((threading.get_ident(), weakref.ref(graph)))
+        return graph, static_inputs, static_outputs
+
+
+def test_graph_replay_copies_in_and_out_and_keeps_one_graph_per_thread_and_shape():
+    def step(x, y):
+        return x * 2 + y, x - y
+
+    replay = _HostGraphReplay(step, graph_shape=lambda shape: shape[0] == 4)
+    x, y = torch.arange(4.0), torch.ones(4)
+    with torch.no_grad():
+        first = replay(x, y)
+        second = replay(x + 10, y)  # replays the first capture over the same buffers
+        assert len(replay.captures) == 1
+        torch.testing.assert_close(first, step(x, y), rtol=0, atol=0)  # not overwritten
+        torch.testing.assert_close(second, step(x + 10, y), rtol=0, atol=0)
+        replay(torch.arange(4.0, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+        assert len(replay.captures) == 2  # a new dtype is a new graph
+        replay(torch.arange(3.0), torch.ones(3))  # a shape graph_shape rejects: called directly
+    replay(x, y)  # gradients tracked: called directly
+    assert len(replay.captures) == 2
+
+    results = {}
+
+    def other_thread():
+        with torch.no_grad():
+            results["out"] = replay(x + 1, y)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(results["out"], step(x + 1, y), rtol=0, atol=0)
+    (owner, graph), main = replay.captures[-1], threading.get_ident()
+    assert len(replay.captures) == 3 and owner != main  # the thread captured its own graph ...
+    gc.collect()
+    assert graph() is None  # ... which went with the thread
+    assert all(g() is not None for owner, g in replay.captures[:2])  # this thread's stay

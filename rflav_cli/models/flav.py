@@ -26,7 +26,7 @@ from ..config import FLAV_FLOAT_FIELDS, FLAV_SIZES, MEL_FRAMES_PER_FRAME, flav_c
 from ..errors import FileFormatError, RflavError, UsageError
 from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import local_folder
-from ..runtime import is_compile_error, persist_compile_cache
+from ..runtime import CudaGraphCaptureError, CudaGraphReplay, is_compile_error, persist_compile_cache
 from ..tensorfiles import load_safetensors, save_safetensors, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
@@ -392,6 +392,7 @@ class FLAV(nn.Module):
         self.audio_final_layer = FinalLayer(d, c.n_mels)
         self.gradient_checkpointing = c.grad_ckpt
         self._compiled_blocks: list[nn.Module] | None = None  # not sub-modules: no state-dict keys
+        self._compiled_graph: CudaGraphReplay | None = None
         self._on_compile_failure: Callable[[BaseException], None] | None = None
         self._compile_thread: threading.Thread | None = None
         self._compile_error: Exception | None = None
@@ -421,17 +422,18 @@ class FLAV(nn.Module):
     # -- inference speed ----------------------------------------------------------------------
     def compile_blocks(
         self,
-        mode: str | None = None,
         *,
         on_failure: Callable[[BaseException], None] | None = None,
         background: bool = False,
         hold: bool = False,
     ) -> "FLAV":
-        """Compile the transformer blocks for inference (torch.compile, static shapes; `mode`
-        "reduce-overhead" replays them as CUDA graphs). The blocks are identical, so they share
-        one compiled graph: compiling takes seconds rather than the minutes of the whole model,
-        for nearly the same speed. Calls that track gradients, or see fewer frames than the
-        window, keep the eager blocks.
+        """Compile the transformer blocks for inference (torch.compile, static shapes). The
+        blocks are identical, so they share one compiled graph: compiling takes seconds rather
+        than the minutes of the whole model, for nearly the same speed. On CUDA the compiled
+        blocks then replay as one CUDA graph per thread (runtime.CudaGraphReplay), captured at
+        the thread's first compiled forward: torch.compile's own CUDA graphs ("reduce-overhead")
+        keep their state per thread and fail when one thread compiles and another replays.
+        Calls that track gradients, or see fewer frames than the window, keep the eager blocks.
 
         Compilation happens in the first full-window forward, which waits for it; with
         `background`, that forward and the next ones run eagerly while a thread compiles on a
@@ -444,7 +446,8 @@ class FLAV(nn.Module):
         `on_failure` is given: then the eager blocks come back, `on_failure` gets the error, and
         all later forwards run eagerly."""
         persist_compile_cache()
-        self._compiled_blocks = [torch.compile(block, mode=mode, dynamic=False) for block in self.blocks]
+        self._compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
+        self._compiled_graph = CudaGraphReplay(self._run_compiled_blocks)
         self._on_compile_failure = on_failure
         self._compile_thread = None
         self._compile_error = None
@@ -464,6 +467,7 @@ class FLAV(nn.Module):
     def uncompile_blocks(self) -> "FLAV":
         """Back to the eager blocks."""
         self._compiled_blocks = None
+        self._compiled_graph = None
         self._on_compile_failure = None
         return self
 
@@ -512,15 +516,18 @@ class FLAV(nn.Module):
         try:
             if self._compile_error is not None:
                 raise self._compile_error
-            return self._run_blocks(blocks, v, a, v_c, a_c)
+            return self._compiled_graph(v, a, v_c, a_c)
         except Exception as err:
             report = self._on_compile_failure
-            if report is None or not is_compile_error(err):
+            if report is None or not (is_compile_error(err) or isinstance(err, CudaGraphCaptureError)):
                 raise
             self._compile_error = None
             self.uncompile_blocks()
             report(err)
             return self._run_blocks(self.blocks, v, a, v_c, a_c)  # the blocks are pure: rerun
+
+    def _run_compiled_blocks(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run_blocks(self._compiled_blocks, *inputs)
 
     @property
     def blocks_compiled(self) -> bool:
