@@ -9,7 +9,11 @@ allocator growth) are paid once per process:
 - stages: pre-roll, then two rolling frames, two VAE decodes and two vocoder pushes, in turn;
 - warm-in-thread: a VAE decode and a vocoder push on a second thread and stream, then the same
   on the main thread (do one-time costs paid on another thread carry over?);
-- concurrent: that warm-up thread runs while the main thread does the pre-roll.
+- concurrent: that warm-up thread runs while the main thread does the pre-roll;
+- preroll-calls: each model call of the pre-roll timed alone (frames it sees, seconds): are
+  the one-time costs in the first call, in each new shape, or spread?
+- preroll-profile: the pre-roll under torch.profiler, the host's costliest operations (CUDA
+  runtime calls included on GPUs).
 
 Prints one JSON object per case, times in seconds.
 """
@@ -33,12 +37,45 @@ from rflav_cli.bench import build_random_checkpoint, synchronize, timed_calls  #
 from rflav_cli.models.vocoder import StreamingVocoder  # noqa: E402
 from rflav_cli.pipeline import Pipeline  # noqa: E402
 
-CASES = ("stages", "warm-in-thread", "concurrent")
+CASES = ("stages", "warm-in-thread", "concurrent", "preroll-calls", "preroll-profile")
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
     (seconds,), out = timed_calls(fn, device, 1)
     return seconds, out
+
+
+def preroll_calls(pipe: Pipeline, sampler, dev: torch.device) -> dict:
+    """Each pre-roll model call timed alone: (frames it sees, seconds)."""
+    calls: list[tuple[int, float]] = []
+    forward = pipe.model.forward
+
+    def timed_forward(v, *args, **kwargs):
+        synchronize(dev)
+        start = time.perf_counter()
+        out = forward(v, *args, **kwargs)
+        synchronize(dev)
+        calls.append((v.shape[1], round(time.perf_counter() - start, 4)))
+        return out
+
+    pipe.model.forward = timed_forward
+    try:
+        next(sampler)
+    finally:
+        pipe.model.forward = forward
+    return {"calls": calls, "first_call_s": calls[0][1], "rest_s": round(sum(s for _, s in calls[1:]), 4)}
+
+
+def preroll_profile(sampler, dev: torch.device) -> dict:
+    """The host's costliest operations in a fresh process's pre-roll."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":  # adds the CUDA runtime calls (launches, allocations, module loads)
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        next(sampler)
+        synchronize(dev)
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return {"host_top": [(e.key, e.count, round(e.self_cpu_time_total / 1e6, 4)) for e in top]}
 
 
 def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:
@@ -92,6 +129,10 @@ def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:
             row["thread_s"], _ = timed(lambda: (thread.start(), thread.join()), dev)
             row["decode_after_s"], _ = timed(decode, dev)
             row["vocoder_after_s"], _ = timed(vocode, dev)
+        elif case == "preroll-calls":
+            row.update(preroll_calls(pipe, sampler, dev))
+        elif case == "preroll-profile":
+            row.update(preroll_profile(sampler, dev))
         else:
             done: dict = {}
             thread = threading.Thread(target=lambda: done.update(s=timed(warm_up, dev)[0]))

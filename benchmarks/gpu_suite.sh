@@ -7,7 +7,8 @@
 #                                     paths and stage costs, one stream, what the card allows
 #   bash benchmarks/gpu_suite.sh 3    generate's defaults (background compile) for 10 s and 60 s,
 #                                     compile cache cold and warm, fp32 with and without TF32,
-#                                     muxing against --no-mux, 64 clips on 1 vs 2 processes
+#                                     muxing against --no-mux, 64 clips on 1 vs 2 processes,
+#                                     where the first frame's pre-roll time goes (if time is left)
 #   bash benchmarks/gpu_suite.sh 4    rflav serve watched live for 5 minutes by the http player
 #                                     (first fragment, stalls, memory), FLAV-B/1 at batch 1
 #   bash benchmarks/gpu_suite.sh 5    against the reference code on this card (benchmarks/vs_reference.sh;
@@ -98,6 +99,11 @@ if [ "$PART" = 3 ]; then
     python3 -c "from rflav_cli.bench import build_random_checkpoint as b; b('$OUT/random-b1', '${CLIP_SIZE:-FLAV-B/1}')" >> "$LOG" 2>&1
     clips "64 clips of 10 s, batch 16, 1 process" 1
     clips "64 clips of 10 s, batch 16, 2 processes on one card" 2
+    if [ $SECONDS -lt 480 ]; then  # only if the call's 10 minutes allow it
+        step "first frame: where the pre-roll's time goes" 60 python3 benchmarks/first_frame.py \
+            --size FLAV-B/1 --device cuda --dtype bf16 --cases preroll-calls,preroll-profile
+        tail -n 2 "$LOG"
+    fi
 fi
 
 if [ "$PART" = 4 ]; then
