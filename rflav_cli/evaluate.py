@@ -374,7 +374,7 @@ def run_eval(req: EvalRequest, console=None) -> dict:
         )
 
     if launched_by_torchrun():  # feature extraction is sharded over the group
-        init_distributed(rank_device(req.device))
+        init_distributed(rank_device(req.device), backend="gloo")  # small messages; GPUs may be shared
     with _fake_folder(req, console) as (fake_dir, generated):
         fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
         fake_batches, fake_num = select_batches(

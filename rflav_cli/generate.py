@@ -266,7 +266,7 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
             params=("forever", "output"),
         )
     joins_group = launched_by_torchrun() and not dist.is_initialized()  # else a caller's (eval) group
-    ranks = init_distributed(device)
+    ranks = init_distributed(device, backend="gloo")  # small messages only; GPUs may be shared
     try:
         return _run_samples(run, ranks)
     finally:

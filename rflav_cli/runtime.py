@@ -315,25 +315,38 @@ class Dist:
 
 
 def rank_device(name: str) -> torch.device:
-    """The device named, or under torchrun on CUDA this process's own GPU (LOCAL_RANK), made
-    the current one."""
+    """The device named, or under torchrun on CUDA this process's own GPU, made the current one:
+    LOCAL_RANK's, in turn when a node runs more processes than it has GPUs."""
     device = pick_device(name)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+def check_one_process_per_gpu(device: torch.device) -> None:
+    """Training keeps one process per GPU (NCCL refuses two ranks on one device)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise UsageError(
+            f"torchrun started {processes} processes on this node, which has {gpus} visible "
+            f"GPU(s): train with --nproc-per-node {gpus} or fewer"
+        )
 
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+def init_distributed(device: torch.device, backend: str | None = None) -> Dist:
+    """Join the torchrun group when launched by torchrun: with `backend`, else NCCL on GPUs and
+    gloo on CPU. Work that only exchanges small messages (sharded generation and evaluation)
+    asks for gloo, which, unlike NCCL, lets several processes share one GPU."""
     if not launched_by_torchrun():
         return Dist()
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

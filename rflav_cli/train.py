@@ -69,7 +69,7 @@ from .requests import (
     resolve_train_config,
     resume_train_config,
 )
-from .runtime import Dist, init_distributed, rank_device
+from .runtime import Dist, check_one_process_per_gpu, init_distributed, rank_device
 from .tensorfiles import load_safetensors, save_safetensors
 
 try:
@@ -426,6 +426,7 @@ def train(
         return None
 
     device = rank_device(plan.cfg.device)
+    check_one_process_per_gpu(device)
     d = init_distributed(device)
     if d.main:
         plan.run_dir.mkdir(parents=True, exist_ok=True)

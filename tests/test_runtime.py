@@ -18,6 +18,7 @@ from rflav_cli.models.flav import FLAV
 from rflav_cli.runtime import (
     CudaGraphReplay,
     Dist,
+    check_one_process_per_gpu,
     compile_cache_dir,
     init_distributed,
     persist_compile_cache,
@@ -58,6 +59,30 @@ def test_without_torchrun_there_is_no_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed(torch.device("cpu")) == Dist(0, 1, 0)
     assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_processes_take_the_node_gpus_in_turn_and_training_keeps_one_each(monkeypatch):
+    """Generating or evaluating, a node may run more processes than it has GPUs (they share
+    them: LOCAL_RANK modulo the GPU count); training refuses that in one line."""
+    chosen: list[torch.device] = []
+    monkeypatch.setattr("rflav_cli.runtime.pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for gpus, local_rank, expected in ((1, 1, 0), (2, 3, 1), (2, 0, 0), (4, 2, 2)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert rank_device("cuda") == torch.device("cuda", expected)
+        assert chosen[-1] == torch.device("cuda", expected)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        UsageError,
+        match=r"2 processes on this node, which has 1 visible GPU\(s\): train with --nproc-per-node 1",
+    ):
+        check_one_process_per_gpu(torch.device("cuda", 0))
+    check_one_process_per_gpu(torch.device("cpu"))  # gloo on CPU: any number of processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_one_process_per_gpu(torch.device("cuda", 0))
 
 
 def test_first_signal_asks_to_stop_second_interrupts():
