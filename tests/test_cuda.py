@@ -30,7 +30,10 @@ def frames(pipe: Pipeline, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(ckpt, **kwargs) -> Pipeline:
+    """Full float32 for fp32 (no TF32): these tests compare kernels and paths, and TF32's 10-bit
+    products would turn their float32 rounding differences into larger ones."""
     model, vae = ckpt
+    kwargs.setdefault("tf32", False)
     return Pipeline.from_pretrained(str(model), vae=str(vae), device="cuda", **kwargs)
 
 
@@ -93,6 +96,16 @@ def test_cuda_graph_replay_equals_eager(ckpt):
         replayed = frames(load(ckpt, dtype=dtype, cuda_graph=True), n=14)
         assert np.abs(replayed[0].astype(int) - eager[0]).max() <= 1
         assert np.abs(replayed[1] - eager[1]).max() <= 1e-4
+
+
+def test_tf32_stream_is_close_to_full_fp32(ckpt):
+    """fp32 as the reference runs it (TF32 products, the default) against full float32."""
+    full = frames(load(ckpt, dtype="fp32"))
+    tf32 = frames(load(ckpt, dtype="fp32", tf32=True))
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert np.abs(tf32[0].astype(float) - full[0]).mean() < 1.0  # uint8 levels
+    assert np.sqrt(((tf32[1] - full[1]) ** 2).mean() / (full[1] ** 2).mean()) < 2e-2
+    load(ckpt, dtype="fp32")  # TF32 is a process-wide setting: the other tests' full float32
 
 
 def test_bf16_stream_is_close_to_fp32(ckpt):
