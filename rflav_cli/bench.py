@@ -397,6 +397,8 @@ def time_generation(
             device=device,
             dtype=dtype,
             compile=compile,
+            compile_in_background=compile_in_background,
+            cuda_graph=cuda_graph,
             overlap=overlap,
             tf32=tf32,
         )

@@ -132,3 +132,36 @@ def test_bad_input_exits_2_with_one_line(args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and message in lines[0]
     assert result.stdout == ""
+
+
+def test_timing_builds_the_pipeline_it_is_asked_for(monkeypatch):
+    """Every way of running the model that the benchmark scripts compare reaches the pipeline."""
+    from rflav_cli.pipeline import Pipeline
+
+    built: list[Pipeline] = []
+    real = Pipeline.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        built.append(real(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(recording))
+    for background, graph, overlap in ((False, True, False), (True, False, True)):
+        bench.time_generation(
+            size="tiny",
+            device="cpu",
+            dtype="fp32",
+            frames=2,
+            mux=False,
+            compile_in_background=background,
+            cuda_graph=graph,
+            overlap=overlap,
+            tf32=False,
+        )
+        pipe = built[-1]
+        assert (pipe.compile_in_background, pipe.cuda_graph, pipe.overlap, pipe.tf32) == (
+            background,
+            graph,
+            overlap,
+            False,
+        )
