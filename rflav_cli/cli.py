@@ -952,7 +952,10 @@ def bench(
         help="Frames to generate, the first quarter as warm-up [default: 50 on GPUs, 8 on CPUs].",
     ),
     compile_model: bool = typer.Option(
-        False, "--compile", help="Compile the transformer blocks, as generate --compile does."
+        False,
+        "--compile",
+        help="Compile the transformer blocks as generate --compile does, but before the first frame "
+        "(generate compiles while the first frames stream), so the steady figures are the compiled ones.",
     ),
     forward_only: bool = typer.Option(False, "--forward-only", help="Only time one model forward."),
     no_mux: bool = typer.Option(False, "--no-mux", help="Leave MP4 writing out of the generation timing."),
