@@ -184,6 +184,7 @@ class CudaGraphCaptureError(RuntimeError):
 
 
 _Captured = tuple["torch.cuda.CUDAGraph", list[torch.Tensor], tuple[torch.Tensor, ...]]
+_CAPTURE_LOCK = threading.Lock()
 
 
 class CudaGraphReplay:
@@ -249,7 +250,10 @@ class CudaGraphReplay:
         caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
+            # One capture at a time in the process: two threads' streams (serve) may not both be
+            # capturing, nor one synchronise the device while another's capture begins.
             with (
+                _CAPTURE_LOCK,
                 torch.cuda.device(device),
                 torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"),
             ):
