@@ -53,7 +53,7 @@ from .requests import (
 from .requests import (
     EVAL_METRICS as METRICS,
 )
-from .runtime import init_distributed, launched_by_torchrun, rank_device
+from .runtime import init_distributed, launched_by_torchrun, rank_device, tf32_scope
 
 __all__ = [
     "DriftRequest",
@@ -128,19 +128,22 @@ def load_feature_nets(
             metrics, i3d_path=i3d_path, audioclip_path=audioclip_path, offline=offline
         )
     dev = rank_device(device)
-    if dev.type == "cuda":  # TF32 moves I3D logits by ~1e-3; the protocol is float32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     video = None
     if weights.i3d is not None:
         i3d = load_i3d(weights.i3d).to(dev)
 
         def video(x: torch.Tensor) -> torch.Tensor:
-            return i3d(x.to(dev))
+            with tf32_scope(dev, enabled=False):  # TF32 moves I3D logits by ~1e-3; the protocol is float32
+                return i3d(x.to(dev))
 
     audio = None
     if weights.audioclip is not None:
-        audio = load_audioclip_audio(weights.audioclip).to(dev)
+        audioclip = load_audioclip_audio(weights.audioclip).to(dev)
+
+        def audio(x: torch.Tensor) -> torch.Tensor:
+            with tf32_scope(dev, enabled=False):
+                return audioclip(x)
+
     return FeatureNets(video=video, audio=audio, device=dev)
 
 

@@ -228,8 +228,11 @@ class _Outputs:
             writer.abort()
 
 
-def run_generate(req: GenerateRequest, console: Console | None = None) -> list[dict]:
+def run_generate(req: GenerateRequest, console: Console | None = None, *, alone: bool = False) -> list[dict]:
     """Generate every requested sample; return one summary per written MP4.
+
+    Under torchrun the processes share the samples out; with `alone`, this process makes them
+    all by itself and speaks to no other (one rank's sample during training).
 
     Ctrl-C or SIGTERM stops cleanly: the files being written are finalised. Ending a
     `forever` stream that way is its normal end; any other run that was stopped (or a stream
@@ -259,6 +262,8 @@ def run_generate(req: GenerateRequest, console: Console | None = None) -> list[d
         num_frames=num_frames,
         samples=[Sample(i, seed, path) for i, (seed, path) in enumerate(zip(seeds, paths))],
     )
+    if alone:
+        return _run_samples(run, Dist())
     if launched_by_torchrun() and (num_frames is None or _is_stdout(paths[0])):
         raise UsageError(
             "under torchrun, generate makes files of a fixed length: drop {forever} and give {output} "

@@ -114,6 +114,20 @@ def use_tf32(device: torch.device, enabled: bool = True) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+@contextmanager
+def tf32_scope(device: torch.device | None = None, enabled: bool | None = None) -> Iterator[None]:
+    """Within: TF32 as `enabled` on CUDA (None: as it is); after: as it was before. For work
+    that must neither change the process-wide setting nor be changed by it (a sample during
+    training builds a pipeline; the evaluation networks run in full float32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device is not None and enabled is not None:
+        use_tf32(device, enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 # ----------------------------------------------------------------------------------------
 # Compile policy
 # ----------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ A run folder holds `checkpoint-STEP/` folders in the release layout (EMA weights
 weights, EMA, optimizer, step, data position), and `latest` → the newest complete one. `.lock`
 is held by the process that trains into the folder.
 Everything random is derived from (seed, step, rank), so stopping at step N and resuming gives
-the same weights as an uninterrupted run.
+the same weights as an uninterrupted run on a CPU; GPUs' attention and convolution gradients
+accumulate in a nondeterministic order, so there the two agree up to rounding.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .data import (
 from .errors import FileFormatError
 from .files import creation_mode, read_json_object
 from .flow import flow_matching_loss, sample_training_levels
-from .generate import run_generate
+from .generate import GenerationInterrupted, run_generate
 from .hub import (
     PRESETS,
     VOCODER_FILES,
@@ -69,7 +70,14 @@ from .requests import (
     resolve_train_config,
     resume_train_config,
 )
-from .runtime import Dist, check_one_process_per_gpu, init_distributed, rank_device
+from .runtime import (
+    Dist,
+    check_one_process_per_gpu,
+    init_distributed,
+    launched_by_torchrun,
+    rank_device,
+    tf32_scope,
+)
 from .tensorfiles import load_safetensors, save_safetensors
 
 try:
@@ -427,6 +435,7 @@ def train(
 
     device = rank_device(plan.cfg.device)
     check_one_process_per_gpu(device)
+    joins_group = launched_by_torchrun() and not dist.is_initialized()
     d = init_distributed(device)
     if d.main:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -436,7 +445,10 @@ def train(
             raise TrainError(
                 f"{plan.run_dir} got a new checkpoint while this run was starting: run the command again"
             )
-        return _train(plan, device, d, console, stop)
+        written = _train(plan, device, d, console, stop)
+    if joins_group:  # every rank got here (the last barrier): leave the group as it was made
+        dist.destroy_process_group()
+    return written
 
 
 def _plan(
@@ -573,7 +585,7 @@ def _build_state(plan: _Plan, data: _Data, audio_scale: float, device: torch.dev
         run_dir=plan.run_dir,
         model=model,
         ema=_build_ema(plan, model, device),
-        optimizer=_build_optimizer(plan, model, device),
+        optimizer=_build_optimizer(plan, model),
         step=int(plan.saved.get("step", 0)),
         data_position=int(plan.saved.get("data_position", 0)),
         audio_scale=audio_scale,
@@ -619,11 +631,11 @@ def _build_ema(plan: _Plan, model: FLAV, device: torch.device) -> dict[str, torc
     return {k: v.to(device) for k, v in saved.items()}
 
 
-def _build_optimizer(plan: _Plan, model: FLAV, device: torch.device) -> torch.optim.Optimizer:
+def _build_optimizer(plan: _Plan, model: FLAV) -> torch.optim.Optimizer:
     cfg = plan.cfg
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if plan.resume is not None:
-        optimizer.load_state_dict(_optimizer_state(plan.resume / STATE_DIR / "optimizer.pt", device))
+        optimizer.load_state_dict(_optimizer_state(plan.resume / STATE_DIR / "optimizer.pt"))
         for group in optimizer.param_groups:  # the saved state holds the old ones; a resume may change them
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer
@@ -679,9 +691,12 @@ def _train_loop(
     task = progress.add_task(
         "training", total=cfg.max_steps, completed=run.step, loss=float("nan"), clips=0.0, steps=0.0
     )
+    saved_step = None  # known to every rank (only rank 0 gets the checkpoint's path)
+    stopped = False
     with progress:
         while run.step < cfg.max_steps:
-            if stop is not None and stop.is_set():
+            stopped = _stop_agreed(stop, engine)
+            if stopped:
                 break
             result = _train_step(run, engine)
             meter.add(result.loss)
@@ -691,13 +706,25 @@ def _train_loop(
                 with open(run.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(meter.take_record(run.step, result)) + "\n")
             if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
-                last_written = _save(run, ranks=d)
+                last_written, saved_step = _save(run, ranks=d), run.step
             if d.main and cfg.sample_every and run.step % cfg.sample_every == 0 and last_written is not None:
-                _sample(last_written, cfg, console)
-    stopped = stop is not None and stop.is_set()
-    if stopped and (last_written is None or not last_written.name.endswith(f"{run.step:08d}")):
+                _sample(last_written, cfg, console, stop)
+    if stopped and saved_step != run.step:
         last_written = _save(run, ranks=d)
     return last_written
+
+
+def _stop_agreed(stop: threading.Event | None, engine: _Engine) -> bool:
+    """Whether to stop before the next step, the same answer on every rank: a signal reaches
+    the ranks at slightly different moments, and ranks that went on alone would wait forever
+    in collectives the others never make."""
+    asked = stop is not None and stop.is_set()
+    if engine.ranks.world == 1:
+        return asked
+    on_gpu = dist.get_backend() == "nccl"
+    flag = torch.tensor([int(asked)], device=engine.device if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _train_step(run: _TrainState, engine: _Engine) -> _StepResult:
@@ -770,9 +797,11 @@ class _Meter:
         return record
 
 
-def _optimizer_state(path: Path, device: torch.device) -> dict:
+def _optimizer_state(path: Path) -> dict:
+    # Loaded on the CPU: load_state_dict moves the moments to their parameters' device and keeps
+    # `step` on the CPU, as AdamW wants it (a step on the GPU costs a host sync per parameter).
     try:
-        state = torch.load(path, weights_only=True, map_location=device)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise FileFormatError(f"{path} (optimizer state) is missing: {_DAMAGED}") from None
     except Exception as exc:  # noqa: BLE001 - truncated or foreign pickles fail in many ways
@@ -872,23 +901,31 @@ def _progress(console: Console, enabled: bool):
     )
 
 
-def _sample(checkpoint: Path, cfg: TrainConfig, console: Console) -> None:
-    """Write a short sample MP4 into the checkpoint from its EMA weights (first class, if any)."""
+def _sample(checkpoint: Path, cfg: TrainConfig, console: Console, stop: threading.Event | None) -> None:
+    """Write a short sample MP4 into the checkpoint from its EMA weights (first class, if any),
+    in this process alone (the other ranks wait for it at the next step), leaving the
+    process-wide TF32 setting as training had it. A Ctrl-C while it runs stops the training."""
     classes = read_side_file(checkpoint).get("class_names") or []
     try:
-        run_generate(
-            GenerateRequest(
-                model=str(checkpoint),
-                label=classes[0] if classes else None,
-                frames=cfg.sample_frames,
-                seed=cfg.seed,
-                output=checkpoint / "sample.mp4",
-                quiet=True,
-                device=cfg.device,
-                dtype="fp32",
-                overwrite=True,
-            ),
-            console,
-        )
+        with tf32_scope():
+            run_generate(
+                GenerateRequest(
+                    model=str(checkpoint),
+                    label=classes[0] if classes else None,
+                    frames=cfg.sample_frames,
+                    seed=cfg.seed,
+                    output=checkpoint / "sample.mp4",
+                    quiet=True,
+                    device=cfg.device,
+                    dtype="fp32",
+                    overwrite=True,
+                ),
+                console,
+                alone=True,
+            )
+    except GenerationInterrupted:
+        if stop is None:
+            raise
+        stop.set()  # the checkpoint of this step is saved: the loop ends without another
     except Exception as err:  # a sample is a courtesy: never stop training for it
         console.print(f"[yellow]sample at {checkpoint.name} failed: {err}")

@@ -27,6 +27,7 @@ from rflav_cli.runtime import (
     rank_device,
     resolve_device,
     stop_on_signals,
+    tf32_scope,
     use_tf32,
 )
 
@@ -106,6 +107,16 @@ def test_tf32_is_set_for_cuda_only():
         use_tf32(torch.device("cuda"))
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         use_tf32(torch.device("cuda", 1), enabled=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+        # A scope leaves the setting as it found it, whatever is set inside.
+        with tf32_scope(torch.device("cuda"), enabled=True):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            use_tf32(torch.device("cuda"), enabled=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with tf32_scope():  # no change inside
+            assert not torch.backends.cuda.matmul.allow_tf32
+            use_tf32(torch.device("cuda"))  # e.g. a pipeline built inside
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

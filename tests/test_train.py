@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from rflav_cli import train as train_mod
 from rflav_cli.cli import app
 from rflav_cli.data import open_training_data
 from rflav_cli.hub import write_side_file
-from rflav_cli.media import find_ffmpeg
+from rflav_cli.media import find_ffmpeg, probe
 from rflav_cli.models.flav import FLAV
 from rflav_cli.models.vocoder import HiFiGAN
 
@@ -293,16 +295,16 @@ def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monk
     assert not list(run.glob(".checkpoint-*"))
 
 
-def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
-    run = tmp_path / "ddp"
-    cmd = [
+def _torchrun_train(data, assets, run: Path, port: int, *flags: str) -> list[str]:
+    """A 2-process gloo training command on the CPU (an explicit free port: torchrun's own pick hangs)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         "-m",
         "rflav_cli",
         "train",
@@ -321,13 +323,19 @@ def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
         "3",
         "--batch-size",
         "1",
-        "--max-steps",
-        "3",
-        "--save-every",
-        "3",
         "--device",
         "cpu",
+        *flags,
     ]
+
+
+def test_two_process_gloo_run_keeps_ranks_equal_and_samples_on_rank_0_alone(data, assets, tmp_path):
+    """Rank 0's sample at a checkpoint is made by rank 0 alone while the other rank waits at the
+    next step (a sample that called on the group would wait forever for the other rank)."""
+    run = tmp_path / "ddp"
+    cmd = _torchrun_train(
+        data, assets, run, 29517, "--max-steps", "3", "--save-every", "3", "--sample-every", "3"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -335,6 +343,35 @@ def test_two_process_gloo_run_keeps_ranks_equal(data, assets, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 3
     a, b = state["rank_weight_checksums"]
     assert a == b
+    assert "sample at" not in proc.stderr  # no "sample ... failed" line
+    sample = run / "latest" / "sample.mp4"
+    assert sample.is_file() and probe(sample).duration > 0
+
+
+def test_two_process_run_stopped_by_a_signal_saves_the_same_step_on_both_ranks(data, assets, tmp_path):
+    """torchrun passes Ctrl-C on to each rank at its own moment; the ranks agree on the step
+    to stop at, save it together and end."""
+    run = tmp_path / "ddp"
+    flags = ("--max-steps", "100000", "--save-every", "100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(_torchrun_train(data, assets, run, 29518, *flags), env=env, stderr=log)
+        try:
+            deadline = time.monotonic() + 240
+            metrics = run / "metrics.jsonl"
+            while not metrics.is_file():  # the first record: step 10
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    state = json.loads((run / "latest" / "training_state" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] >= 10
+    a, b = state["rank_weight_checksums"]
+    assert a == b
+    assert not list(run.glob(".checkpoint-*"))
 
 
 def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp_path):
@@ -378,3 +415,23 @@ def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp
     side = json.loads((last / "rflav.json").read_text())
     assert side["autoencoder"] == str(vae) and side["class_names"] == ["a", "b"]
     assert (last / "sample.mp4").stat().st_size > 0  # the periodic sample, from the EMA weights
+
+
+def test_ctrl_c_during_a_training_sample_stops_the_training(tmp_path, monkeypatch):
+    """A sample runs under generate's own signal handling: the Ctrl-C it takes is the
+    training's, so the loop ends (its checkpoint is saved), and without a stop event it propagates."""
+    import threading
+
+    from rflav_cli.generate import GenerationInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise GenerationInterrupted("stopped", [], signal.SIGINT)
+
+    monkeypatch.setattr(train_mod, "run_generate", interrupted)
+    stop = threading.Event()
+    checkpoint = tmp_path / "checkpoint-00000003"
+    checkpoint.mkdir()
+    train_mod._sample(checkpoint, train_mod.TrainConfig(data=tmp_path), Console(file=io.StringIO()), stop)
+    assert stop.is_set()
+    with pytest.raises(GenerationInterrupted):
+        train_mod._sample(checkpoint, train_mod.TrainConfig(data=tmp_path), Console(file=io.StringIO()), None)
