@@ -381,6 +381,11 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
                 dist.all_reduce(count)
                 done_everywhere += int(count.item())
                 progress.update(overall, completed=done_everywhere)
+    if pipe.model.compiling and not interrupted:
+        # Compiled code lands in the cache for the next runs once the compiler is done; and a
+        # process that exits while a thread compiles may abort on its way out.
+        with console.status("finishing the compilation for the next runs") if not quiet else _null():
+            pipe.model.wait_compiled()
     if ranks.world > 1 and not interrupted:
         gathered: list = [None] * ranks.world
         dist.all_gather_object(gathered, summaries)

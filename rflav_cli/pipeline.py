@@ -91,9 +91,9 @@ class HostCopy:
         self.event = None
         if tensor.device.type == "cuda":
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self.host.copy_(tensor, non_blocking=True)
+            self.host.copy_(tensor, non_blocking=True)  # queued on the tensor's device's current stream
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(tensor.device))
         else:
             self.host = tensor.detach().to("cpu")
 
@@ -622,7 +622,8 @@ class Pipeline:
     def warm_up(self) -> None:
         """Pay a stream's one-time costs now: every pre-roll shape, the rolling step, VAE decoding
         and vocoding (kernel loading, algorithm choices, memory pools) and, with `compile`, the
-        compilation, on a throwaway stream of batch 1. A server calls this before it takes
+        compilation, on a throwaway stream of batch 1 (and, for a class-conditional model, one
+        with guidance, whose model calls have batch 2). A server calls this before it takes
         viewers, so that a viewer's first frames come at the steady speed. Outputs of later
         streams are unchanged (every draw comes from the seeds).
 
@@ -652,6 +653,12 @@ class Pipeline:
             self.model.wait_compiled()
             next(generation)  # the compiled blocks' first run (on CUDA, a graph is captured here)
         generation.finish()
+        if label is not None:  # guidance doubles the model's batch: a second shape to prepare
+            guided = self.generate(num_frames=None, seeds=[0], label=label, cfg_scale=2.0)
+            next(guided)
+            if self.compile:
+                next(guided)  # the compiled blocks meet the guided batch (compiled here, not later)
+            guided.finish()
 
     # -- generation ---------------------------------------------------------------------------
     def generate(

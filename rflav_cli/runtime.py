@@ -166,7 +166,10 @@ def auto_compile(device: torch.device, num_frames: int | None, guided: bool = Fa
 
 
 def is_compile_error(err: BaseException) -> bool:
-    """True for the errors torch.compile raises when it cannot compile (no C++ compiler, …)."""
+    """True for the errors of making the compiled blocks: torch.compile's when it cannot compile
+    (no C++ compiler, …), and a CUDA graph that cannot be captured."""
+    if isinstance(err, CudaGraphCaptureError):
+        return True
     # `import torch` does not load the compiler stack; a compiler error means it is loaded.
     exc = sys.modules.get("torch._dynamo.exc")
     return exc is not None and isinstance(err, exc.TorchDynamoException)
@@ -201,6 +204,22 @@ _Captured = tuple["torch.cuda.CUDAGraph", list[torch.Tensor], tuple[torch.Tensor
 _CAPTURE_LOCK = threading.Lock()
 
 
+@contextmanager
+def _own_cublas_workspace() -> Iterator[None]:
+    """cuBLAS keeps a workspace per (handle, stream) and a graph bakes in its address. Cleared
+    before the capture, the graph's workspace is allocated in the graph's own memory pool;
+    cleared after, no later product on a stream of the same number (streams come from a pool)
+    shares it, nor frees it under the graph (torch's own graph capture does the same)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear()
+
+
 class CudaGraphReplay:
     """Run a function of tensors as a CUDA graph of its kernels, one graph per input shape: the
     host queues one replay instead of hundreds of kernels, so the step's speed no longer follows
@@ -229,7 +248,8 @@ class CudaGraphReplay:
         if not self._replays(inputs):
             return self.fn(*inputs)
         graphs = self._thread_graphs()
-        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        # Buffers made in inference mode cannot be written outside it (and vice versa for autograd).
+        key = (torch.is_inference_mode_enabled(), *((x.shape, x.dtype, x.device) for x in inputs))
         if key not in graphs:
             graphs[key] = self._capture(inputs)
         graph, static_inputs, static_outputs = graphs[key]
@@ -269,6 +289,7 @@ class CudaGraphReplay:
             with (
                 _CAPTURE_LOCK,
                 torch.cuda.device(device),
+                _own_cublas_workspace(),
                 torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"),
             ):
                 static_outputs = tuple(self.fn(*static_inputs))
@@ -333,11 +354,13 @@ class Dist:
 
 
 def rank_device(name: str) -> torch.device:
-    """The device named, or under torchrun on CUDA this process's own GPU, made the current one:
-    LOCAL_RANK's, in turn when a node runs more processes than it has GPUs."""
+    """The device named, or under torchrun on CUDA this process's own GPU (LOCAL_RANK's, in
+    turn when a node runs more processes than it has GPUs). A GPU chosen by number is made
+    the current one: work queued without naming a device (events, streams) goes there too."""
     device = pick_device(name)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 

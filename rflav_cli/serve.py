@@ -607,7 +607,12 @@ def load_served_models(req: ServeRequest, devices: Sequence[torch.device]) -> li
                 on_compile_failure=None if req.compile else partial(_compile_failed, name, device),
             )
             _log(f"warming up {model}" + (" (compiling)" if pipes[str(device)].compile else ""))
-            pipes[str(device)].warm_up()
+            try:
+                pipes[str(device)].warm_up()
+            except Exception as err:
+                if req.compile and is_compile_error(err):  # asked for, and it cannot work here
+                    raise UsageError(compile_failure_message(err)) from err
+                raise
         models.append(ServedModel(name, pipes))
     return models
 

@@ -756,3 +756,39 @@ def test_failed_automatic_compile_goes_on_eagerly(ckpt, tmp_path, monkeypatch):
     assert json.loads(result.stdout)["compiled"] is False and result.stderr.strip() == ""
     ours, theirs = (np.stack(list(read_video_frames(p, size=64))) for p in (auto, eager))
     assert ours.shape[0] == 4 and np.array_equal(ours, theirs)
+
+
+def test_a_compilation_still_running_when_the_samples_are_done_is_waited_for(ckpt, tmp_path, monkeypatch):
+    """A short run can end before its background compilation: generate waits for it (its code is
+    cached for the next runs) rather than exit under a compiling thread."""
+    compiled: list[FLAV] = []
+
+    def slow_compile(self, blocks, inference, *inputs):
+        compiled.append(self)
+        time.sleep(2)
+        self._compiled_blocks = list(self.blocks)  # stands in for the compiled ones
+        self._compiled_ready.set()
+
+    monkeypatch.setattr(FLAV, "_compile_in_background", slow_compile)
+    out = tmp_path / "c.mp4"
+    result = run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--compile",
+        "--quiet",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    (model,) = compiled
+    assert not model.compiling and model.wait_compiled(timeout=0)
+    assert int(ffprobe(out)["video"]["nb_read_frames"]) == 3

@@ -132,3 +132,25 @@ def test_warm_up_changes_no_later_stream(tmp_path):
     warm.warm_up()
     for a, b in zip(cold.generate(num_frames=6, seeds=[3]), warm.generate(num_frames=6, seeds=[3])):
         assert np.array_equal(a.video, b.video) and np.array_equal(a.audio, b.audio)
+
+
+def test_warm_up_meets_every_batch_a_stream_can_have_on_a_thread_of_its_own(tmp_path):
+    """A class-conditional model's streams call the model at batch 1, or 2 with guidance (the
+    conditional and null-class passes together): warming up meets both, off the caller's thread."""
+    import threading
+
+    model = tiny.build_tiny_model(tmp_path / "m", num_classes=3, class_names=["a", "b", "c"])
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    pipe = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32")
+    calls: set[tuple[int, int, str]] = set()
+    forward = pipe.model.forward
+
+    def recorded(v, *args, **kwargs):
+        calls.add((v.shape[0], v.shape[1], threading.current_thread().name))
+        return forward(v, *args, **kwargs)
+
+    pipe.model.forward = recorded
+    pipe.warm_up()
+    window = pipe.model.window
+    assert {(1, window, "rflav-warm-up"), (2, window, "rflav-warm-up")} <= calls
+    assert {name for _, _, name in calls} == {"rflav-warm-up"}

@@ -86,6 +86,20 @@ def test_torchrun_processes_take_the_node_gpus_in_turn_and_training_keeps_one_ea
     check_one_process_per_gpu(torch.device("cuda", 0))
 
 
+def test_a_gpu_chosen_by_number_becomes_the_current_one(monkeypatch):
+    """Events and streams made without naming a device go to the current one: with --device
+    cuda:1 that must be GPU 1, not GPU 0."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr("rflav_cli.runtime.pick_device", lambda name: torch.device(name))
+    assert rank_device("cuda:1") == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)]
+    rank_device("cuda")  # the current GPU stays the current one
+    rank_device("cpu")
+    assert chosen == [torch.device("cuda", 1)]
+
+
 def test_first_signal_asks_to_stop_second_interrupts():
     before = signal.getsignal(signal.SIGTERM)
     with stop_on_signals() as stop:
@@ -188,6 +202,12 @@ def test_graph_replay_copies_in_and_out_and_keeps_one_graph_per_thread_and_shape
         replay(torch.arange(3.0), torch.ones(3))  # a shape graph_shape rejects: called directly
     replay(x, y)  # gradients tracked: called directly
     assert len(replay.captures) == 2
+    with torch.inference_mode():  # its buffers would be inference tensors: a graph of its own
+        torch.testing.assert_close(replay(x, y), step(x, y), rtol=0, atol=0)
+    assert len(replay.captures) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(replay(x + 2, y), step(x + 2, y), rtol=0, atol=0)
+    assert len(replay.captures) == 3
 
     results = {}
 
@@ -200,7 +220,7 @@ def test_graph_replay_copies_in_and_out_and_keeps_one_graph_per_thread_and_shape
     thread.join()
     torch.testing.assert_close(results["out"], step(x + 1, y), rtol=0, atol=0)
     (owner, graph), main = replay.captures[-1], threading.get_ident()
-    assert len(replay.captures) == 3 and owner != main  # the thread captured its own graph ...
+    assert len(replay.captures) == 4 and owner != main  # the thread captured its own graph ...
     gc.collect()
     assert graph() is None  # ... which went with the thread
-    assert all(g() is not None for owner, g in replay.captures[:2])  # this thread's stay
+    assert all(g() is not None for owner, g in replay.captures[:3])  # this thread's stay

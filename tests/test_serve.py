@@ -28,6 +28,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from rflav_cli.cli import app
+from rflav_cli.errors import UsageError
 from rflav_cli.pipeline import Pipeline
 from rflav_cli.requests import ServeRequest, check_serve_request, is_loopback_host
 from rflav_cli.serve import (
@@ -649,3 +650,32 @@ def test_a_failed_compilation_that_was_asked_for_ends_the_stream_with_one_line(c
         f"rflav: stream {stream.id} failed ({stream.error}) after 0 frames"
     ]
     assert limit.running == 0 and limit.running_per_device() == {"cpu": 0}
+
+
+def test_a_compilation_asked_for_that_fails_while_warming_up_is_one_line(monkeypatch):
+    """serve --compile compiles while warming up, before it takes viewers: if that cannot work
+    (no compiler, or a CUDA graph that cannot be captured), serve ends with the one line that
+    says why and how to do without, not a traceback."""
+    from rflav_cli.runtime import CudaGraphCaptureError
+
+    for failure in (
+        torch._dynamo.exc.TorchDynamoException("Traceback ...\nInvalidCxxCompiler: No working C++ compiler"),
+        CudaGraphCaptureError("CUDA graph capture failed: operation not permitted when stream is capturing"),
+    ):
+
+        def failing_warm_up(failure=failure):
+            raise failure
+
+        monkeypatch.setattr(
+            Pipeline,
+            "from_pretrained",
+            lambda *args, **kwargs: types.SimpleNamespace(compile=True, warm_up=failing_warm_up),
+        )
+        with pytest.raises(UsageError) as caught:
+            load_served_models(ServeRequest(models=["ball"], compile=True), [torch.device("cpu")])
+        message = str(caught.value)
+        assert message.startswith("--compile failed (") and "run without --compile" in message
+        assert "\n" not in message and str(failure).splitlines()[-1] in message
+        # Chosen by default instead, a failure while warming up is not turned into this line.
+        with pytest.raises(type(failure)):
+            load_served_models(ServeRequest(models=["ball"], compile=None), [torch.device("cpu")])

@@ -26,7 +26,7 @@ from ..config import FLAV_FLOAT_FIELDS, FLAV_SIZES, MEL_FRAMES_PER_FRAME, flav_c
 from ..errors import FileFormatError, RflavError, UsageError
 from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import local_folder
-from ..runtime import CudaGraphCaptureError, CudaGraphReplay, is_compile_error, persist_compile_cache
+from ..runtime import CudaGraphReplay, is_compile_error, persist_compile_cache
 from ..tensorfiles import load_safetensors, save_safetensors, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
@@ -447,6 +447,11 @@ class FLAV(nn.Module):
         all later forwards run eagerly."""
         persist_compile_cache()
         self._compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
+        # The blocks share one code object, compiled once per device, precision and shape they
+        # meet (a copy per GPU in serve, guided batches twice as large): torch's default limit
+        # of 8 versions would leave the rest eager.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
         self._compiled_graph = CudaGraphReplay(self._run_compiled_blocks)
         self._on_compile_failure = on_failure
         self._compile_thread = None
@@ -486,11 +491,13 @@ class FLAV(nn.Module):
             and self._compiled_blocks is not None
         )
 
-    def _compile_in_background(self, blocks: list[nn.Module], *inputs: torch.Tensor) -> None:
+    def _compile_in_background(self, blocks: list[nn.Module], inference: bool, *inputs: torch.Tensor) -> None:
         # The thread's current CUDA device is the first GPU's until set: make it the model's.
         device = torch.cuda.device(inputs[0].device) if inputs[0].is_cuda else contextlib.nullcontext()
+        # The caller's mode, which the compiled code is specialised for.
+        no_grad = torch.inference_mode() if inference else torch.no_grad()
         try:
-            with torch.no_grad(), device:
+            with no_grad, device:
                 self._run_blocks(blocks, *inputs)
         except Exception as err:  # noqa: BLE001 - handed to the forward that would use the blocks
             self._compile_error = err
@@ -501,13 +508,16 @@ class FLAV(nn.Module):
         self, v: torch.Tensor, a: torch.Tensor, v_c: torch.Tensor, a_c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks' forward through the compiled blocks once they are ready, eager until then."""
-        blocks = self._compiled_blocks
+        # Read once: another thread (a stream of serve) may give the compiled blocks up meanwhile.
+        blocks, graph = self._compiled_blocks, self._compiled_graph
+        if blocks is None or graph is None:
+            return self._run_blocks(self.blocks, v, a, v_c, a_c)
         if not self._compiled_ready.is_set():
             if self._compile_thread is None and self._compile_gate.is_set():
                 inputs = [x.detach().clone() for x in (v, a, v_c, a_c)]
                 self._compile_thread = threading.Thread(
                     target=self._compile_in_background,
-                    args=(blocks, *inputs),
+                    args=(blocks, torch.is_inference_mode_enabled(), *inputs),
                     name="rflav-compile",
                     daemon=True,
                 )
@@ -516,10 +526,10 @@ class FLAV(nn.Module):
         try:
             if self._compile_error is not None:
                 raise self._compile_error
-            return self._compiled_graph(v, a, v_c, a_c)
+            return graph(v, a, v_c, a_c)
         except Exception as err:
             report = self._on_compile_failure
-            if report is None or not (is_compile_error(err) or isinstance(err, CudaGraphCaptureError)):
+            if report is None or not is_compile_error(err):
                 raise
             self._compile_error = None
             self.uncompile_blocks()
@@ -527,7 +537,13 @@ class FLAV(nn.Module):
             return self._run_blocks(self.blocks, v, a, v_c, a_c)  # the blocks are pure: rerun
 
     def _run_compiled_blocks(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run_blocks(self._compiled_blocks, *inputs)
+        return self._run_blocks(self._compiled_blocks or self.blocks, *inputs)  # given up: eager
+
+    @property
+    def compiling(self) -> bool:
+        """A background compilation is running."""
+        thread = self._compile_thread
+        return thread is not None and thread.is_alive()
 
     @property
     def blocks_compiled(self) -> bool:
