@@ -50,7 +50,7 @@ gen() {  # title, timeout, generate.py arguments
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-    step "GPU tests" 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step "GPU tests" 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
     tail -n 3 "$LOG"
     gen "batch 1 eager" 60 --frames 200
     gen "batch 1 compiled (cold cache)" 120 --frames 300 --compile
@@ -71,7 +71,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
 fi
 
 if [ "$PART" = 3 ]; then
-    step "GPU tests" 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step "GPU tests" 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
     tail -n 3 "$LOG"
     export RFLAV_COMPILE_CACHE="$OUT/compile-cache"  # starts empty: the first run below is cold
     rm -rf "$RFLAV_COMPILE_CACHE"
