@@ -146,18 +146,9 @@ def test_timing_builds_the_pipeline_it_is_asked_for(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(recording))
+    tiny_run = dict(size="tiny", device="cpu", dtype="fp32", frames=2, mux=False, tf32=False)
     for background, graph, overlap in ((False, True, False), (True, False, True)):
-        bench.time_generation(
-            size="tiny",
-            device="cpu",
-            dtype="fp32",
-            frames=2,
-            mux=False,
-            compile_in_background=background,
-            cuda_graph=graph,
-            overlap=overlap,
-            tf32=False,
-        )
+        bench.time_generation(**tiny_run, compile_in_background=background, cuda_graph=graph, overlap=overlap)
         pipe = built[-1]
         assert (pipe.compile_in_background, pipe.cuda_graph, pipe.overlap, pipe.tf32) == (
             background,

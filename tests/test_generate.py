@@ -655,6 +655,27 @@ def test_decoding_and_vocoding_run_on_the_output_stream(ckpt, monkeypatch):
 real_compile_blocks = FLAV.compile_blocks
 
 
+def _generate_compiled(ckpt, out: Path):
+    """`generate --compile` of 3 frames of the tiny checkpoint on the CPU."""
+    return run_cli(
+        "generate",
+        "--model",
+        str(ckpt["model"]),
+        "--vae",
+        str(ckpt["vae"]),
+        "--frames",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--compile",
+        "--quiet",
+        "-o",
+        str(out),
+    )
+
+
 def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
     """Without what torch.compile needs (e.g. no C++ compiler), --compile ends with one line
     that names the way out, and leaves no output behind."""
@@ -672,23 +693,7 @@ def test_compile_failure_is_one_line(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FLAV, "compile_blocks", failing_compile)
     out = tmp_path / "c.mp4"
-    result = run_cli(
-        "generate",
-        "--model",
-        str(ckpt["model"]),
-        "--vae",
-        str(ckpt["vae"]),
-        "--frames",
-        "3",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--compile",
-        "--quiet",
-        "-o",
-        str(out),
-    )
+    result = _generate_compiled(ckpt, out)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--compile failed" in lines[0] and "without --compile" in lines[0]
@@ -771,23 +776,7 @@ def test_a_compilation_still_running_when_the_samples_are_done_is_waited_for(ckp
 
     monkeypatch.setattr(FLAV, "_compile_in_background", slow_compile)
     out = tmp_path / "c.mp4"
-    result = run_cli(
-        "generate",
-        "--model",
-        str(ckpt["model"]),
-        "--vae",
-        str(ckpt["vae"]),
-        "--frames",
-        "3",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--compile",
-        "--quiet",
-        "-o",
-        str(out),
-    )
+    result = _generate_compiled(ckpt, out)
     assert result.exit_code == 0, result.output
     (model,) = compiled
     assert not model.compiling and model.wait_compiled(timeout=0)
