@@ -408,13 +408,16 @@ class Pipeline:
         The sound comes from the checkpoint's HiFi-GAN (`vocoder/`), or from Griffin-Lim when
         its rflav.json says ``"vocoder": "griffin-lim"`` (trained without a neural vocoder) or
         `griffin_lim` asks for it; a checkpoint whose vocoder files are missing is an error.
-        `compile` compiles the transformer blocks (CUDA graphs on GPUs) for faster frames: on a
-        thread while the first frames come from the eager blocks (`compile_in_background`), or in
-        the first full-window step, which then waits for it. A failed compilation raises, unless
-        `on_compile_failure` is given: then it gets the reason and the stream goes on eagerly.
+        `compile` compiles the transformer blocks for faster frames: on a thread while the first
+        frames come from the eager blocks (`compile_in_background`), or in the first full-window
+        step, which then waits for it. A failed compilation raises, unless `on_compile_failure` is
+        given: then it gets the reason and the stream goes on eagerly.
         `overlap` (CUDA) decodes and vocodes on a second stream while the next frames sample.
         `cuda_graph` (CUDA, without `compile`) replays each full-window model call as a CUDA graph
         of the eager kernels, so the host queues one replay per call.
+        On CUDA the compiled blocks (and with `cuda_graph` the model calls) replay as CUDA graphs
+        that each generating thread captures for itself at its first full-window step; a graph
+        holds the memory of one forward and is freed when its thread ends.
         `tf32` (CUDA) computes float32 matrix products in TensorFloat-32, as the reference code
         does (a process-wide torch setting); False keeps full float32.
         `device` is a name (auto, cpu, cuda, cuda:N, mps; None: auto) or a torch.device; the
