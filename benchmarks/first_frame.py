@@ -11,7 +11,10 @@ allocator growth) are paid once per process:
   on the main thread (do one-time costs paid on another thread carry over?);
 - concurrent: that warm-up thread runs while the main thread does the pre-roll;
 - preroll-calls: each model call of the pre-roll timed alone (frames it sees, seconds): are
-  the one-time costs in the first call, in each new shape, or spread?
+  the one-time costs in the first call, in each new shape, or spread? The pipeline's pre-roll:
+  full windows on GPUs;
+- preroll-calls-prefix: the same with the leading-frames shortcut of causal models (1 to W
+  frames per call, as on CPUs);
 - preroll-profile: the pre-roll under torch.profiler, the host's costliest operations (CUDA
   runtime calls included on GPUs).
 
@@ -33,11 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rflav_cli import pipeline as pipeline_module  # noqa: E402
 from rflav_cli.bench import build_random_checkpoint, synchronize, timed_calls  # noqa: E402
 from rflav_cli.models.vocoder import StreamingVocoder  # noqa: E402
 from rflav_cli.pipeline import Pipeline  # noqa: E402
 
-CASES = ("stages", "warm-in-thread", "concurrent", "preroll-calls", "preroll-profile")
+CASES = ("stages", "warm-in-thread", "concurrent", "preroll-calls", "preroll-calls-prefix", "preroll-profile")
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -79,6 +83,9 @@ def preroll_profile(sampler, dev: torch.device) -> dict:
 
 
 def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:
+    if case == "preroll-calls-prefix":  # the shortcut whatever the device: the model is causal
+        sample = pipeline_module.rolling_sample
+        pipeline_module.rolling_sample = lambda *args, **kwargs: sample(*args, **{**kwargs, "causal": True})
     pipe = Pipeline.from_pretrained(model, vae=vae, device=device, dtype=dtype)
     dev = pipe.device
     label = 0 if pipe.model.num_classes > 0 else None
@@ -129,7 +136,7 @@ def run_case(case: str, model: str, vae: str, device: str, dtype: str) -> dict:
             row["thread_s"], _ = timed(lambda: (thread.start(), thread.join()), dev)
             row["decode_after_s"], _ = timed(decode, dev)
             row["vocoder_after_s"], _ = timed(vocode, dev)
-        elif case == "preroll-calls":
+        elif case in ("preroll-calls", "preroll-calls-prefix"):
             row.update(preroll_calls(pipe, sampler, dev))
         elif case == "preroll-profile":
             row.update(preroll_profile(sampler, dev))

@@ -733,7 +733,11 @@ class Pipeline:
             steps=steps,
             noise=_per_sample_noise(generators, v_shape, a_shape, self.device),
             guide=guide,
-            causal=cfg.causal_attn,
+            # The pre-roll's leading-frames shortcut saves compute, which is the cost on CPUs. On
+            # a GPU a short call costs about what a full one does (the host's launches), while each
+            # new length may pay one-time kernel costs of its own: every call has the full window
+            # (the same frames up to rounding; benchmarks/first_frame.py times both).
+            causal=cfg.causal_attn and self.device.type != "cuda",
         )
         return Generation(
             frames,

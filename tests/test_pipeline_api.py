@@ -154,3 +154,34 @@ def test_warm_up_meets_every_batch_a_stream_can_have_on_a_thread_of_its_own(tmp_
     window = pipe.model.window
     assert {(1, window, "rflav-warm-up"), (2, window, "rflav-warm-up")} <= calls
     assert {name for _, _, name in calls} == {"rflav-warm-up"}
+
+
+def test_a_full_window_preroll_makes_the_frames_of_the_leading_frames_one(tmp_path, monkeypatch):
+    """On GPUs every pre-roll call has the full window; on CPUs a causal model's pre-roll calls
+    only the frames that move. The frames agree up to float32 rounding."""
+    import rflav_cli.pipeline as pipeline_module
+
+    model = tiny.build_tiny_model(tmp_path / "m")
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    pipe = Pipeline.from_pretrained(str(model), vae=str(vae), device="cpu", dtype="fp32")
+    assert pipe.model.config.causal_attn
+    lengths: list[int] = []
+    forward = pipe.model.forward
+
+    def recorded(v, *args, **kwargs):
+        lengths.append(v.shape[1])
+        return forward(v, *args, **kwargs)
+
+    pipe.model.forward = recorded
+    prefix = list(pipe.generate(num_frames=4, seeds=[0]))
+    assert min(lengths) == 1  # the CPU's way
+    sample = pipeline_module.rolling_sample
+    monkeypatch.setattr(
+        pipeline_module, "rolling_sample", lambda *a, **k: sample(*a, **{**k, "causal": False})
+    )
+    lengths.clear()
+    full = list(pipe.generate(num_frames=4, seeds=[0]))
+    assert set(lengths) == {pipe.model.window}  # the GPU's way: one shape
+    for a, b in zip(prefix, full):
+        assert np.abs(a.video.astype(int) - b.video.astype(int)).max() <= 1
+        assert np.abs(a.audio - b.audio).max() <= 1e-5
