@@ -55,7 +55,8 @@ def data(tmp_path_factory) -> Path:
         _video(folder / "one.mp4", pattern, tone, 1.5)
         _video(folder / "two.mp4", pattern, tone + 100, 1.2)
     _video(root / "train" / "a" / "silent.mp4", "testsrc", 0, 1.0, audio=False)
-    (root / "train" / "b" / "broken.mp4").write_bytes(os.urandom(3000))
+    # Fixed junk: random bytes now and then pass for an audio-only format ("no video").
+    (root / "train" / "b" / "broken.mp4").write_bytes(b"this is not a video file\n" * 120)
     return root
 
 
