@@ -805,8 +805,8 @@ def main() -> None:
     finally:
         server.stop()
 
-    if args.json:
-        print(json.dumps(report, indent=2))
+    if args.json:  # one line: a log's last lines hold all of it
+        print(json.dumps(report))
         return
     s, c = report["stream"], report["crowd"]
     print(

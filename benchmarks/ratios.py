@@ -19,8 +19,10 @@ def load(path: Path) -> dict[tuple[str, int, int], dict]:
             run = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(run, dict):
+            continue
         batch = run.get("batch", run.get("batch_size"))
-        if isinstance(run, dict) and "total_s" in run and batch is not None:
+        if "total_s" in run and batch is not None:
             runs[run.get("impl", "rflav"), int(run["frames"]), int(batch)] = run
     return runs
 

@@ -7,7 +7,8 @@
 #
 # REF is an unpacked copy of the reference repository (not part of this project) and REF_BENCH
 # the script that times its own generation path. Each run is a fresh process; the JSON lines go
-# to $OUT/vs_reference.jsonl and the ratios are printed at the end (benchmarks/ratios.py).
+# to $OUT/vs_reference.jsonl (their messages to vs_reference.err) and the ratios are printed at
+# the end (benchmarks/ratios.py).
 set -u
 OUT=${OUT:-gpu-results}
 REF=${REF:?set REF to the reference code folder}
@@ -16,17 +17,18 @@ LIMIT=${LIMIT:-240}      # seconds per run
 CASES=${CASES:-"100:1 600:1 100:16 600:16"}   # frames:batch
 mkdir -p "$OUT"
 LOG="$OUT/vs_reference.jsonl"
+ERR="$OUT/vs_reference.err"  # both sides' messages, for a run that failed
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 
 for case in $CASES; do
     frames=${case%%:*} batch=${case##*:}
     start=$SECONDS
-    line=$(timeout "$LIMIT" python3 "$REF_BENCH" --ref "$REF" --frames "$frames" --batch "$batch" 2>/dev/null | tail -n 1)
+    line=$(timeout "$LIMIT" python3 "$REF_BENCH" --ref "$REF" --frames "$frames" --batch "$batch" 2>>"$ERR" | tail -n 1)
     echo "reference $frames frames, batch $batch: ${line:-failed} ($((SECONDS - start)) s)" >&2
     [ -n "$line" ] && echo "$line" >> "$LOG"
     start=$SECONDS
     line=$(timeout "$LIMIT" python3 benchmarks/generate.py --size FLAV-B/1 --device cuda --frames "$frames" \
-        --batch-size "$batch" --defaults --json 2>/dev/null | tail -n 1)
+        --batch-size "$batch" --defaults --json 2>>"$ERR" | tail -n 1)
     echo "rflav $frames frames, batch $batch: ${line:-failed} ($((SECONDS - start)) s)" >&2
     [ -n "$line" ] && echo "$line" >> "$LOG"
 done

@@ -36,6 +36,7 @@ from .runtime import (
     is_compile_error,
     pick_device,
     pick_dtype,
+    tf32_scope,
     use_tf32,
 )
 
@@ -215,6 +216,7 @@ class ForwardResult:
     window: int
     steps: int  # model evaluations per frame, for frames_per_s
     compiled: bool
+    tf32: bool  # float32 products in TensorFloat-32 (CUDA only)
     times_s: list[float]  # one per repeat, after a warm-up call
     median_s: float
     frames_per_s: float  # model only: batch / (steps × median)
@@ -261,7 +263,8 @@ def time_forward(
     tf32: bool = True,
 ) -> ForwardResult:
     """Median time of one forward of the whole window (after a warm-up call, CUDA synchronised
-    around each call) and its relative error against float32 weights.
+    around each call) and its relative error against float32 weights in full float32 (so that
+    `tf32` on CUDA shows its own error).
 
     `model` (preset, repo id or folder) times a real checkpoint instead of random weights of
     `size`. `reference` reuses an already built float32 model (e.g. across dtypes); it must
@@ -287,7 +290,8 @@ def time_forward(
     inputs = forward_inputs(reference.config, batch, torch_device)
 
     with torch.no_grad():
-        expected = reference(*inputs)
+        with tf32_scope(torch_device, enabled=False):  # the error is against full float32
+            expected = reference(*inputs)
         # Warm-up: eager caches; compiled, also the compilation and the CUDA graph's capture.
         times, out = timed_calls(lambda: net(*inputs), torch_device, repeats, warmup=3 if compile else 1)
     median = statistics.median(times)
@@ -299,6 +303,7 @@ def time_forward(
         window=reference.window,
         steps=steps,
         compiled=compile,
+        tf32=tf32 and torch_device.type == "cuda" and torch_dtype == torch.float32,
         times_s=times,
         median_s=median,
         frames_per_s=batch / (steps * median),

@@ -515,11 +515,13 @@ class FLAV(nn.Module):
         if not self._compiled_ready.is_set():
             if self._compile_thread is None and self._compile_gate.is_set():
                 inputs = [x.detach().clone() for x in (v, a, v_c, a_c)]
+                # Not a daemon: the interpreter waits for it at exit (a process that ends under a
+                # compiling thread can crash on its way out, after its work is done).
                 self._compile_thread = threading.Thread(
                     target=self._compile_in_background,
                     args=(blocks, torch.is_inference_mode_enabled(), *inputs),
                     name="rflav-compile",
-                    daemon=True,
+                    daemon=False,
                 )
                 self._compile_thread.start()
             return self._run_blocks(self.blocks, v, a, v_c, a_c)
