@@ -91,7 +91,7 @@ DEFAULT_VOCODER_PRESET = "dance"  # checkpoints get its HiFi-GAN unless --vocode
 
 
 # ----------------------------------------------------------------------------------------
-# Distributed helpers
+# Ranks: barriers, the global batch order, per-step seeds
 # ----------------------------------------------------------------------------------------
 
 
