@@ -144,21 +144,34 @@ class Server:
 # ----------------------------------------------------------------------------------------
 
 
-def browser():
+BROWSER_MISSING = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+
+
+def find_browser() -> tuple[str, str] | None:
+    """The headless browser's binary and its driver, if both are installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+def browser(*extra_args: str):
+    """Headless Chromium that plays media without a click (also the page test's browser)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        raise SystemExit("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    found = find_browser()
+    if found is None:
+        raise SystemExit(BROWSER_MISSING)
+    chromium, driver = found
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in (
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",
         "--autoplay-policy=no-user-gesture-required",
+        *extra_args,
     ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(driver))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,16 @@ def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     meta_path = FIXTURES / f"{name}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return tensors, meta
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its players and browser are tested here)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:

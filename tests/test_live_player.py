@@ -4,33 +4,21 @@ and the whole client against a local server that pauses mid-stream."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import struct
-import sys
 import threading
 import time
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from rflav_cli import media
 from rflav_cli.media import VideoWriter
 
-
-def _load_live():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "live.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_live", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
-
-
-live = _load_live()
+live = load_benchmark("live")
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 
 FPS, SPF, SIZE = 10, 1600, 32

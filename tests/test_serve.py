@@ -25,6 +25,7 @@ import tiny
 import torch
 import torch._dynamo.exc
 import uvicorn
+from conftest import load_benchmark
 from typer.testing import CliRunner
 
 from rflav_cli.cli import app
@@ -291,29 +292,14 @@ def test_bad_stream_requests_get_4xx_and_start_nothing(server, query, code, mess
 
 
 def test_page_in_headless_chromium_plays_video_and_sound(server, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_exe = shutil.which("chromedriver")
-    if chromium is None or driver_exe is None:
-        reason = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+    live = load_benchmark("live")  # the browser benchmarks/live.py watches with
+    if live.find_browser() is None:
         if os.environ.get("RFLAV_REQUIRE_BROWSER"):  # CI installs them: there this is a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+            pytest.fail(live.BROWSER_MISSING)
+        pytest.skip(live.BROWSER_MISSING)
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--autoplay-policy=no-user-gesture-required",
-        "--window-size=600,800",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(driver_exe))
+    driver = live.browser("--window-size=600,800")
     try:
         driver.set_page_load_timeout(20)
         driver.get(server.base + "/")
