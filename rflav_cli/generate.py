@@ -382,8 +382,8 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
                 done_everywhere += int(count.item())
                 progress.update(overall, completed=done_everywhere)
     if pipe.model.compiling and not interrupted:
-        # Compiled code lands in the cache for the next runs once the compiler is done; and a
-        # process that exits while a thread compiles may abort on its way out.
+        # The process would wait for the compiler at exit anyway (its code is cached for the
+        # next runs): wait here, where the wait can say what it is for.
         with console.status("finishing the compilation for the next runs") if not quiet else _null():
             pipe.model.wait_compiled()
     if ranks.world > 1 and not interrupted:
