@@ -649,19 +649,15 @@ class Pipeline:
 
     def _throwaway_stream(self) -> None:
         label = 0 if self.model.num_classes > 0 else None
-        generation = self.generate(num_frames=None, seeds=[0], label=label)
-        next(generation)  # the pre-roll and the first rolling step; lets a held compilation start
-        if self.compile:
-            next(generation)  # a full-window step starts the compiler
-            self.model.wait_compiled()
-            next(generation)  # the compiled blocks' first run (on CUDA, a graph is captured here)
-        generation.finish()
-        if label is not None:  # guidance doubles the model's batch: a second shape to prepare
-            guided = self.generate(num_frames=None, seeds=[0], label=label, cfg_scale=2.0)
-            next(guided)
+        # Guidance doubles the model's batch: a second shape to prepare (compiled here, not later).
+        for cfg_scale in (1.0, 2.0) if label is not None else (1.0,):
+            generation = self.generate(num_frames=None, seeds=[0], label=label, cfg_scale=cfg_scale)
+            next(generation)  # the pre-roll and the first rolling step; lets a held compilation start
             if self.compile:
-                next(guided)  # the compiled blocks meet the guided batch (compiled here, not later)
-            guided.finish()
+                next(generation)  # a full-window step starts the compiler
+                self.model.wait_compiled()
+                next(generation)  # the compiled blocks' first run (on CUDA, a graph is captured here)
+            generation.finish()
 
     # -- generation ---------------------------------------------------------------------------
     def generate(
