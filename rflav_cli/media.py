@@ -13,7 +13,6 @@ Everything goes through an ffmpeg executable (the system one, or the one shipped
 
 from __future__ import annotations
 
-import errno
 import functools
 import glob
 import json
@@ -23,14 +22,11 @@ import re
 import secrets
 import select
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import wave
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -477,126 +473,49 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
         tmp.unlink()
 
 
-_WORKDIR_PREFIX = "rflav-ffmpeg-"
-# rflav-ffmpeg-<pid of the writing process>-<random>; folders of older versions have no pid.
-_WORKDIR_RE = re.compile(re.escape(_WORKDIR_PREFIX) + r"(\d+)-.+")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user
-        return True
-    except (OverflowError, ValueError):  # not a possible pid
-        return False
-    return True
-
-
-def remove_stale_workdirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove the FIFO folders that writers of processes now gone left in the temporary folder
-    (a run killed with SIGKILL cannot clean up after itself). Only folders of this user whose
-    process no longer exists are removed; returns them."""
-    root = Path(root if root is not None else tempfile.gettempdir())
-    removed = []
-    try:
-        candidates = list(root.glob(_WORKDIR_PREFIX + "*"))
-    except OSError:
-        return removed
-    for folder in candidates:
-        match = _WORKDIR_RE.fullmatch(folder.name)
-        if match is None:
-            continue
-        try:
-            info = folder.lstat()
-        except OSError:
-            continue
-        if (
-            not stat.S_ISDIR(info.st_mode)
-            or info.st_uid != os.getuid()
-            or _process_alive(int(match.group(1)))
-        ):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
-
-
-def _new_workdir() -> Path:
-    """A private folder for one writer's FIFOs, named after this process; stale ones of dead
-    processes are removed first."""
-    remove_stale_workdirs()
-    return Path(tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-"))
-
-
 _END = object()
 
 
-class _FifoFeeder(threading.Thread):
-    """Copies queued byte chunks into one named pipe that ffmpeg reads.
+class _PipeFeeder(threading.Thread):
+    """Copies queued byte chunks into the write end of one pipe that ffmpeg reads.
 
     A write error (ffmpeg gone) is recorded and the queue keeps being drained, so the
     producer never blocks on a dead consumer.
     """
 
     def __init__(
-        self,
-        fifo: Path,
-        proc: subprocess.Popen[bytes],
-        maxsize: int,
-        name: str,
-        final_size: Callable[[], int | None] | None = None,
+        self, fd: int, maxsize: int, name: str, final_size: Callable[[], int | None] | None = None
     ) -> None:
         super().__init__(name=name, daemon=True)
-        self.fifo = fifo
-        self.proc = proc
+        self.fd = fd
         self.queue: queue.Queue[Any] = queue.Queue(maxsize)
         self.final_size = final_size
         self.written = 0
         self.error: BaseException | None = None
 
-    def _open(self) -> int:
-        # Non-blocking open fails with ENXIO until ffmpeg opens the read end; polling lets
-        # us notice an ffmpeg that died before it got there.
-        while True:
-            try:
-                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-            if self.proc.poll() is not None:
-                raise BrokenPipeError("ffmpeg exited before reading its input")
-            time.sleep(0.005)
-        os.set_blocking(fd, True)
-        return fd
-
-    def _write(self, fd: int, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(self.fd, view) :]
         self.written += len(data)
 
     def run(self) -> None:
-        fd = -1
         ended = False
         try:
-            fd = self._open()
             while (item := self.queue.get()) is not _END:
-                self._write(fd, item)
+                self._write(item)
             ended = True
             if self.final_size is not None:
                 missing = (self.final_size() or 0) - self.written
                 if missing > 0:
-                    self._write(fd, bytes(missing))
+                    self._write(bytes(missing))
         except BaseException as e:  # noqa: BLE001 - reported to the producer
             self.error = e
             while not ended:
                 ended = self.queue.get() is _END
         finally:
-            if fd >= 0:
-                os.close(fd)
+            # ffmpeg reads the end of its input.
+            os.close(self.fd)
 
 
 class _Output:
@@ -616,7 +535,7 @@ class _Output:
 class VideoWriter(_Output):
     """Stream RGB frames and their audio into a fragmented H.264/AAC MP4.
 
-    Frames and audio go through two named pipes into one ffmpeg process, each fed by a
+    Frames and audio go through two pipes into one ffmpeg process, each fed by a
     thread from a small bounded queue, so memory stays flat whatever the length. Output goes
     to a hidden temporary file in the destination folder, renamed on :meth:`close`.
     Stopping at any point (e.g. after Ctrl-C) and calling :meth:`close` gives a playable
@@ -683,9 +602,6 @@ class VideoWriter(_Output):
         self._partial_size = 0
         self._interrupted = False
         self._state = "open"
-        self._workdir = _new_workdir()
-        # The FIFO folder goes with the writer even if close()/abort() is never called.
-        self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self._workdir), ignore_errors=True)
         try:
             self._start(crf)
         except BaseException:
@@ -693,15 +609,41 @@ class VideoWriter(_Output):
             raise
 
     def _start(self, crf: int) -> None:
-        video_fifo = self._workdir / "video.rgb"
-        os.mkfifo(video_fifo, 0o600)
+        # Frames and audio reach ffmpeg through anonymous pipes that only this process writes:
+        # if it dies, however abruptly, ffmpeg reads the end of both inputs and exits.
+        video_read, video_write = os.pipe()
+        pipes = [video_read, video_write]
+        if self.audio:
+            audio_read, audio_write = os.pipe()
+            pipes += [audio_read, audio_write]
+        try:
+            self._proc = self._spawn(crf, pipes[0::2])
+        except BaseException:
+            for fd in pipes:
+                os.close(fd)
+            raise
+        for fd in pipes[0::2]:  # ffmpeg's ends: ours closed, so a dead ffmpeg breaks our writes
+            os.close(fd)
+        self.stream = self._proc.stdout
+        self._video = _PipeFeeder(video_write, _VIDEO_QUEUE_FRAMES, "rflav-video")
+        self._feeders = [self._video]
+        if self.audio:
+            self._audio = _PipeFeeder(
+                audio_write, _AUDIO_QUEUE_FRAMES, "rflav-audio", final_size=self._final_audio_bytes
+            )
+            self._feeders.append(self._audio)
+        for f in self._feeders:
+            f.start()
+
+    def _spawn(self, crf: int, inputs_fds: list[int]) -> subprocess.Popen[bytes]:
+        """Start ffmpeg reading raw video (and audio) from the pipes `inputs_fds`."""
         # The raw inputs are fully described by their options, so probing is cut to the
         # minimum: ffmpeg opens the inputs one after the other and must not wait for seconds
         # of one stream (which the producer only sends in step with the other) to start.
         no_probe = dict(probesize=32, analyzeduration=0)
         inputs = [
             ffmpeg.input(
-                str(video_fifo),
+                f"pipe:{inputs_fds[0]}",
                 format="rawvideo",
                 pix_fmt="rgb24",
                 s=f"{self.width}x{self.height}",
@@ -726,36 +668,26 @@ class VideoWriter(_Output):
             # and short fragments.
             out_args.update(tune="zerolatency", frag_duration=round(LIVE_FRAGMENT_S * 1e6))
         if self.audio:
-            audio_fifo = self._workdir / "audio.f32"
-            os.mkfifo(audio_fifo, 0o600)
             inputs.append(
-                ffmpeg.input(str(audio_fifo), format="f32le", ar=self.sample_rate, ac=1, **no_probe)
+                ffmpeg.input(f"pipe:{inputs_fds[1]}", format="f32le", ar=self.sample_rate, ac=1, **no_probe)
             )
             out_args.update(acodec="aac", ar=self.sample_rate, ac=1)
         destination = str(self.partial_path) if self._target == "file" else "pipe:1"
         cmd = ffmpeg.output(*inputs, destination, **out_args).overwrite_output().compile(cmd=ffmpeg_command())
-        self._stderr = open(self._workdir / "stderr.txt", "wb")
+        # Unnamed, so nothing is left behind whatever happens to this process.
+        self._stderr = tempfile.TemporaryFile()
         if self._target == "stdout":
             sys.stdout.flush()  # whatever Python printed comes before the MP4
         # Own session: a Ctrl-C in the terminal must reach only us, so that close() can
         # still finish the file through this ffmpeg.
-        self._proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout={"file": subprocess.DEVNULL, "stdout": 1, "pipe": subprocess.PIPE}[self._target],
             stderr=self._stderr,
+            pass_fds=inputs_fds,
             start_new_session=True,
         )
-        self.stream = self._proc.stdout
-        self._video = _FifoFeeder(video_fifo, self._proc, _VIDEO_QUEUE_FRAMES, "rflav-video")
-        self._feeders = [self._video]
-        if self.audio:
-            self._audio = _FifoFeeder(
-                audio_fifo, self._proc, _AUDIO_QUEUE_FRAMES, "rflav-audio", final_size=self._final_audio_bytes
-            )
-            self._feeders.append(self._audio)
-        for f in self._feeders:
-            f.start()
 
     def _final_audio_bytes(self) -> int | None:
         """Audio bytes matching the frames ffmpeg actually received (waits for the video)."""
@@ -780,8 +712,8 @@ class VideoWriter(_Output):
         return b"Broken pipe" in stderr_text
 
     def _ffmpeg_error(self, what: str) -> MediaError:
-        self._stderr.flush()
-        text = (self._workdir / "stderr.txt").read_bytes()
+        self._stderr.seek(0)
+        text = self._stderr.read()
         if self._interrupted:
             return OutputClosed(f"{self.name} was stopped after {self.frames_written} frames")
         if self._reader_gone(text):
@@ -793,7 +725,7 @@ class VideoWriter(_Output):
             self._proc.wait()
             raise self._ffmpeg_error("stopped")
 
-    def _put(self, feeder: _FifoFeeder, item: Any, *, check: bool = True) -> None:
+    def _put(self, feeder: _PipeFeeder, item: Any, *, check: bool = True) -> None:
         while True:
             if check:
                 self._check_alive()
@@ -949,7 +881,6 @@ class VideoWriter(_Output):
                 f.join()
         if getattr(self, "_stderr", None) is not None:
             self._stderr.close()
-        self._remove_workdir()
         if remove_partial and self.partial_path is not None:
             self._unlink_final_name()
             self.partial_path.unlink(missing_ok=True)

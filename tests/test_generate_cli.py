@@ -369,7 +369,7 @@ def test_sigterm_in_a_later_batch_says_which_samples_are_missing(ckpt, tmp_path,
     assert not (tmp_path / "many" / "model-seed2.mp4").exists()
 
 
-def test_a_failure_mid_run_leaves_no_partial_file_or_fifo_folder(ckpt, tmp_path, monkeypatch):
+def test_a_failure_mid_run_leaves_no_partial_or_temporary_file(ckpt, tmp_path, monkeypatch):
     from rflav_cli.pipeline import Generation
 
     tmp = tmp_path / "tmp"

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -500,45 +501,51 @@ def test_find_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch, tmp_path):
         find_ffmpeg()
 
 
-def test_stale_fifo_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
-    """A writer killed with SIGKILL leaves its FIFO folder; the next writer removes the folders
-    of processes that are gone, and never one of a live process."""
+def _process_running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie left to a non-reaping init has)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("frames", [0, 3])
+def test_ffmpeg_ends_when_the_writing_process_is_killed(tmp_path, frames):
+    """SIGKILL gives a writer no chance to clean up: its ffmpeg must still end (it reads the end of
+    its inputs), before or after the first frame, and leave nothing in the temporary folder."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    dead = subprocess.Popen(["true"])
-    dead.wait()  # exited and reaped: its pid names no process
-    alive = subprocess.Popen(["sleep", "60"])
-    try:
-        stale = tmp / f"rflav-ffmpeg-{dead.pid}-k1ll3d_x"
-        live = tmp / f"rflav-ffmpeg-{alive.pid}-busy0_ab"
-        older = tmp / "rflav-ffmpeg-a1b2c3d4"  # an older version's folder: its process is unknown
-        for folder in (stale, live, older):
-            folder.mkdir()
-            os.mkfifo(folder / "video.rgb")
-        w = VideoWriter(tmp_path / "next.mp4")
-        try:
-            assert not stale.exists()
-            assert live.is_dir() and (live / "video.rgb").exists() and older.is_dir()
-            own = w._workdir
-            assert own.parent == tmp and own.name.startswith(f"rflav-ffmpeg-{os.getpid()}-")
-            w.write(pattern_frames(0, 3), burst_audio(0, 3))
-        finally:
-            w.close()
-        assert not own.exists()
-        assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, older.name])
-        assert int(ffprobe_streams(tmp_path / "next.mp4")["video"]["nb_read_packets"]) == 3
-    finally:
-        alive.kill()
-        alive.wait()
+    script = f"""
+import os, signal, sys, tempfile
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+tempfile.tempdir = {str(tmp)!r}
+from test_media import burst_audio, pattern_frames
+from rflav_cli.media import VideoWriter
+w = VideoWriter({str(tmp_path / "killed.mp4")!r})
+if {frames}:
+    w.write(pattern_frames(0, {frames}), burst_audio(0, {frames}))
+print(w._proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ffmpeg_pid = int(proc.stdout)
+    deadline = time.monotonic() + 10
+    while _process_running(ffmpeg_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _process_running(ffmpeg_pid), "ffmpeg outlived the process that fed it"
+    assert list(tmp.iterdir()) == []
 
 
-def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
+def test_failed_writer_leaves_nothing_behind(tmp_path, monkeypatch):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     w = VideoWriter(tmp_path / "x.mp4")
     w.write(pattern_frames(0, 2), burst_audio(0, 2))
+    assert list(tmp.iterdir()) == []  # pipes and ffmpeg's messages have no name
     w._proc.kill()  # ffmpeg dies under the writer
     w._proc.wait()
     with pytest.raises(MediaError, match="ffmpeg"):
@@ -546,20 +553,7 @@ def test_failed_writer_leaves_no_fifo_folder(tmp_path, monkeypatch):
             w.write(pattern_frames(i, 1), burst_audio(i, 1))
     w.abort()
     assert list(tmp.iterdir()) == [] and not partial_files(tmp_path)
-    # A writer dropped without close() or abort() takes its folder with it.
-    w = VideoWriter(tmp_path / "y.mp4")
-    assert len(list(tmp.iterdir())) == 1
-    w._proc.kill()
-    w._proc.wait()
-    for f in w._feeders:
-        f.queue.put(media._END)
-        f.join()
-    w._stderr.close()
-    del w, f
-    import gc
-
-    gc.collect()
-    assert list(tmp.iterdir()) == []
+    assert all(not f.is_alive() for f in w._feeders)
 
 
 # ---------------------------------------------------------------------------- live outputs
