@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -27,6 +28,21 @@ _UMASK_LOCK = threading.Lock()
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
+
+
+def stdout_unusable() -> str | None:
+    """Why binary output (an MP4) cannot go to standard output: closed, or a terminal; else None."""
+    try:
+        os.fstat(1)
+    except OSError:
+        closed = True
+    else:
+        closed = sys.stdout is None
+    if closed:
+        return "standard output is closed: pipe it into a player (| ffplay -) or a file (> NAME.mp4)"
+    if os.isatty(1):
+        return "standard output is a terminal: pipe it into a player (| ffplay -) or a file (> NAME.mp4)"
+    return None
 
 
 def current_umask() -> int:

@@ -36,6 +36,7 @@ import numpy as np
 
 from .config import FPS, IMAGE_SIZE, SAMPLE_RATE
 from .errors import RflavError, UsageError
+from .files import stdout_unusable
 
 __all__ = [
     "MediaError",
@@ -589,10 +590,9 @@ class VideoWriter(_Output):
                 raise UsageError("{path} must be a file name, media.STDOUT or media.PIPE", params=("path",))
             self._target, self.name = "pipe", "the output pipe"
         elif isinstance(path, str) and path == STDOUT:
-            if os.isatty(1):
-                raise MediaError(
-                    "standard output is a terminal: pipe it into a player (| ffplay -) or a file (> NAME.mp4)"
-                )
+            problem = stdout_unusable()
+            if problem:
+                raise MediaError(problem)
             self._target, self.name = "stdout", "standard output"
         else:
             self.path, self.partial_path = _prepare_output(path, overwrite, ".mp4")

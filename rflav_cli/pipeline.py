@@ -37,6 +37,7 @@ from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import GenerateRequest, generate_frame_count
 from .runtime import (
     CudaGraphReplay,
+    WorkerThread,
     compile_failure_reason,
     cpu_has_native_bf16,
     dtype_from_torch,
@@ -633,30 +634,42 @@ class Pipeline:
         It runs on a thread of its own: one-time costs paid there carry over to every thread,
         while the CUDA graph it captures is that thread's own and is freed with it."""
         failures: list[BaseException] = []
+        stop = threading.Event()
 
         def run() -> None:
             try:
                 with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-                    self._throwaway_stream()
+                    self._throwaway_stream(stop)
             except BaseException as err:  # noqa: BLE001 - raised again by the caller's thread
                 failures.append(err)
 
-        thread = threading.Thread(target=run, name="rflav-warm-up", daemon=True)
+        thread = WorkerThread(target=run, name="rflav-warm-up")
         thread.start()
-        thread.join()
+        try:
+            thread.wait()
+        except BaseException:  # Ctrl-C: the thread ends after the step it is in
+            stop.set()
+            thread.wait()
+            raise
         if failures:
             raise failures[0]
 
-    def _throwaway_stream(self) -> None:
+    def _throwaway_stream(self, stop: threading.Event) -> None:
         label = 0 if self.model.num_classes > 0 else None
         # Guidance doubles the model's batch: a second shape to prepare (compiled here, not later).
         for cfg_scale in (1.0, 2.0) if label is not None else (1.0,):
+            if stop.is_set():
+                return
             generation = self.generate(num_frames=None, seeds=[0], label=label, cfg_scale=cfg_scale)
-            next(generation)  # the pre-roll and the first rolling step; lets a held compilation start
-            if self.compile:
-                next(generation)  # a full-window step starts the compiler
-                self.model.wait_compiled()
-                next(generation)  # the compiled blocks' first run (on CUDA, a graph is captured here)
+            # The pre-roll and the first rolling step; lets a held compilation start. With
+            # `compile`: a full-window step starts the compiler, then the compiled blocks' first
+            # run (on CUDA, a graph is captured there).
+            for step in range(3 if self.compile else 1):
+                if stop.is_set():
+                    break
+                if step == 2:
+                    self.model.wait_compiled()
+                next(generation)
             generation.finish()
 
     # -- generation ---------------------------------------------------------------------------

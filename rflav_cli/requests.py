@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE, flav_config_problem
 from .errors import FileFormatError, RflavError, UsageError
+from .files import stdout_unusable
 from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
 from .samples import read_sidecar
 
@@ -153,6 +154,9 @@ def _check_stdout_output(req: GenerateRequest) -> None:
             "{wav} writes a file next to the MP4, and {output} - has none: drop {wav} (or give a file name)",
             params=("wav", "output"),
         )
+    problem = stdout_unusable()
+    if problem:
+        raise UsageError(f"{{output}} -: {problem}", params=("output",))
 
 
 def _check_model(req: GenerateRequest) -> None:

@@ -307,6 +307,27 @@ class CudaGraphReplay:
 # ----------------------------------------------------------------------------------------
 
 
+class WorkerThread(threading.Thread):
+    """A thread that runs torch work: not a daemon (a process that ends while a thread is inside
+    torch aborts), and whose end is waited for with :meth:`wait`, never with join() where a Ctrl-C
+    may land: CPython up to 3.12 then marks the thread stopped while it still runs, stops waiting
+    for it at exit, and the process aborts on its way out."""
+
+    def __init__(self, target: Callable[..., object], name: str, args: tuple = ()) -> None:
+        super().__init__(target=target, name=name, args=args, daemon=False)
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.finished.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the target has returned or raised; False if `timeout` passed first."""
+        return self.finished.wait(timeout)
+
+
 class StopRequest(threading.Event):
     """Set by the first Ctrl-C or SIGTERM; `signum` says which signal asked."""
 

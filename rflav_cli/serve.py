@@ -32,6 +32,7 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 import uvicorn
@@ -47,6 +48,7 @@ from .media import PIPE, OutputClosed, VideoWriter
 from .pipeline import Pipeline
 from .requests import ServeRequest, check_serve_request, is_loopback_host
 from .runtime import (
+    WorkerThread,
     auto_compile,
     compile_failure_message,
     compile_skipped_message,
@@ -63,6 +65,7 @@ __all__ = [
     "StreamLimit",
     "build_app",
     "load_served_models",
+    "page_url",
     "prepare_serve",
     "run_serve",
     "serve_devices",
@@ -197,7 +200,7 @@ class LiveStream:
         size = self.pipe.image_size
         self.writer = VideoWriter(PIPE, width=size, height=size)
         self.output = self.writer.stream
-        self._thread = threading.Thread(target=self._run, name=f"rflav-stream-{self.id}", daemon=True)
+        self._thread = WorkerThread(target=self._run, name=f"rflav-stream-{self.id}")
 
     def start(self) -> None:
         self._started = True
@@ -216,7 +219,7 @@ class LiveStream:
         self.writer.interrupt()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        self._thread.wait(timeout)
 
     @property
     def running(self) -> bool:
@@ -285,14 +288,7 @@ class StreamLimit:
     def open(self, served: ServedModel, *, seed: int, label: str | None, cfg_scale: float) -> LiveStream:
         """A new stream (not started yet) on the least busy device; _Busy when every place is taken."""
         with self._lock:
-            if self._closing:
-                raise _Busy("the server is shutting down")
-            if len(self._active) >= self.max_streams:
-                running = len(self._active)
-                raise _Busy(
-                    f"busy: {running} of {self.max_streams} generation{'s' if self.max_streams > 1 else ''} "
-                    f"running (--max-streams {self.max_streams}); try again when one ends"
-                )
+            self._check_room()
             device = self._placement.take()
             try:
                 stream = LiveStream(
@@ -309,6 +305,21 @@ class StreamLimit:
                 raise
             self._active[stream.id] = stream
             return stream
+
+    def check_room(self) -> None:
+        """_Busy if a new stream would be refused now."""
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closing:
+            raise _Busy("the server is shutting down")
+        if len(self._active) >= self.max_streams:
+            running = len(self._active)
+            raise _Busy(
+                f"busy: {running} of {self.max_streams} generation{'s' if self.max_streams > 1 else ''} "
+                f"running (--max-streams {self.max_streams}); try again when one ends"
+            )
 
     def _ended(self, stream: LiveStream) -> None:
         with self._lock:
@@ -460,6 +471,7 @@ class _App:
         try:
             served, seed, label, cfg_scale = self.parse(request.query_params)
             if request.method == "HEAD":  # what a GET would answer, without generating
+                self.limit.check_room()
                 return Response(headers=_STREAM_HEADERS)
             stream = self.limit.open(served, seed=seed, label=label, cfg_scale=cfg_scale)
         except _Busy as err:
@@ -540,6 +552,25 @@ class _Server(uvicorn.Server):
         self.limit.stop_all()
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # A live response never completes, and one whose client stopped reading cannot even send
+        # its end: cut every connection now instead of waiting, then cancelling, them.
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await super().shutdown(sockets)
+
+
+def _join_streams(streams: list[LiveStream]) -> None:
+    """Wait for stopped generations: each finishes the frame it is making."""
+    for stream in streams:
+        stream.join(timeout=1)
+    if any(stream.running for stream in streams):
+        _log("waiting for the generations to finish the frame they are making")
+        for stream in streams:
+            stream.join()
+
 
 def _bind(host: str, port: int) -> socket.socket:
     try:
@@ -560,7 +591,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(host: str, port: int) -> str:
+def page_url(host: str, port: int, token: str | None = None) -> str:
+    """The page's address to print: one that a browser on this machine opens as it is."""
     try:
         wildcard = ipaddress.ip_address(host).is_unspecified
     except ValueError:
@@ -568,7 +600,8 @@ def _url(host: str, port: int) -> str:
     shown = "127.0.0.1" if wildcard else host
     if ":" in shown:
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}/"
+    query = f"?token={quote(token, safe='')}" if token else ""
+    return f"http://{shown}:{port}/{query}"
 
 
 def serve_devices(name: str) -> list[torch.device]:
@@ -650,17 +683,16 @@ def run_serve(req: ServeRequest) -> None:
         )
         server = _Server(config, limit)
         port = sock.getsockname()[1]
-        token = f"?token={req.token}" if req.token else ""
         names = ", ".join(m.name for m in models)
         places = f"{limit.max_streams} stream{'s' if limit.max_streams > 1 else ''} at once"
         devices = ", ".join(limit.running_per_device())
-        _log(f"serving {names} on {_url(req.host, port)}{token} ({places} on {devices}; Ctrl-C to stop)")
+        url = page_url(req.host, port, req.token)
+        _log(f"serving {names} on {url} ({places} on {devices}; Ctrl-C to stop)")
         # uvicorn handles Ctrl-C and SIGTERM while it serves, then sends the signal again to the
         # handler it found: ours, which only notes it, so that the server ends here like any other.
         with stop_on_signals():
             asyncio.run(server.serve(sockets=[sock]))
-        for stream in limit.stop_all():
-            stream.join(timeout=5)
+        _join_streams(limit.stop_all())
     finally:
         sock.close()
     _log("stopped")

@@ -86,6 +86,21 @@ def test_stdout_refuses_what_needs_files(extra, message):
     assert len(lines) == 1 and lines[0].startswith("rflav: error: ") and message in lines[0], lines
 
 
+def test_closed_stdout_is_one_line_before_any_work(tmp_path):
+    res = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m rflav_cli generate --model ball -o - >&-'],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 2 and lines == [
+        "rflav: error: --output -: standard output is closed: pipe it into a player (| ffplay -) "
+        "or a file (> NAME.mp4)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dash_is_stdout_and_dot_slash_dash_a_file():
     assert generate_output_paths(GenerateRequest(output="-"), "ball", [0]) == [Path("-")]
     assert generate_output_paths(GenerateRequest(output="./-"), "ball", [0]) == [Path("-.mp4")]

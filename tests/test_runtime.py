@@ -6,6 +6,7 @@ import gc
 import os
 import signal
 import threading
+import time
 import weakref
 
 import pytest
@@ -18,6 +19,7 @@ from rflav_cli.models.flav import FLAV
 from rflav_cli.runtime import (
     CudaGraphReplay,
     Dist,
+    WorkerThread,
     check_one_process_per_gpu,
     compile_cache_dir,
     init_distributed,
@@ -224,3 +226,27 @@ def test_graph_replay_copies_in_and_out_and_keeps_one_graph_per_thread_and_shape
     gc.collect()
     assert graph() is None  # ... which went with the thread
     assert all(g() is not None for owner, g in replay.captures[:3])  # this thread's stay
+
+
+def test_a_ctrl_c_while_waiting_for_a_worker_leaves_it_known_as_running():
+    """Ctrl-C inside Thread.join() makes CPython (up to 3.12) take a running thread for stopped,
+    and exit under it; WorkerThread.wait() keeps the truth, so the interpreter waits for it."""
+    release = threading.Event()
+    done = []
+
+    def work():
+        time.sleep(0.2)  # the main thread is waiting below by then
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C
+        release.wait(30)
+        done.append(True)
+
+    worker = WorkerThread(target=work, name="work")
+    assert not worker.daemon
+    worker.start()
+    with pytest.raises(KeyboardInterrupt):
+        worker.wait()
+    assert worker.is_alive() and not worker.finished.is_set()
+    release.set()
+    assert worker.wait(timeout=30) and done == [True]
+    worker.join(timeout=30)
+    assert not worker.is_alive()

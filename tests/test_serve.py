@@ -38,6 +38,7 @@ from rflav_cli.serve import (
     StreamLimit,
     build_app,
     load_served_models,
+    page_url,
     prepare_serve,
     serve_devices,
     served_names,
@@ -113,8 +114,8 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"server never said {text!r}: {self.lines}")
 
-    def get(self, path: str, headers: dict | None = None) -> tuple[int, str, dict]:
-        request = urllib.request.Request(self.base + path, headers=headers or {})
+    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, str, dict]:
+        request = urllib.request.Request(self.base + path, headers=headers or {}, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 return resp.status, resp.read().decode(), dict(resp.headers)
@@ -128,6 +129,18 @@ class Server:
 
     def open_stream(self, query: str = "model=ball", rcvbuf: int | None = None) -> socket.socket:
         return open_stream(self.port, query, rcvbuf)
+
+    def wait_held_back(self) -> int:
+        """Frames made once the only generation stopped growing (its viewer reads nothing)."""
+        frames, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + 40
+        while time.monotonic() - still_since < 1.5:
+            assert time.monotonic() < deadline, f"the generation never waited ({frames} frames)"
+            now = self.status()["generations"][0]["frames"]
+            if now != frames:
+                frames, still_since = now, time.monotonic()
+            time.sleep(0.1)
+        return frames
 
     def wait_idle(self, timeout: float) -> float:
         """Seconds until no generation runs; fails after `timeout`."""
@@ -246,16 +259,7 @@ def test_slow_viewer_holds_the_generation_back_and_others_are_told_busy(server):
     # A viewer that reads nothing: the generation must stop at bounded buffers.
     slow = server.open_stream("model=ball", rcvbuf=4096)
     try:
-        frames, still_since = -1, time.monotonic()
-        deadline = time.monotonic() + 40
-        while time.monotonic() - still_since < 1.5:
-            assert time.monotonic() < deadline, (
-                f"the generation never waited for the viewer ({frames} frames)"
-            )
-            now = server.status()["generations"][0]["frames"]
-            if now != frames:
-                frames, still_since = now, time.monotonic()
-            time.sleep(0.1)
+        frames = server.wait_held_back()
         assert 0 < frames < 600  # about 25 s of this model's video: its MP4 is ~12 kB/s
 
         # The one place (--max-streams 1, the default on CPU) is taken: 503 and why.
@@ -264,6 +268,9 @@ def test_slow_viewer_holds_the_generation_back_and_others_are_told_busy(server):
         assert body.strip().splitlines() == [
             "busy: 1 of 1 generation running (--max-streams 1); try again when one ends"
         ]
+        # HEAD answers what a GET would.
+        code, _, headers = server.get("/stream.mp4?model=ball&seed=2", method="HEAD")
+        assert code == 503 and headers["retry-after"] == "5"
         assert server.status()["streams"] == 1
     finally:
         slow.close()
@@ -382,6 +389,61 @@ def test_open_host_warns_and_the_token_is_required(tmp_path):
     finally:
         assert s.stop(signal.SIGTERM) == 0  # SIGTERM ends it as cleanly as Ctrl-C
     assert s.lines[-1] == "rflav: stopped"
+
+
+def test_ctrl_c_cuts_a_viewer_that_reads_nothing():
+    """A stalled viewer cannot hold the shutdown: its connection is cut, without the server's
+    graceful-shutdown timeout, a cancelled task or a traceback."""
+    s = Server()
+    try:
+        slow = s.open_stream("model=ball", rcvbuf=4096)
+        s.wait_held_back()
+        assert s.stop() == 0
+        slow.close()
+        text = "\n".join(s.lines)
+        assert "Traceback" not in text and "ERROR" not in text, text
+        assert s.lines[-1] == "rflav: stopped"
+    finally:
+        s.stop()
+
+
+def test_ctrl_c_while_warming_up_ends_without_an_abort():
+    """The warm-up runs on its own thread: Ctrl-C must not end the interpreter under it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rflav_cli", "serve", "--model", "ball", "--device", "cpu", "--port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        seen = ""
+        while "warming up" not in seen:
+            line = proc.stderr.readline()
+            assert line, seen
+            seen += line
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Interrupted while warming up (130), or just after it, once serving (0); never an abort.
+    assert rc in (0, 130) and "terminate called" not in rest and "Traceback" not in rest, (rc, rest)
+    assert rest.strip().splitlines()[-1] in ("rflav: interrupted", "rflav: stopped"), rest
+
+
+@pytest.mark.parametrize("token", [None, "s3cret", "pass+word#1&x %/?"])
+def test_the_printed_page_url_carries_the_token_as_given(token):
+    from urllib.parse import parse_qs, urlsplit
+
+    url = page_url("0.0.0.0", 8000, token)
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path, parts.fragment) == ("http", "127.0.0.1:8000", "/", "")
+    assert parse_qs(parts.query) == ({"token": [token]} if token else {})
+    assert page_url("::1", 8000) == "http://[::1]:8000/"
 
 
 def test_serve_flags_are_checked_before_loading():

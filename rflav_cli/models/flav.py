@@ -26,7 +26,7 @@ from ..config import FLAV_FLOAT_FIELDS, FLAV_SIZES, MEL_FRAMES_PER_FRAME, flav_c
 from ..errors import FileFormatError, RflavError, UsageError
 from ..files import REDOWNLOAD, atomic_write, read_json_object
 from ..hub import local_folder
-from ..runtime import CudaGraphReplay, is_compile_error, persist_compile_cache
+from ..runtime import CudaGraphReplay, WorkerThread, is_compile_error, persist_compile_cache
 from ..tensorfiles import load_safetensors, save_safetensors, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
@@ -394,7 +394,7 @@ class FLAV(nn.Module):
         self._compiled_blocks: list[nn.Module] | None = None  # not sub-modules: no state-dict keys
         self._compiled_graph: CudaGraphReplay | None = None
         self._on_compile_failure: Callable[[BaseException], None] | None = None
-        self._compile_thread: threading.Thread | None = None
+        self._compile_thread: WorkerThread | None = None
         self._compile_error: Exception | None = None
         self._compile_gate: threading.Event | None = None
         self._compiled_ready: threading.Event | None = (
@@ -484,7 +484,7 @@ class FLAV(nn.Module):
             return False
         thread = self._compile_thread
         if thread is not None:
-            thread.join(timeout)
+            thread.wait(timeout)
         return (
             self._compiled_ready.is_set()
             and self._compile_error is None
@@ -515,13 +515,12 @@ class FLAV(nn.Module):
         if not self._compiled_ready.is_set():
             if self._compile_thread is None and self._compile_gate.is_set():
                 inputs = [x.detach().clone() for x in (v, a, v_c, a_c)]
-                # Not a daemon: the interpreter waits for it at exit (a process that ends under a
-                # compiling thread can crash on its way out, after its work is done).
-                self._compile_thread = threading.Thread(
+                # The interpreter waits for it at exit (a process that ends under a compiling
+                # thread can crash on its way out, after its work is done).
+                self._compile_thread = WorkerThread(
                     target=self._compile_in_background,
                     args=(blocks, torch.is_inference_mode_enabled(), *inputs),
                     name="rflav-compile",
-                    daemon=False,
                 )
                 self._compile_thread.start()
             return self._run_blocks(self.blocks, v, a, v_c, a_c)
