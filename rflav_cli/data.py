@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -226,14 +225,14 @@ def _first_pts(path: Path) -> int | None:
         "null",
         "-",
     ]
-    res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    res = media.run_tool(cmd)
     m = re.search(rb"showinfo[^\]]*\] n: *0 pts: *(-?\d+)", res.stderr)
     return int(m.group(1)) if res.returncode == 0 and m else None
 
 
 def _audio_decodes(path: Path) -> bool:
     cmd = media.ffmpeg_command("-i", str(path), "-map", "0:a:0", "-f", "null", "-")
-    res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    res = media.run_tool(cmd)
     return res.returncode == 0
 
 
@@ -249,6 +248,8 @@ def probe_video(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not info.has_video:
             return {"skip": SKIP_NO_VIDEO, "error": f"{p} has no video stream"}
         frames = media.count_frames(p, fps=FPS)
+    except media.DecoderKilled:
+        raise  # nothing learnt about the file: not to be recorded as unreadable
     except media.MediaError as e:
         return {"skip": SKIP_UNREADABLE, "error": str(e)}
     if frames < 1:
@@ -412,11 +413,7 @@ def read_clip(
     out = media.letterbox(stream, image_size).output(
         "pipe:", format="rawvideo", pix_fmt="rgb24", vframes=count
     )
-    res = subprocess.run(
-        out.compile(cmd=media.ffmpeg_command("-copyts")),
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
+    res = media.run_tool(out.compile(cmd=media.ffmpeg_command("-copyts")))
     frame_bytes = image_size * image_size * 3
     got = len(res.stdout) // frame_bytes
     if res.returncode != 0 or got < count:

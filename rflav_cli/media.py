@@ -39,6 +39,7 @@ from .errors import RflavError, UsageError
 from .files import stdout_unusable
 
 __all__ = [
+    "DecoderKilled",
     "MediaError",
     "MediaInfo",
     "OutputClosed",
@@ -53,6 +54,7 @@ __all__ = [
     "probe",
     "read_audio",
     "read_video_frames",
+    "run_tool",
     "write_wav",
 ]
 
@@ -79,6 +81,10 @@ _STDERR_TAIL = 600
 
 class MediaError(RflavError):
     """A media file cannot be read or written; the message is one line for the user."""
+
+
+class DecoderKilled(MediaError):
+    """ffmpeg or ffprobe was ended by a signal: says nothing about the file it was reading."""
 
 
 class OutputClosed(MediaError):
@@ -183,7 +189,7 @@ def _float(text: Any) -> float | None:
 
 def _probe_ffprobe(p: Path, exe: str) -> MediaInfo:
     cmd = [exe, "-v", "error", "-print_format", "json", "-show_streams", "-show_format", str(p)]
-    res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    res = run_tool(cmd)
     if res.returncode != 0:
         raise MediaError(f"cannot read {p}: {_tail(res.stderr)}")
     data = json.loads(res.stdout or b"{}")
@@ -246,11 +252,7 @@ def _rate(text: str) -> float:
 
 def _probe_ffmpeg(p: Path) -> MediaInfo:
     """Parse the stream summary that ``ffmpeg -i FILE`` prints (it exits 1: no output given)."""
-    res = subprocess.run(
-        [find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(p)],
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
+    res = run_tool([find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(p)])
     text = res.stderr.decode("utf-8", "replace")
     if "Input #0" not in text:
         raise MediaError(f"cannot read {p}: {_tail(text)}")
@@ -285,6 +287,24 @@ def ffmpeg_command(*args: str) -> list[str]:
 # --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
+
+
+def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Run ffmpeg or ffprobe to its end, output captured. It gets a session of its own, so that a
+    Ctrl-C in the terminal reaches only this process (which stops cleanly) and not the reader,
+    whose death would pass for a broken file; a reader ended by a signal anyway raises
+    :class:`DecoderKilled`."""
+    res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    if res.returncode < 0:
+        _raise_killed(cmd, res.returncode)
+    return res
+
+
+def _raise_killed(cmd: list[str], returncode: int) -> None:
+    source = cmd[cmd.index("-i") + 1] if "-i" in cmd[:-1] else cmd[-1]
+    raise DecoderKilled(f"{Path(cmd[0]).name} was ended by signal {-returncode} while reading {source}")
+
+
 def letterbox(stream: Any, size: int) -> Any:
     """RGB → bicubic fit in size×size → black pad (odd pixel bottom/right), on an ffmpeg stream.
 
@@ -336,7 +356,10 @@ def read_video_frames(
 
 def _stream_frames(cmd: list[str], p: Path, size: int) -> Iterator[np.ndarray]:
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        # Own session, as in run_tool.
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, start_new_session=True
+        )
         assert proc.stdout is not None
         try:
             while True:
@@ -351,7 +374,9 @@ def _stream_frames(cmd: list[str], p: Path, size: int) -> Iterator[np.ndarray]:
                 if got < len(view):
                     break  # end of stream (a truncated last frame is dropped)
                 yield frame
-            if proc.wait() != 0:
+            if proc.wait() < 0:
+                _raise_killed(cmd, proc.returncode)
+            if proc.returncode != 0:
                 err.seek(0)
                 raise MediaError(f"cannot decode video from {p}: {_tail(err.read())}")
         finally:
@@ -373,7 +398,7 @@ def count_frames(path: str | os.PathLike[str], *, fps: float = FPS) -> int:
         .output("-", format="null")
         .global_args("-progress", "pipe:1", "-nostats")
     )
-    res = subprocess.run(stream.compile(cmd=ffmpeg_command()), capture_output=True, stdin=subprocess.DEVNULL)
+    res = run_tool(stream.compile(cmd=ffmpeg_command()))
     counts = re.findall(rb"^frame=(\d+)", res.stdout, re.MULTILINE)
     if res.returncode != 0 or not counts:
         raise MediaError(f"cannot decode video from {p}: {_tail(res.stderr)}")
@@ -403,11 +428,7 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
         .filter("aresample", sample_rate, first_pts=round(origin * sample_rate))
         .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
     )
-    res = subprocess.run(
-        stream.compile(cmd=ffmpeg_command("-copyts")),
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
+    res = run_tool(stream.compile(cmd=ffmpeg_command("-copyts")))
     if res.returncode != 0:
         raise MediaError(f"cannot decode audio from {p}: {_tail(res.stderr)}")
     return np.frombuffer(res.stdout, dtype="<f4").astype(np.float32)

@@ -785,3 +785,29 @@ def test_live_file_never_clobbers_unless_asked(tmp_path):
     w.close()
     assert_av_agree(old, i + 1)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".link")]
+
+
+def test_readers_run_in_their_own_session_and_a_killed_one_is_no_verdict_on_the_file(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C goes to its foreground process group: the readers are outside it (own
+    session), so a stop never passes for a broken file; a reader killed anyway raises
+    DecoderKilled, which the dataset scan does not record as "unreadable"."""
+    from rflav_cli import data
+    from rflav_cli.media import DecoderKilled, run_tool
+
+    res = run_tool([sys.executable, "-c", "import os; print(os.getsid(0), os.getpgid(0))"])
+    sid, pgid = map(int, res.stdout.split())
+    assert sid != os.getsid(0) and pgid != os.getpgid(0)
+    with pytest.raises(DecoderKilled, match="ended by signal 9 while reading clip.mp4"):
+        run_tool(["sh", "-c", "kill -9 $$", "-i", "clip.mp4", "-"])
+
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, width=32, height=32) as w:
+        w.write(np.zeros((3, 32, 32, 3), np.uint8), np.zeros(3 * 1600, np.float32))
+    assert data.probe_video(clip)["frames"] == 3
+
+    def killed(*args, **kwargs):
+        raise DecoderKilled("ffmpeg was ended by signal 2 while reading clip.mp4")
+
+    monkeypatch.setattr(media, "count_frames", killed)
+    with pytest.raises(DecoderKilled):
+        data.probe_video(clip)
