@@ -72,6 +72,7 @@ from .config import (
 )
 from .errors import RflavError
 from .files import atomic_write
+from .hub import recorded_name
 from .progress import progress_bar
 from .tensorfiles import save_safetensors
 
@@ -669,7 +670,7 @@ def prepare_cache(
         "image_size": image_size,
         "latent_scale": LATENT_SCALE,
         "latent_shape": None,
-        "autoencoder": autoencoder_id,
+        "autoencoder": recorded_name(autoencoder_id) if autoencoder_id else None,
         "class_names": list(index.class_names),
         "complete": False,
         "videos": records,

@@ -130,6 +130,13 @@ def is_repo_id(name: str) -> bool:
     )
 
 
+def recorded_name(name: str) -> str:
+    """A model name as files that are read later, from anywhere, record it: a local folder by
+    its absolute path; a preset, Hub repo id or "none" as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 

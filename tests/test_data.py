@@ -413,6 +413,21 @@ def test_prepare_cache_latents_mel_and_index(data_root, tiny_vae, tmp_path):
     assert data.estimate_audio_scale(out) == pytest.approx(data.estimate_audio_scale(index), rel=1e-6)
 
 
+def test_prepare_cache_records_a_local_autoencoder_by_its_absolute_path(
+    data_root, tiny_vae, tmp_path, monkeypatch
+):
+    """A cache is read later from anywhere: `--autoencoder vae` typed in one folder must name the
+    same folder from every other."""
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    index = data.scan_dataset(data_root, "train", missing_audio="silence", progress=False)
+    out = data.prepare_cache(
+        index, tmp_path / "cache", tiny_vae, batch_size=4, image_size=S, progress=False, autoencoder_id="vae"
+    )
+    header = json.loads((out / "index.json").read_text())
+    assert header["autoencoder"] == str((tmp_path / "vae").resolve())
+
+
 def test_prepare_cache_resumes(data_root, tiny_vae, tmp_path, monkeypatch):
     index = data.scan_dataset(data_root, "train", progress=False)  # 25, 8, 5 frames
     out = tmp_path / "cache"
