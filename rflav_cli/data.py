@@ -183,6 +183,29 @@ class DatasetIndex:
             text += f"; skipped {n_skipped} ({reasons})"
         return text
 
+    def no_clips_message(self, window: int) -> str:
+        """Why no clip of `window` frames exists: too short, or every video skipped (and why)."""
+        short = (
+            f"no video in {self.folder} has at least {window} frames at {FPS} fps "
+            f"(a {window}-frame window needs {window / FPS:g} s)"
+        )
+        if not self.videos and self.skipped:
+            return self.no_videos_message()
+        n_skipped = sum(len(v) for v in self.skipped.values())
+        if not n_skipped:
+            return short
+        reasons = ", ".join(f"{reason}: {len(paths)}" for reason, paths in sorted(self.skipped.items()))
+        return f"{short}; {n_skipped} more were skipped ({reasons})"
+
+    def no_videos_message(self) -> str:
+        """Why the index holds no video: every file was skipped, by reason."""
+        n_skipped = sum(len(v) for v in self.skipped.values())
+        reasons = ", ".join(f"{reason}: {len(paths)}" for reason, paths in sorted(self.skipped.items()))
+        hint = ""
+        if self.skipped.get(SKIP_NO_AUDIO):
+            hint = "; --missing-audio silence keeps videos without sound"
+        return f"no usable video in {self.folder}: all {n_skipped} were skipped ({reasons}){hint}"
+
 
 def _clips(frames: list[int], window: int, stride: int) -> list[tuple[int, int]]:
     if window < 1 or stride < 1:
@@ -515,10 +538,7 @@ class VideoClipDataset(Dataset):
         self.class_names = list(index.class_names)
         self.clips = index.clips(window, stride)
         if not self.clips:
-            raise DataError(
-                f"no video in {index.folder} has at least {window} frames at {FPS} fps "
-                f"(a {window}-frame window needs {window / FPS:g} s)"
-            )
+            raise DataError(index.no_clips_message(window))
         # A small dataset is decoded once and kept in memory (every clip reuses its video's
         # frames); a large one decodes each clip with a seek.
         per_frame = image_size * image_size * 3 + N_MELS * MEL_FRAMES_PER_FRAME * 4  # pixels + mel bytes
@@ -650,6 +670,8 @@ def prepare_cache(
     the same image size and autoencoder weights, and encodes only the rest. ``autoencoder``
     is moved to ``device``. Returns ``out_dir``.
     """
+    if not index.videos and index.skipped:
+        raise DataError(index.no_videos_message())
     out = Path(out_dir)
     shards = out / "videos"
     shards.mkdir(parents=True, exist_ok=True)
@@ -880,6 +902,6 @@ def estimate_audio_scale(data: Any, max_videos: int | None = None) -> float:
     if std == 0.0:
         raise DataError(
             "the audio of the training data has no variation (all silent?): "
-            "cannot estimate audio_scale; pass one explicitly"
+            "cannot estimate audio_scale; pass one with --audio-scale"
         )
     return 1.0 / std

@@ -335,6 +335,25 @@ def test_video_clip_dataset_items(data_root):
         data.VideoClipDataset(index, 30, image_size=S)
 
 
+def test_data_whose_every_video_is_skipped_says_why(data_root, tiny_vae, tmp_path):
+    """Not "too short": how many were skipped, for which reasons, and the option that keeps
+    videos without sound; `prepare` refuses too, instead of writing an empty cache."""
+    for p in (data_root / "train").rglob("*"):
+        if p.is_file() and p.name not in ("silent.mp4", "broken.mp4"):
+            p.unlink()
+    index = data.scan_dataset(data_root, "train", progress=False)
+    expected = (
+        f"no usable video in {data_root / 'train'}: all 2 were skipped (no audio: 1, unreadable: 1); "
+        "--missing-audio silence keeps videos without sound"
+    )
+    with pytest.raises(data.DataError) as err:
+        data.VideoClipDataset(index, 3, image_size=S)
+    assert str(err.value) == expected
+    with pytest.raises(data.DataError) as err:
+        data.prepare_cache(index, tmp_path / "cache", tiny_vae, image_size=S, progress=False)
+    assert str(err.value) == expected and not (tmp_path / "cache").exists()
+
+
 def test_default_image_size_and_unlabelled(data_root, tmp_path):
     test = data_root / "test"
     test.mkdir()
