@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -68,6 +69,21 @@ def _run(action: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         typer.echo("rflav: interrupted", err=True)
         raise typer.Exit(130) from None
+    except Exception as err:
+        if _state["debug"] or not _disk_full(err):
+            raise
+        where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
+        message = f"no space left on the device{where}: free some space or write elsewhere"
+        typer.echo(f"rflav: error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _disk_full(err: BaseException) -> bool:
+    """A full disk or quota, as the OS says it or as a library that writes files passes it on
+    (safetensors' errors carry the OS's text)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
 
 
 def _fail(message: str) -> None:
@@ -645,7 +661,7 @@ def prepare(
     output = output if output is not None else old_output
     if output is None:
         _fail("missing option -o/--output: the cache folder to write")
-    _run(lambda: check_prepare_request(image_size, batch_size, missing_audio, device))
+    _run(lambda: check_prepare_request(image_size, batch_size, missing_audio, device, output))
 
     from .data import prepare_cache, scan_dataset
     from .models.autoencoder import AutoencoderKL

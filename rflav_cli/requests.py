@@ -468,6 +468,22 @@ def _positive(cfg: TrainConfig, name: str, minimum: float = 1, strictly: bool = 
         raise UsageError(f"{{{name}}} must be {bound}, got {value}", params=(name,))
 
 
+def check_output_folder(path: str | os.PathLike[str], param: str) -> None:
+    """A folder to write in (made if missing): not a file, nor below one, and writable."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{{{param}}} {path} is a file: give a folder", params=(param,))
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"{{{param}}} {path} cannot be made: {parent} is a file, not a folder", params=(param,)
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{{{param}}} {path}: no permission to write in {parent}", params=(param,))
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Checks of a train request that need neither torch nor the data: value ranges, choices,
     the flags that exclude each other, the --model-config and --vocoder files, and every flag
@@ -514,6 +530,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise TrainError(
             f"{cfg.data}: no such folder: give the folder with train/ videos or a cache from `rflav prepare`"
         )
+    check_output_folder(cfg.output, "output")
     check_vocoder_folder(cfg.vocoder)
     resolve_train_config(cfg, [read_model_config(cfg.model_config)] if cfg.model_config else [])
 
@@ -798,9 +815,17 @@ def resume_train_config(
     return merged, notes
 
 
-def check_prepare_request(image_size: int, batch_size: int, missing_audio: str, device: str = "auto") -> None:
+def check_prepare_request(
+    image_size: int,
+    batch_size: int,
+    missing_audio: str,
+    device: str = "auto",
+    output: str | os.PathLike[str] | None = None,
+) -> None:
     """Checks of `rflav prepare` that need no torch (the VAE halves the image three times)."""
     check_device(device)
+    if output is not None:
+        check_output_folder(output, "output")
     if image_size < VAE_DOWNSCALE or image_size % VAE_DOWNSCALE:
         raise UsageError(
             f"{{image_size}} must be a positive multiple of {VAE_DOWNSCALE}, got {image_size}",

@@ -78,3 +78,41 @@ def test_no_command_prints_help():
     code, out, err, _ = run_cli()
     assert code == 2
     assert "Usage: rflav" in err and "generate" in err
+
+
+@pytest.mark.parametrize("command", ["train", "prepare"])
+@pytest.mark.parametrize("below", ["", "/sub"])
+def test_an_output_folder_that_is_a_file_is_one_line_before_torch(tmp_path, command, below):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "afile").write_text("not a folder")
+    out = f"{tmp_path / 'afile'}{below}"
+    code, stdout, err, torch_loaded = run_cli(command, str(tmp_path / "data"), "-o", out)
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err
+    expected = "is a file: give a folder" if not below else f"cannot be made: {tmp_path / 'afile'} is a file"
+    assert err.startswith(f"rflav: error: --output {out}") and expected in err
+    assert not torch_loaded
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "/runs/x/checkpoint-00000010/model.safetensors"),
+        RuntimeError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+            '"No space left on device" })'
+        ),
+    ],
+)
+def test_a_full_disk_is_one_line(error, capsys):
+    from rflav_cli.cli import _run
+
+    def write():
+        raise error
+
+    with pytest.raises(typer.Exit) as stop:
+        _run(write)
+    assert stop.value.exit_code == 1
+    where = " writing /runs/x/checkpoint-00000010/model.safetensors" if isinstance(error, OSError) else ""
+    assert capsys.readouterr().err == (
+        f"rflav: error: no space left on the device{where}: free some space or write elsewhere\n"
+    )
