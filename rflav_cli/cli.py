@@ -62,9 +62,12 @@ def _run(action: Callable[[], T]) -> T:
     except expected as err:
         if _state["debug"]:
             raise
+        rank = _rank()
+        if rank and not (isinstance(err, RflavError) and err.per_process):
+            raise typer.Exit(2) from None  # the same in every process: rank 0 says it
         text = err.render(_flag) if isinstance(err, RflavError) else str(err)
         message = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        typer.echo(f"rflav: error: {message}", err=True)
+        typer.echo(f"rflav: error{f' (rank {rank})' if rank else ''}: {message}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("rflav: interrupted", err=True)
@@ -76,6 +79,11 @@ def _run(action: Callable[[], T]) -> T:
         message = f"no space left on the device{where}: free some space or write elsewhere"
         typer.echo(f"rflav: error: {message}", err=True)
         raise typer.Exit(1) from None
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): rank 0 alone reports results."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -311,7 +319,7 @@ def generate(
             return stopped.summaries, stopped
 
     summaries, stopped = _run(go)
-    if as_json:
+    if as_json and _rank() == 0:
         typer.echo(json.dumps(summaries if len(summaries) != 1 else summaries[0], indent=2))
     elif not quiet and stopped is None:
         for s in summaries:
@@ -841,7 +849,7 @@ def evaluate(
         return run_eval(request, Console(stderr=True))
 
     result = _run(go)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if _rank() != 0:
         return
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -17,6 +17,11 @@ from collections.abc import Callable
 class RflavError(Exception):
     """Base class of every expected failure: bad input, bad files, unreachable downloads."""
 
+    # Under torchrun every process is given the same command line, files and network, so most
+    # failures are the same in each and rank 0 alone reports them. True for those that depend on
+    # a process's own share of the work (a file only it reads): every rank reports those.
+    per_process: bool = False
+
     def __init__(self, message: str, *, params: tuple[str, ...] = ()) -> None:
         self.template = message
         self.params = tuple(params)

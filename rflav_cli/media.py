@@ -82,6 +82,8 @@ _STDERR_TAIL = 600
 class MediaError(RflavError):
     """A media file cannot be read or written; the message is one line for the user."""
 
+    per_process = True
+
 
 class DecoderKilled(MediaError):
     """ffmpeg or ffprobe was ended by a signal: says nothing about the file it was reading."""

@@ -401,6 +401,20 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Gloo announces its connections on standard output, which belongs to the command's
+    results (--json): send what is written there meanwhile to standard error."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def init_distributed(device: torch.device, backend: str | None = None) -> Dist:
     """Join the torchrun group when launched by torchrun: with `backend`, else NCCL on GPUs and
     gloo on CPU. Work that only exchanges small messages (sharded generation and evaluation)
@@ -410,5 +424,6 @@ def init_distributed(device: torch.device, backend: str | None = None) -> Dist:
     if not dist.is_initialized():
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
+        with _stdout_to_stderr():
+            dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -56,35 +56,19 @@ def _manifest(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
 
 
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(_free_port()), "-m", "rflav_cli", *args]
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def test_two_processes_make_the_files_of_one(tmp_path):
     one = _rflav(*COMMAND, "--frames", "12", "--num-samples", "3", "-o", "one/", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "rflav_cli",
-            *COMMAND,
-            "--frames",
-            "12",
-            "--num-samples",
-            "3",
-            "-o",
-            "two/",
-        ],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    two = _torchrun(*COMMAND, "--frames", "12", "--num-samples", "3", "--json", "-o", "two/", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
+    # Standard output holds the results alone (the process group's own messages go elsewhere).
+    assert [s["seed"] for s in json.loads(two.stdout)] == [0, 1, 2]
     for seed in range(3):
         name = f"ball-seed{seed}.mp4"
         (v1, a1), (v2, a2) = _decoded(tmp_path / "one" / name), _decoded(tmp_path / "two" / name)
@@ -96,6 +80,13 @@ def test_two_processes_make_the_files_of_one(tmp_path):
     assert [(r["index"], r["seed"], r["file"], r["status"], r["frames"]) for r in rows] == [
         (i, i, f"ball-seed{i}.mp4", "complete", 12) for i in range(3)
     ]
+
+
+def test_two_processes_given_bad_input_say_it_once(tmp_path):
+    two = _torchrun(*COMMAND, "--frames", "0", "-o", "two/", cwd=tmp_path)
+    assert two.returncode != 0
+    errors = [line for line in two.stderr.splitlines() if line.startswith("rflav: error")]
+    assert len(errors) == 1 and "--frames" in errors[0], two.stderr[-3000:]
 
 
 def test_a_rerun_makes_only_what_is_missing(tmp_path):
