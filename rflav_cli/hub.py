@@ -177,9 +177,10 @@ def _flag_for(files: list[str]) -> str:
     return "--vae" if any(f.endswith("diffusion_pytorch_model.safetensors") for f in files) else "--model"
 
 
-def _packaged_hint(repo_id: str) -> str:
-    """For a released checkpoint: the packaged one that needs no download, to try meanwhile."""
-    if not any(p.repo_id == repo_id for p in PRESETS.values()):
+def _packaged_hint(repo_id: str, flag: str | None = "--model") -> str:
+    """For a released checkpoint asked for by --model: the packaged one, which needs no
+    download, to try meanwhile."""
+    if flag != "--model" or not any(p.repo_id == repo_id for p in PRESETS.values()):
         return ""
     packaged = [name for name, p in PRESETS.items() if p.packaged_folder is not None]
     return f" ('--class {packaged[0]}' works without a download)" if packaged else ""
@@ -303,10 +304,10 @@ def _hub_problem(repo_id: str, filename: str, revision: str | None) -> str:
 
 def _unreachable(problem: str, repo_id: str, filename: str, flag: str) -> ResolveError:
     wait = f", or set {TIMEOUT_VAR} to wait longer" if "did not answer" in problem else ""
+    local = f", or pass a local folder with {flag} PATH" if flag else ""
     return ResolveError(
         f"cannot get {filename} from {repo_id} ({problem}; not in the Hugging Face cache either): "
-        f"check the network connection or HF_ENDPOINT{wait}, or pass a local folder with {flag} PATH"
-        f"{_packaged_hint(repo_id)}"
+        f"check the network connection or HF_ENDPOINT{wait}{local}{_packaged_hint(repo_id, flag)}"
     )
 
 
@@ -315,35 +316,36 @@ def _explain(
 ) -> ResolveError:
     """Turn a huggingface_hub failure into a one-line ResolveError that says how to fix it."""
     head = f"cannot get {filename} from {repo_id}"
-    local = f"pass a local folder with {flag} PATH"
+    # flag "": the caller has no option that takes a folder instead (rflav download).
+    local = f", or pass a local folder with {flag} PATH" if flag else ""
     if isinstance(exc, LocalEntryNotFoundError):
         if offline or isinstance(exc.__cause__, OfflineModeIsEnabled):
             why = "offline and not in the Hugging Face cache"
-            fix = f"{_download_hint(repo_id)}, or {local}{_packaged_hint(repo_id)}"
+            fix = f"{_download_hint(repo_id)}{local}{_packaged_hint(repo_id, flag)}"
         else:
             why = "the Hub could not be reached and it is not in the Hugging Face cache"
-            fix = f"check the network connection (or HF_ENDPOINT), or {local}"
+            fix = f"check the network connection (or HF_ENDPOINT){local}"
     elif isinstance(exc, GatedRepoError):
         why = "the repo is gated"
         fix = (
             f"accept its terms at https://huggingface.co/{repo_id} and log in with "
-            f"'hf auth login' or set HF_TOKEN, or {local}"
+            f"'hf auth login' or set HF_TOKEN{local}"
         )
     elif isinstance(exc, RepositoryNotFoundError):
         why = "no such Hub repo, or it is private and no valid token was given"
-        fix = f"check the repo id (no local folder of that name exists either), set HF_TOKEN, or {local}"
+        fix = f"check the repo id (no local folder of that name exists either), set HF_TOKEN{local}"
     elif isinstance(exc, RevisionNotFoundError):
         why = f"revision '{revision}' does not exist"
-        fix = f"check --revision, or {local}"
+        fix = f"check --revision{local}"
     elif isinstance(exc, EntryNotFoundError):
         why = "the repo has no such file"
-        fix = f"check the repo id and revision, or {local}"
+        fix = f"check the repo id and revision{local}"
     elif isinstance(exc, HfHubHTTPError) and getattr(exc.response, "status_code", None) in (401, 403):
         why = "access denied"
-        fix = f"log in with 'hf auth login' or set HF_TOKEN, or {local}"
+        fix = f"log in with 'hf auth login' or set HF_TOKEN{local}"
     else:
         why = _one_line(f"{type(exc).__name__}: {exc}")
-        fix = f"retry, or {local}"
+        fix = f"retry{local}"
     return ResolveError(f"{head} ({why}): {fix}")
 
 
@@ -362,7 +364,7 @@ def _fetch(
 ) -> Path:
     """Fetch ``files`` of a Hub repo into the cache (or ``local_dir``) and return their folder."""
     local_only = _env_offline() if offline is None else offline
-    flag = flag or _flag_for(files)
+    flag = _flag_for(files) if flag is None else flag
     # An endpoint that cannot be used leaves the cache: a hit is served, a miss reported at once.
     problem = "" if local_only else _hub_problem(repo_id, files[0], revision)
     cache_dir = _cache_dir()
@@ -474,9 +476,14 @@ def _vocoder_in(folder: Path) -> Path | None:
 
 
 def resolve_model(
-    name: str, revision: str | None = None, offline: bool | None = None, need_vocoder: bool = True
+    name: str,
+    revision: str | None = None,
+    offline: bool | None = None,
+    need_vocoder: bool = True,
+    flag: str = "--model",
 ) -> ResolvedModel:
-    """Find a model checkpoint given a preset name, a local folder or a Hub repo id."""
+    """Find a model checkpoint given a preset name, a local folder or a Hub repo id; `flag` is
+    the option that gave it, which messages name."""
     files = MODEL_FILES if need_vocoder else MODEL_CORE_FILES
     preset = PRESETS.get(name)
     path = Path(name).expanduser()
@@ -489,7 +496,7 @@ def resolve_model(
         if missing:
             raise ResolveError(
                 f"{path} is not a model folder: it lacks {', '.join(missing)} "
-                f"(expected {', '.join(files)}); pass a checkpoint folder with --model"
+                f"(expected {', '.join(files)}); pass a checkpoint folder with {flag}"
             )
         side = read_side_file(path)
         return ResolvedModel(
@@ -507,7 +514,7 @@ def resolve_model(
             "check the spelling"
         )
     repo_id = preset.repo_id if preset else name
-    folder = _fetch(repo_id, files, revision, offline, flag="--model")
+    folder = _fetch(repo_id, files, revision, offline, flag=flag)
     side = _optional_side_file(repo_id, folder, offline)
     scale = side.get("audio_scale", preset.audio_scale if preset else None)
     return ResolvedModel(
@@ -578,17 +585,18 @@ def _undo_on_failure(folder: Path) -> Iterator[None]:
 def _download_one(
     repo_id: str, files: list[str], revision: str | None, offline: bool, to: Path | None
 ) -> Path:
+    # Messages offer no folder to pass instead: downloading is what was asked.
     if to is None:
-        return _fetch(repo_id, files, revision, offline)
+        return _fetch(repo_id, files, revision, offline, flag="")
     to.mkdir(parents=True, exist_ok=True)
     if offline or _hub_problem(repo_id, files[0], revision):
         # huggingface_hub's local_dir mode never reads the cache when it cannot go online:
         # copy from the cache here (a miss says why the Hub was not asked).
-        snapshot = _fetch(repo_id, files, revision, offline)
+        snapshot = _fetch(repo_id, files, revision, offline, flag="")
         for filename in files:
             _place(snapshot / filename, to / filename)
         return to
-    _fetch(repo_id, files, revision, False, local_dir=to)
+    _fetch(repo_id, files, revision, False, local_dir=to, flag="")
     return to
 
 

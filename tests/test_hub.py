@@ -640,7 +640,7 @@ def test_refused_endpoint_fails_download_at_once_and_cleans_up(refused_endpoint:
     assert proc.returncode == 2
     line = only_line(proc)
     assert DANCE in line and "config.json" in line and "could not be reached" in line
-    assert refused_endpoint in line and "pass a local folder with --model PATH" in line
+    assert refused_endpoint in line and "local folder" not in line  # download has no such option
     assert proc.stdout == ""
     assert seconds < REFUSED_LIMIT_S
     # No lock files, partial files or .cache/huggingface left in the folders; ours kept.
@@ -658,7 +658,7 @@ def test_silent_endpoint_fails_download_within_the_default_timeout(
     proc, seconds = rflav(["download", "dance", "--to", str(tmp_path / "w")], silent_endpoint, tmp_path)
     assert proc.returncode == 2
     line = only_line(proc)
-    assert DANCE in line and "config.json" in line and "--model PATH" in line
+    assert DANCE in line and "config.json" in line and "--model" not in line
     assert f"did not answer within {hub.DEFAULT_HUB_TIMEOUT:g} s" in line and "RFLAV_HUB_TIMEOUT" in line
     assert hub.DEFAULT_HUB_TIMEOUT <= seconds < SILENT_LIMIT_S
     assert not (tmp_path / "w").exists()
@@ -747,3 +747,12 @@ def test_failed_download_to_folder_removes_what_it_added(fake_hub: FakeHub, tmp_
     assert DANCE in line and "vocoder/vocoder.pt" in line and "no such file" in line
     assert len(fake_hub.gets) == 3  # the files before it did arrive ...
     assert tree(target) == before  # ... and are gone again, with the .cache/huggingface bookkeeping
+
+
+def test_an_unreachable_init_checkpoint_names_its_flag(refused_endpoint: str, tmp_path: Path) -> None:
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    proc, _ = rflav(["train", "data", "-o", "run", "--init", "dance"], refused_endpoint, tmp_path)
+    assert proc.returncode == 2
+    line = only_line(proc)
+    assert DANCE in line and "pass a local folder with --init PATH" in line
+    assert "--model" not in line and "--class" not in line  # options of generate, not of train
