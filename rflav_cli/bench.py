@@ -8,6 +8,7 @@ checkpoint, the weights are random but the shapes are those of the released arch
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import statistics
 import sys
@@ -288,12 +289,16 @@ def time_forward(
     if compile:  # compiled as the pipeline compiles it (replayed as a CUDA graph on GPUs)
         net.compile_blocks()
     inputs = forward_inputs(reference.config, batch, torch_device)
+    # A class-conditional checkpoint is timed on its first class.
+    labels = torch.zeros(batch, dtype=torch.long, device=torch_device) if reference.num_classes else None
 
     with torch.no_grad():
         with tf32_scope(torch_device, enabled=False):  # the error is against full float32
-            expected = reference(*inputs)
+            expected = reference(*inputs, labels)
         # Warm-up: eager caches; compiled, also the compilation and the CUDA graph's capture.
-        times, out = timed_calls(lambda: net(*inputs), torch_device, repeats, warmup=3 if compile else 1)
+        times, out = timed_calls(
+            lambda: net(*inputs, labels), torch_device, repeats, warmup=3 if compile else 1
+        )
     median = statistics.median(times)
     return ForwardResult(
         model=name,
@@ -516,8 +521,11 @@ def run_bench(
     if profile is not None:
         if forward_only:
             raise UsageError("--profile traces the generation; drop --forward-only")
-        if not Path(profile).expanduser().resolve().parent.is_dir():
+        folder = Path(profile).expanduser().resolve().parent
+        if not folder.is_dir():
             raise UsageError(f"--profile {profile}: its folder does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"--profile {profile}: no permission to write in {folder}")
 
     console = console or Console(stderr=True)
     # A light display thread: it shares the CPU being timed.
@@ -594,7 +602,7 @@ def bench_table(report: dict) -> Table:
     table.add_row(
         f"forward (window {forward['window']}, batch {forward['batch']})", f"{forward['forward_ms']:.1f} ms"
     )
-    table.add_row(f"model-only frames/s ({report['steps']} steps)", f"{forward['frames_per_s']:.1f}")
+    table.add_row(f"model-only frames/s ({report['steps']} steps)", f"{forward['frames_per_s']:.3g}")
     table.add_row("error vs fp32", f"{forward['relative_error']:.1e}")
     if generation is not None:
         table.add_row("load", f"{generation['load_s']:.2f} s")

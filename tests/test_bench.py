@@ -108,6 +108,17 @@ def test_forward_error_against_fp32():
     assert bf16.relative_error == pytest.approx(((low - ref).norm() / ref.norm()).item(), rel=1e-5)
 
 
+def test_a_class_conditional_checkpoint_is_timed_on_its_first_class(tmp_path):
+    import tiny
+
+    folder = tiny.build_tiny_model(tmp_path / "classes", num_classes=2, class_names=["a", "b"])
+    bf16 = bench.time_forward(device="cpu", dtype="bf16", repeats=1, model=str(folder))
+    assert bf16.model == str(folder) and 0 < bf16.relative_error < 0.05
+    result = run_cli("--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--forward-only")
+    assert result.exit_code == 0, result.output
+    assert "0.0e+00" in result.stdout  # the fp32 forward against itself
+
+
 def test_table_on_cpu_forward_only():
     result = run_cli("--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--forward-only")
     assert result.exit_code == 0, result.output
