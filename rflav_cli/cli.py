@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import __version__, hub
 from .config import FLAV_SIZES
-from .errors import RflavError
+from .errors import RflavError, UsageError
 from .requests import (
     DriftRequest,
     EvalRequest,
@@ -621,15 +621,26 @@ def train(
     _run(lambda: check_train_config(cfg))  # before torch is imported: a bad value fails at once
 
     from .runtime import stop_on_signals
+    from .train import TrainingInterrupted
     from .train import train as run_train
 
     def go():
         with stop_on_signals() as stop:
-            return run_train(cfg, stop=stop, name_of=_flag)
+            try:
+                return run_train(cfg, stop=stop, name_of=_flag), None
+            except TrainingInterrupted as stopped:
+                return stopped.checkpoint, stopped
 
-    last = _run(go)
+    last, stopped = _run(go)
+    if _rank() != 0:
+        if stopped is not None:
+            raise typer.Exit(stopped.exit_code)
+        return
     if last is not None:
         typer.echo(f"checkpoint: {last}", err=True)
+    if stopped is not None:
+        typer.echo(f"rflav: {stopped}", err=True)
+        raise typer.Exit(stopped.exit_code)
 
 
 @app.command()
@@ -733,8 +744,9 @@ def evaluate(
         ...,
         "--real",
         help=(
-            "Folder of real videos (searched recursively for .mp4, .avi, .gif), or a statistics .npz "
-            "written by --save-real-stats."
+            "Folder of real videos (searched recursively for .mp4, .avi, .gif and the kinds training "
+            "takes: .mkv, .mov, .webm), or a statistics .npz written by --save-real-stats (its first "
+            "--num-clips clips are used)."
         ),
     ),
     fake: Optional[Path] = typer.Option(
@@ -785,6 +797,14 @@ def evaluate(
         help=(
             "Generate the fake set now from this checkpoint (preset, Hub repo id or local folder), instead "
             "of --fake."
+        ),
+    ),
+    label: Optional[str] = typer.Option(
+        None,
+        "--class",
+        help=(
+            "With --model: generate only this class of a class-conditional checkpoint (name or index) "
+            "[default: every class, sample i of class i mod the number of classes]."
         ),
     ),
     num_samples: Optional[int] = typer.Option(
@@ -839,6 +859,10 @@ def evaluate(
             quiet=quiet or as_json,
         )
         check_eval_request(request)  # bad values fail here, before torch is imported
+        if label is not None and model is None:
+            raise UsageError(
+                "{label} only applies with {model} (generating the fake set)", params=("label", "model")
+            )
         return request
 
     request = _run(build)
@@ -846,7 +870,7 @@ def evaluate(
     def go() -> dict:
         from .evaluate import run_eval
 
-        return run_eval(request, Console(stderr=True))
+        return run_eval(request, Console(stderr=True), label=label)
 
     result = _run(go)
     if _rank() != 0:
@@ -870,7 +894,12 @@ def drift(
         ..., "--fake", help="Folder of long generated videos (at least 2, each 16 frames or more)."
     ),
     real: Path = typer.Option(
-        ..., "--real", help="Folder of real videos, or a statistics .npz written by eval --save-real-stats."
+        ...,
+        "--real",
+        help=(
+            "Folder of real videos (the kinds eval reads), or a statistics .npz written by eval "
+            "--save-real-stats (its first --num-clips clips are used)."
+        ),
     ),
     window: int = typer.Option(
         16, "--window", help="Frames per window: 16, the protocol's clip length (no other value is accepted)."

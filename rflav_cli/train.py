@@ -4,7 +4,8 @@ many (torchrun + DistributedDataParallel), with EMA weights, resumable atomic ch
 A run folder holds `checkpoint-STEP/` folders in the release layout (EMA weights in
 `model.safetensors`, `config.json`, `vocoder/`, `rflav.json`) plus `training_state/` (raw
 weights, EMA, optimizer, step, data position), and `latest` → the newest complete one. `.lock`
-is held by the process that trains into the folder.
+is held by the process that trains into the folder. A checkpoint is never deleted before the
+one that replaces it is in place, so a run killed at any moment leaves a complete one to resume.
 Everything random is derived from (seed, step, rank), so stopping at step N and resuming gives
 the same weights as an uninterrupted run on a CPU; GPUs' attention and convolution gradients
 accumulate in a nondeterministic order, so there the two agree up to rounding.
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -41,7 +43,7 @@ from .data import (
     open_training_data,
 )
 from .errors import FileFormatError
-from .files import creation_mode, read_json_object
+from .files import atomic_write, creation_mode, read_json_object
 from .flow import flow_matching_loss, sample_training_levels
 from .generate import GenerationInterrupted, run_generate
 from .hub import (
@@ -87,7 +89,28 @@ except ImportError:  # no flock on Windows: runs go without a lock
 
 STATE_DIR = "training_state"
 LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
 DEFAULT_VOCODER_PRESET = "dance"  # checkpoints get its HiFi-GAN unless --vocoder says otherwise
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped (Ctrl-C, SIGTERM) before --max-steps, once the step it reached is saved.
+
+    `checkpoint` holds that step (on every rank, though only rank 0 wrote it); the same request
+    resumes the run. `exit_code` is 128 + the signal number, as for an interrupted generation."""
+
+    def __init__(self, checkpoint: Path, step: int, max_steps: int, signum: int = signal.SIGINT) -> None:
+        self.message = (
+            f"interrupted: stopped at step {step} of {max_steps}, saved in {checkpoint} "
+            "(the same command resumes the run)"
+        )
+        super().__init__(self.message)
+        self.checkpoint = checkpoint
+        self.step = step
+        self.exit_code = 128 + int(signum)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,7 +216,8 @@ def _write_checkpoint(
 ) -> Path:
     """Write checkpoint-STEP atomically (temp folder, then rename) and repoint `latest`."""
     final = run_dir / f"checkpoint-{step:08d}"
-    tmp = run_dir / f".checkpoint-{step:08d}.tmp"
+    tmp = run_dir / f".checkpoint-{step:08d}{_TMP}"
+    aside = run_dir / f".checkpoint-{step:08d}{_ASIDE}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     release = FLAV(model.config)
@@ -212,12 +236,28 @@ def _write_checkpoint(
     )
     save_safetensors({k: v.cpu().contiguous() for k, v in ema.items()}, st / "ema.safetensors")
     torch.save(optimizer.state_dict(), st / "optimizer.pt")
-    (st / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     _fsync_tree(tmp)
+    # state.json last, once the rest is on disk: a folder that has it is complete (_is_complete).
+    with open(st / "state.json", "w") as f:
+        f.write(json.dumps(state, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        # Moved aside, not deleted, until the new folder is in place: a process killed in between
+        # leaves the old one, which latest_checkpoint finds and the next run puts back.
+        if _is_complete(final) or not aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        else:  # a damaged folder whose complete copy is already aside
+            shutil.rmtree(final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
     _point_latest(run_dir, final.name)
+    shutil.rmtree(aside, ignore_errors=True)
     checkpoints = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -240,13 +280,58 @@ def _point_latest(run_dir: Path, name: str) -> None:
     os.replace(tmp, link)
 
 
+_TMP = ".tmp"  # .checkpoint-STEP.tmp: a checkpoint being written
+_ASIDE = ".old"  # .checkpoint-STEP.old: the one it replaces, until it is in place
+_COPY_NAME = re.compile(r"\.(checkpoint-\d+)(\.tmp|\.old)")
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / STATE_DIR / "state.json").is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if it resolves, else the highest step."""
+    """The newest complete checkpoint: `latest` if it resolves, else the highest step.
+
+    A save killed half-way can leave a step only in `.checkpoint-STEP.old` (the folder it was
+    replacing, moved aside) or in a complete `.checkpoint-STEP.tmp`; that copy counts for its
+    step, and the next run puts it back in place (_put_back_interrupted_saves)."""
     link = run_dir / "latest"
-    if link.exists() and (link / STATE_DIR / "state.json").exists():
+    if link.exists() and _is_complete(link):
         return link.resolve()
-    complete = [p for p in sorted(run_dir.glob("checkpoint-*")) if (p / STATE_DIR / "state.json").exists()]
-    return complete[-1] if complete else None
+    best: dict[int, Path] = {}
+    for path in run_dir.glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", path.name) and _is_complete(path):
+            best[int(path.name.split("-")[1])] = path
+    for suffix in (_ASIDE, _TMP):  # the copy that was in place before is preferred
+        for path in run_dir.glob(f".checkpoint-*{suffix}"):
+            found = _COPY_NAME.fullmatch(path.name)
+            step = int(found.group(1).split("-")[1]) if found else None
+            if step is not None and step not in best and _is_complete(path):
+                best[step] = path
+    return best[max(best)].resolve() if best else None
+
+
+def _in_place(checkpoint: Path) -> Path:
+    """The checkpoint-STEP folder that `checkpoint` (maybe a copy left by a killed save) is put back as."""
+    found = _COPY_NAME.fullmatch(checkpoint.name)
+    return checkpoint.with_name(found.group(1)) if found else checkpoint
+
+
+def _put_back_interrupted_saves(run_dir: Path, console: Console, remove: bool = True) -> None:
+    """Put in place the checkpoint a save killed half-way left aside (or, failing that, its
+    complete temporary folder), then remove what such saves left; never the only complete copy
+    of a step (one whose checkpoint-STEP is there but damaged stays)."""
+    copies = sorted(p for p in run_dir.glob(".checkpoint-*") if _COPY_NAME.fullmatch(p.name))
+    for suffix in (_ASIDE, _TMP):
+        for copy in copies:
+            final = _in_place(copy)
+            if copy.name.endswith(suffix) and not final.exists() and _is_complete(copy):
+                os.replace(copy, final)
+                console.print(f"put back {final.name} from {copy.name}, left by a stopped save", markup=False)
+    for copy in copies if remove else []:
+        if copy.exists() and not (_is_complete(copy) and not _is_complete(_in_place(copy))):
+            shutil.rmtree(copy, ignore_errors=True)
+            console.print(f"removed {copy.name}, left by a run that was stopped while saving", markup=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,8 +367,13 @@ _DAMAGED = "the checkpoint is damaged: delete it to resume from the one before, 
 def _run_lock(run_dir: Path, console: Console, enabled: bool) -> Iterator[None]:
     """Hold RUN/.lock while training. A second `rflav train` on the same folder stops at once,
     and so temporary folders found once the lock is held can only be leftovers of runs that
-    were killed: they are removed. The lock goes with the process, however it ends."""
-    if not enabled or fcntl is None:  # no flock (Windows): no lock and no clean-up
+    were killed: a checkpoint they hold is put back in place, the rest removed. The lock goes
+    with the process, however it ends."""
+    if not enabled:
+        yield
+        return
+    if fcntl is None:  # no flock (Windows): no lock; what a resume reads is put back, nothing removed
+        _put_back_interrupted_saves(run_dir, console, remove=False)
         yield
         return
     handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
@@ -302,9 +392,7 @@ def _run_lock(run_dir: Path, console: Console, enabled: bool) -> Iterator[None]:
         handle.truncate()
         handle.write(f"rflav train, pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        for stale in sorted(run_dir.glob(".checkpoint-*.tmp")):
-            shutil.rmtree(stale, ignore_errors=True)
-            console.print(f"removed {stale.name}, left by a run that was stopped while saving", markup=False)
+        _put_back_interrupted_saves(run_dir, console)
         if (run_dir / ".latest.tmp").is_symlink():
             (run_dir / ".latest.tmp").unlink()
         yield
@@ -329,7 +417,7 @@ def _new_run_config(cfg: TrainConfig) -> tuple[TrainConfig, ResolvedModel | None
     if cfg.model_config:
         files.append(read_model_config(cfg.model_config))
     if cfg.init:
-        source = resolve_model(cfg.init, need_vocoder=False)
+        source = resolve_model(cfg.init, need_vocoder=False, flag="--init")
         config = read_json_object(source.folder / "config.json", "model config")
         files.append(
             checkpoint_file(
@@ -389,6 +477,7 @@ class _TrainState:
     ema: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     step: int
+    saved_step: int | None  # the step a checkpoint on disk holds: the resumed one, then the last saved
     data_position: int  # in the global sample stream, see global_batch_indices
     audio_scale: float
     side: dict[str, Any]  # rflav.json
@@ -425,6 +514,8 @@ def train(
 
     Settings left None in `cfg` take the resumed run's values, else those of the files given,
     else the defaults. `name_of` names a parameter in printed lines (the CLI passes its flags).
+    A run stopped through `stop` before --max-steps saves the step it reached, then raises
+    :class:`TrainingInterrupted` (on every rank).
     """
     console = console or Console(stderr=True)
     name_of = name_of or (lambda param: param)
@@ -441,13 +532,22 @@ def train(
         plan.run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(d)
     with _run_lock(plan.run_dir, console, enabled=d.main):
-        if d.main and latest_checkpoint(plan.run_dir) != plan.resume:  # another run saved since we looked
+        now = latest_checkpoint(plan.run_dir) if d.main else None
+        if d.main and (now and _in_place(now)) != plan.resume:  # another run saved since we looked
             raise TrainError(
                 f"{plan.run_dir} got a new checkpoint while this run was starting: run the command again"
             )
-        written = _train(plan, device, d, console, stop)
+        _barrier(d)  # the checkpoint is read once rank 0 has put back one that a killed save left aside
+        written, stopped_at = _train(plan, device, d, console, stop)
     if joins_group:  # every rank got here (the last barrier): leave the group as it was made
         dist.destroy_process_group()
+    if stopped_at is not None:
+        raise TrainingInterrupted(
+            plan.run_dir / f"checkpoint-{stopped_at:08d}",
+            stopped_at,
+            plan.cfg.max_steps,
+            getattr(stop, "signum", None) or signal.SIGINT,
+        )
     return written
 
 
@@ -457,12 +557,14 @@ def _plan(
     """The settings, weights, vocoder and (when known without the data) audio scale of the run
     that `asked` resumes or starts; None when the resumed run is already done."""
     run_dir = Path(asked.output)
-    resume = latest_checkpoint(run_dir)
-    if resume is None:
+    found = latest_checkpoint(run_dir)
+    # A copy left by a killed save is read now and put back in place before the weights are.
+    resume = None if found is None else _in_place(found)
+    if found is None:
         cfg, init = _new_run_config(asked)
         saved: dict[str, Any] = {}
     else:
-        resumed = _resume_config(asked, run_dir, resume, console, name_of, main_rank)
+        resumed = _resume_config(asked, run_dir, found, console, name_of, main_rank)
         if resumed is None:
             return None
         cfg, saved = resumed
@@ -486,8 +588,8 @@ def _resume_config(
     name_of: Callable[[str], str],
     main_rank: bool,
 ) -> tuple[TrainConfig, dict[str, Any]] | None:
-    """The settings of the resumed run and its saved state; None (said) when it is already at
-    --max-steps."""
+    """The settings of the resumed run and its saved state, read from `resume` (a checkpoint or
+    the copy of one a killed save left); None (said) when it is already at --max-steps."""
     state_path = resume / STATE_DIR / "state.json"
     saved = read_json_object(state_path, "training state", fix=_DAMAGED)
     if not isinstance(saved.get("step"), int) or not isinstance(saved.get("audio_scale"), (int, float)):
@@ -506,7 +608,9 @@ def _resume_config(
             )
         return None
     if main_rank:
-        console.print(f"resuming from step {step} ({run_dir / resume.name})", markup=False, highlight=False)
+        console.print(
+            f"resuming from step {step} ({run_dir / _in_place(resume).name})", markup=False, highlight=False
+        )
         if changes:
             console.print(
                 "changed since the saved run: "
@@ -538,20 +642,90 @@ def _given_audio_scale(
 
 def _train(
     plan: _Plan, device: torch.device, d: Dist, console: Console, stop: threading.Event | None
-) -> Path | None:
+) -> tuple[Path | None, int | None]:
+    """The last checkpoint this process wrote, and the step the run was stopped at (None when
+    it reached --max-steps)."""
     data = _open_data(plan.cfg, d, console)
+    _check_classes(plan, data.class_names, console, d.main)
     scale = plan.audio_scale or AudioScale(estimate_audio_scale(data.dataset), "unit std of the training mel")
     data.dataset.audio_scale = scale.value
     if d.main:
         console.print(scale.describe())
     run = _build_state(plan, data, scale.value, device)
+    if d.main:
+        _trim_metrics(run.run_dir / METRICS_FILE, run.step)
     engine = _build_engine(run, data.dataset, device, d)
     try:
-        last_written = _train_loop(run, engine, console, stop)
+        last_written, stopped = _train_loop(run, engine, console, stop)
     finally:
         engine.loader.close()
     _barrier(d)
-    return last_written
+    return last_written, run.step if stopped else None
+
+
+def _check_classes(plan: _Plan, found: list[str], console: Console, main_rank: bool) -> None:
+    """Refuse, before any step, data whose classes are not those of the resumed or --init
+    weights: the labels are indices into the model's class embeddings, so other class folders
+    would train other classes' embeddings (or the guidance's null label) or fail mid-step. Only
+    fine-tuning (--init) may give the same number of classes other names: said, not refused."""
+    if plan.resume is not None:
+        folder, names = plan.resume, read_side_file(plan.resume).get("class_names")
+    elif plan.init is not None:
+        folder, names = plan.init.folder, plan.init.class_names
+    else:
+        return
+    config = read_json_object(folder / "config.json", "model config", fix=_DAMAGED)
+    count = config.get("num_classes") or 0
+    if count == len(found) and (not names or list(names) == found):
+        return
+    if count == len(found) and plan.resume is None:
+        if main_rank:
+            pairs = ", ".join(f"{old} → {new}" for old, new in zip(names, found))
+            note = f"the initial checkpoint's class embeddings serve these classes: {pairs}"
+            console.print(note, markup=False)
+        return
+    if count == 0:
+        saved, same = "no classes (unconditional)", "data without class folders (videos directly in train/)"
+    elif names:
+        saved, same = f"the classes {', '.join(names)}", f"data whose class folders are {', '.join(names)}"
+    else:
+        saved, same = f"{count} classes", f"data with {count} class folders"
+    has = f"the class folders {', '.join(found)}" if found else "no class folders (videos directly in train/)"
+    if plan.resume is not None:
+        raise TrainError(
+            f"{plan.cfg.data} has {has} but the run in {plan.run_dir} was trained on {saved}: resume it on "
+            f"{same}, or start a new run with another {{output}}",
+            params=("output",),
+        )
+    raise TrainError(
+        f"{plan.cfg.data} has {has} but the {{init}} checkpoint {plan.cfg.init} has {saved}: train on "
+        f"{same}, or leave out {{init}} to train new weights",
+        params=("init",),
+    )
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl past `step`, where this run starts: a run killed after
+    logging steps it had not saved takes them again, and would log them twice. A last line cut
+    short by the kill goes too. Rewritten atomically, and only when something goes."""
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.endswith(b"\n"):  # not a line this code wrote: left as it is
+                kept.append(line)
+            continue
+        logged = record.get("step") if isinstance(record, dict) else None
+        if isinstance(logged, int) and not isinstance(logged, bool) and logged > step:
+            continue
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if kept != lines:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
 
 
 def _open_data(cfg: TrainConfig, d: Dist, console: Console) -> _Data:
@@ -587,6 +761,8 @@ def _build_state(plan: _Plan, data: _Data, audio_scale: float, device: torch.dev
         ema=_build_ema(plan, model, device),
         optimizer=_build_optimizer(plan, model),
         step=int(plan.saved.get("step", 0)),
+        # On every rank: a stop before the first new step then saves nothing (its checkpoint is there).
+        saved_step=int(plan.saved["step"]) if plan.resume is not None else None,
         data_position=int(plan.saved.get("data_position", 0)),
         audio_scale=audio_scale,
         side=_side_file(cfg, data.class_names, audio_scale, plan.vocoder_folder),
@@ -612,12 +788,7 @@ def _build_model(plan: _Plan, class_names: list[str]) -> FLAV:
         model = FLAV.from_pretrained(plan.init.folder)
         model.config.grad_ckpt = cfg.grad_ckpt
         model.gradient_checkpointing = cfg.grad_ckpt
-        if model.num_classes != len(class_names) and class_names:
-            raise TrainError(
-                f"{{init}} {cfg.init} has {model.num_classes} classes but the data has {len(class_names)}",
-                params=("init",),
-            )
-        return model
+        return model  # its classes are those of the data: _check_classes
     torch.manual_seed(cfg.seed)
     model = FLAV(build_model_config(cfg, len(class_names)))
     model.initialize_weights()
@@ -681,9 +852,10 @@ def _build_engine(
 
 def _train_loop(
     run: _TrainState, engine: _Engine, console: Console, stop: threading.Event | None
-) -> Path | None:
+) -> tuple[Path | None, bool]:
     """Steps up to --max-steps or until `stop` is set, logging, saving and sampling on the way;
-    a stop saves the step reached. Returns the last checkpoint this process wrote."""
+    a stop saves the step reached. Returns the last checkpoint this process wrote and whether
+    `stop` ended the run before --max-steps."""
     cfg, d = run.cfg, engine.ranks
     last_written: Path | None = None
     meter = _Meter(clips_per_step=cfg.batch_size * d.world)
@@ -691,7 +863,6 @@ def _train_loop(
     task = progress.add_task(
         "training", total=cfg.max_steps, completed=run.step, loss=float("nan"), clips=0.0, steps=0.0
     )
-    saved_step = None  # known to every rank (only rank 0 gets the checkpoint's path)
     stopped = False
     with progress:
         while run.step < cfg.max_steps:
@@ -703,15 +874,15 @@ def _train_loop(
             clips_per_s, steps_per_s = meter.rates()
             progress.update(task, completed=run.step, loss=result.loss, clips=clips_per_s, steps=steps_per_s)
             if d.main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
-                with open(run.run_dir / "metrics.jsonl", "a") as f:
+                with open(run.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(meter.take_record(run.step, result)) + "\n")
             if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
-                last_written, saved_step = _save(run, ranks=d), run.step
+                last_written, run.saved_step = _save(run, ranks=d), run.step
             if d.main and cfg.sample_every and run.step % cfg.sample_every == 0 and last_written is not None:
                 _sample(last_written, cfg, console, stop)
-    if stopped and saved_step != run.step:
-        last_written = _save(run, ranks=d)
-    return last_written
+    if stopped and run.saved_step != run.step:
+        last_written, run.saved_step = _save(run, ranks=d), run.step
+    return last_written, stopped
 
 
 def _stop_agreed(stop: threading.Event | None, engine: _Engine) -> bool:
@@ -850,7 +1021,7 @@ def _save(run: _TrainState, *, ranks: Dist) -> Path | None:
                 run.cfg.keep,
             )
         except BaseException:  # disk full, a failed copy …: no half-written folder stays behind
-            shutil.rmtree(run.run_dir / f".checkpoint-{run.step:08d}.tmp", ignore_errors=True)
+            shutil.rmtree(run.run_dir / f".checkpoint-{run.step:08d}{_TMP}", ignore_errors=True)
             raise
     _barrier(ranks)
     return path
@@ -923,9 +1094,11 @@ def _sample(checkpoint: Path, cfg: TrainConfig, console: Console, stop: threadin
                 console,
                 alone=True,
             )
-    except GenerationInterrupted:
+    except GenerationInterrupted as interrupted:
         if stop is None:
             raise
+        if getattr(stop, "signum", None) is None:  # the training's exit code follows the signal
+            stop.signum = interrupted.exit_code - 128
         stop.set()  # the checkpoint of this step is saved: the loop ends without another
     except Exception as err:  # a sample is a courtesy: never stop training for it
         console.print(f"[yellow]sample at {checkpoint.name} failed: {err}")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from rflav_cli.hub import write_side_file
 from rflav_cli.media import find_ffmpeg, probe
 from rflav_cli.models.flav import FLAV
 from rflav_cli.models.vocoder import HiFiGAN
+from rflav_cli.runtime import StopRequest
 
 MODEL = {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 4, "n_mels": 256}
 
@@ -296,6 +300,177 @@ def test_crash_before_rename_leaves_latest_loadable(data, assets, tmp_path, monk
     assert not list(run.glob(".checkpoint-*"))
 
 
+def _state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "training_state" / "state.json").read_text())
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob(".checkpoint-*"))
+
+
+def test_stop_right_after_a_resume_keeps_the_resumed_checkpoint(data, assets, tmp_path):
+    run = tmp_path / "run"
+    train_mod.train(config(data, assets, run, max_steps=2))
+    saved = run / "checkpoint-00000002"
+    (saved / "sample.mp4").write_bytes(b"the sample of step 2")
+    before = saved.stat().st_ino
+    stop = threading.Event()
+    stop.set()  # asked before the first step of the resumed run
+    with pytest.raises(train_mod.TrainingInterrupted) as stopped:
+        train_mod.train(config(data, assets, run, max_steps=4), stop=stop)
+    assert stopped.value.step == 2 and stopped.value.exit_code == 128 + signal.SIGINT
+    assert stopped.value.checkpoint == saved and "stopped at step 2 of 4" in str(stopped.value)
+    # The very folder the run resumed from: not deleted and written again.
+    assert saved.stat().st_ino == before and (saved / "sample.mp4").read_bytes() == b"the sample of step 2"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000002"]
+    assert (run / "latest").resolve() == saved.resolve() and not _leftovers(run)
+
+
+def test_stopped_run_saves_the_step_it_reached_and_says_which_signal(data, assets, tmp_path, monkeypatch):
+    stop = StopRequest()
+    real_step = train_mod._train_step
+
+    def step_then_sigterm(run, engine):
+        result = real_step(run, engine)
+        stop.signum = signal.SIGTERM  # what stop_on_signals records for a SIGTERM
+        stop.set()
+        return result
+
+    monkeypatch.setattr(train_mod, "_train_step", step_then_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(train_mod.TrainingInterrupted) as stopped:
+        train_mod.train(config(data, assets, run, max_steps=4), stop=stop)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM and stopped.value.step == 1
+    assert stopped.value.checkpoint == run / "checkpoint-00000001"
+    assert (run / "latest").resolve().name == "checkpoint-00000001"
+    assert _state(run / "latest")["step"] == 1 and not _leftovers(run)
+
+
+def _tiny_training_objects(cfg: train_mod.TrainConfig):
+    model = FLAV(train_mod.build_model_config(cfg, 2))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, ema, torch.optim.AdamW(model.parameters())
+
+
+def test_save_that_fails_before_its_folder_is_in_place_keeps_the_one_it_replaces(
+    data, assets, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    model, ema, optimizer = _tiny_training_objects(config(data, assets, run))
+    side = {"audio_scale": 1.0}
+    first = train_mod._write_checkpoint(run, 6, model, ema, optimizer, {"step": 6}, side, None, keep=1)
+    (first / "sample.mp4").write_bytes(b"the sample of step 6")
+    before = first.stat().st_ino
+    real_replace = os.replace
+
+    def fail_on_rename_into_place(src, dst, *args, **kwargs):
+        if Path(src).name == ".checkpoint-00000006.tmp":
+            raise OSError("simulated failure")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.os, "replace", fail_on_rename_into_place)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a different state of the same step
+    with pytest.raises(OSError, match="simulated failure"):
+        train_mod._write_checkpoint(run, 6, model, ema, optimizer, {"step": 6}, side, None, keep=1)
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    assert first.stat().st_ino == before and (first / "sample.mp4").is_file()
+    assert train_mod.latest_checkpoint(run) == first.resolve() == (run / "latest").resolve()
+    FLAV.from_pretrained(run / "latest")
+    # The temporary folder is removed by the caller (_save); the one set aside is back in place.
+    assert _leftovers(run) == [".checkpoint-00000006.tmp"]
+
+
+_KILLED_RESAVE = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file
+    from rflav_cli import train as train_mod
+    from rflav_cli.hub import read_side_file
+    from rflav_cli.models.flav import FLAV
+
+    run = Path(sys.argv[1])
+    saved = run / "checkpoint-00000002"
+    model = FLAV.from_pretrained(saved)
+    ema = load_file(str(saved / "training_state" / "ema.safetensors"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = json.loads((saved / "training_state" / "state.json").read_text())
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == ".checkpoint-00000002.tmp":  # the new folder, about to go in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+
+    os.replace = replace
+    train_mod._write_checkpoint(
+        run, 2, model, ema, optimizer, state, read_side_file(saved), saved / "vocoder", keep=1
+    )
+""")
+
+
+def test_kill_in_the_middle_of_a_save_leaves_a_checkpoint_the_next_run_resumes(data, assets, tmp_path):
+    run = tmp_path / "run"
+    train_mod.train(config(data, assets, run, max_steps=2, keep=1))
+    saved = run / "checkpoint-00000002"
+    (saved / "sample.mp4").write_bytes(b"the sample of step 2")
+    before = saved.stat().st_ino
+    # Killed while saving step 2 again, between setting the old folder aside and renaming the new
+    # one into place.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_RESAVE, str(run)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not saved.exists()
+    found = train_mod.latest_checkpoint(run)
+    assert found is not None and _state(found)["step"] == 2
+
+    last, log = _train_logged(config(data, assets, run, max_steps=3, save_every=1, keep=2))
+    assert "put back checkpoint-00000002 from .checkpoint-00000002.old" in log, log
+    assert "resuming from step 2" in log and "removed .checkpoint-00000002.tmp" in log, log
+    assert last.name == "checkpoint-00000003" and not _leftovers(run)
+    assert saved.stat().st_ino == before and (saved / "sample.mp4").is_file()  # the old folder, put back
+
+    # What a kill between deleting the old folder and renaming the new one used to leave: the
+    # only complete checkpoint in a temporary folder, `latest` pointing at nothing.
+    shutil.rmtree(saved)
+    os.rename(run / "checkpoint-00000003", run / ".checkpoint-00000003.tmp")
+    last, log = _train_logged(config(data, assets, run, max_steps=4, save_every=1, keep=2))
+    assert "put back checkpoint-00000003 from .checkpoint-00000003.tmp" in log, log
+    assert "resuming from step 3" in log and last.name == "checkpoint-00000004", log
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000004"]
+    assert not _leftovers(run)
+
+
+def test_metrics_have_each_step_once_after_a_kill_and_a_resume(data, assets, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = train_mod._save
+
+    def killed_at_step_4(state, *, ranks):
+        if state.step == 4:  # step 4 is logged, its checkpoint never written
+            raise RuntimeError("killed")
+        return real_save(state, ranks=ranks)
+
+    monkeypatch.setattr(train_mod, "_save", killed_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_mod.train(config(data, assets, run, max_steps=6, save_every=2, log_every=1, keep=1))
+    monkeypatch.setattr(train_mod, "_save", real_save)
+    metrics = run / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a line cut short by the kill
+    kept = metrics.read_text().splitlines()[:2]
+
+    train_mod.train(config(data, assets, run, max_steps=6, save_every=2, log_every=1, keep=1))
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[:2] == kept  # the lines up to the resumed step are kept as they were
+    assert not list(run.glob(".metrics.jsonl.*"))
+
+
 def _torchrun_train(data, assets, run: Path, port: int, *flags: str) -> list[str]:
     """A 2-process gloo training command on the CPU (an explicit free port: torchrun's own pick hangs)."""
     return [
@@ -421,8 +596,6 @@ def test_prepare_then_train_from_the_latent_cache_with_samples(data, assets, tmp
 def test_ctrl_c_during_a_training_sample_stops_the_training(tmp_path, monkeypatch):
     """A sample runs under generate's own signal handling: the Ctrl-C it takes is the
     training's, so the loop ends (its checkpoint is saved), and without a stop event it propagates."""
-    import threading
-
     from rflav_cli.generate import GenerationInterrupted
 
     def interrupted(*args, **kwargs):
@@ -433,6 +606,15 @@ def test_ctrl_c_during_a_training_sample_stops_the_training(tmp_path, monkeypatc
     checkpoint = tmp_path / "checkpoint-00000003"
     checkpoint.mkdir()
     train_mod._sample(checkpoint, train_mod.TrainConfig(data=tmp_path), Console(file=io.StringIO()), stop)
-    assert stop.is_set()
+    assert stop.is_set() and stop.signum == signal.SIGINT
+
+    def terminated(*args, **kwargs):
+        raise GenerationInterrupted("stopped", [], signal.SIGTERM)
+
+    monkeypatch.setattr(train_mod, "run_generate", terminated)
+    stop = StopRequest()
+    train_mod._sample(checkpoint, train_mod.TrainConfig(data=tmp_path), Console(file=io.StringIO()), stop)
+    assert stop.is_set() and stop.signum == signal.SIGTERM  # the training then exits with 143
+    monkeypatch.setattr(train_mod, "run_generate", interrupted)
     with pytest.raises(GenerationInterrupted):
         train_mod._sample(checkpoint, train_mod.TrainConfig(data=tmp_path), Console(file=io.StringIO()), None)

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from rflav_cli import train as train_mod
 from rflav_cli.cli import app
-from rflav_cli.hub import VAE_REPO_ID
+from rflav_cli.hub import VAE_REPO_ID, write_side_file
+from rflav_cli.models.flav import FLAV, FLAVConfig
 from rflav_cli.models.vocoder import HiFiGAN
 from rflav_cli.requests import TRAIN_DEFAULT_AUTOENCODER
 
@@ -223,6 +224,131 @@ def test_resume_says_so_keeps_the_runs_settings_and_takes_allowed_changes(two_st
     optimizer = torch.load(latest / "training_state" / "optimizer.pt", weights_only=True)
     assert optimizer["param_groups"][0]["lr"] == 5e-4  # the new rate is used, not the saved one
     assert (latest / "vocoder" / "vocoder.pt").is_file()  # the run's vocoder, though not given again
+
+
+def _data_in(folders: list[str], data: Path, root: Path) -> Path:
+    """The fixture's videos in class folders `folders` (one each), or directly in train/ for []."""
+    sources = [data / "train" / cls / "one.mp4" for cls in ("a", "b")]
+    if not folders:
+        (root / "train").mkdir(parents=True)
+        for i, source in enumerate(sources):
+            shutil.copyfile(source, root / "train" / f"clip{i}.mp4")
+    for i, folder in enumerate(folders):
+        (root / "train" / folder).mkdir(parents=True)
+        shutil.copyfile(sources[i % 2], root / "train" / folder / "one.mp4")
+    return root
+
+
+_NO_FOLDERS = "no class folders (videos directly in train/)"
+
+
+@pytest.mark.parametrize(
+    "folders",
+    [["a", "b", "c"], ["a", "b", "c", "d"], ["a", "c"], []],
+    ids=["more", "too-many", "renamed", "none"],
+)
+def test_resume_on_data_with_other_classes_is_refused_before_any_step(
+    two_step_run, data, assets, tmp_path, folders
+):
+    run = _copy(two_step_run, tmp_path)
+    before = {k: v for k, v in _tree(run).items() if k != ".lock"}
+    other = _data_in(folders, data, tmp_path / "other")
+    result = _invoke(_args(other, assets, run, "--max-steps", "4"))
+    assert result.exit_code == 2, result.output
+    has = f"the class folders {', '.join(folders)}" if folders else _NO_FOLDERS
+    assert _error(result) == (
+        f"rflav: error: {other} has {has} but the run in {run} was trained on the classes a, b: resume it on "
+        "data whose class folders are a, b, or start a new run with another --output"
+    )
+    assert {k: v for k, v in _tree(run).items() if k != ".lock"} == before  # no step, no checkpoint
+
+
+def _unconditional_checkpoint(like: Path, folder: Path) -> Path:
+    config = json.loads((like / "config.json").read_text())
+    FLAV(FLAVConfig.from_dict({**config, "num_classes": 0})).save_pretrained(folder)
+    write_side_file(folder, {"audio_scale": 2.0, "pixel_space": True, "image_size": 16})
+    return folder
+
+
+def _init_args(data: Path, source: Path, run: Path) -> list[str]:
+    return [
+        "train",
+        str(data),
+        "-o",
+        str(run),
+        "--init",
+        str(source),
+        "--vocoder",
+        "none",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_init_checkpoint_with_other_classes_than_the_data_is_refused(two_step_run, data, tmp_path):
+    conditional = (two_step_run / "latest").resolve()  # classes a, b
+    unconditional = _unconditional_checkpoint(conditional, tmp_path / "unconditional")
+    unlabelled = _data_in([], data, tmp_path / "unlabelled")
+    three = _data_in(["a", "b", "c"], data, tmp_path / "three")
+    a_b = ("the classes a, b", "data whose class folders are a, b")
+    none = ("no classes (unconditional)", "data without class folders (videos directly in train/)")
+    cases = [
+        (conditional, unlabelled, _NO_FOLDERS, *a_b),
+        (conditional, three, "the class folders a, b, c", *a_b),
+        (unconditional, data, "the class folders a, b", *none),
+    ]
+    for source, where, has, saved, same in cases:
+        run = tmp_path / "run"
+        result = _invoke(_init_args(where, source, run))
+        assert result.exit_code == 2, result.output
+        assert _error(result) == (
+            f"rflav: error: {where} has {has} but the --init checkpoint {source} has {saved}: "
+            f"train on {same}, or leave out --init to train new weights"
+        )
+        assert not list(run.glob("checkpoint-*")) and not (run / "metrics.jsonl").exists()
+
+    result = _invoke(_init_args(unlabelled, unconditional, tmp_path / "fine"))  # the classes agree
+    assert result.exit_code == 0, result.output
+    assert "class_names" not in json.loads((tmp_path / "fine" / "latest" / "rflav.json").read_text())
+
+    # Fine-tuning on as many classes under other names reuses the embeddings, and says so.
+    renamed = _data_in(["a", "c"], data, tmp_path / "renamed")
+    result = _invoke(_init_args(renamed, conditional, tmp_path / "tuned"))
+    assert result.exit_code == 0, result.output
+    assert "class embeddings serve these classes: a → a, b → c" in result.output
+    side = json.loads((tmp_path / "tuned" / "latest" / "rflav.json").read_text())
+    assert side["class_names"] == ["a", "c"]
+
+
+# ----------------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_saves_the_step_reached_and_exits_as_interrupted(
+    data, assets, tmp_path, monkeypatch, signum, code
+):
+    real_step = train_mod._train_step
+
+    def step_then_stop(run, engine):
+        result = real_step(run, engine)
+        os.kill(os.getpid(), signum)  # taken by the command's handler: a clean stop
+        return result
+
+    monkeypatch.setattr(train_mod, "_train_step", step_then_stop)
+    run = tmp_path / "run"
+    result = _invoke(_args(data, assets, run, "--max-steps", "5"))
+    assert result.exit_code == code, result.output
+    assert (
+        f"rflav: interrupted: stopped at step 1 of 5, saved in {run / 'checkpoint-00000001'} "
+        "(the same command resumes the run)"
+    ) in result.output.replace("\n", " ")
+    assert (run / "latest").resolve().name == "checkpoint-00000001"
+    state = json.loads((run / "latest" / "training_state" / "state.json").read_text())
+    assert state["step"] == 1 and not list(run.glob(".checkpoint-*"))
 
 
 # ------------------------------------------------------------------------ leftovers of killed runs
