@@ -9,8 +9,11 @@ KVD, AudioCLIP for FAD.
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import random
+import re
 import shutil
 import tempfile
 import zipfile
@@ -26,8 +29,9 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .errors import FileFormatError
-from .files import atomic_write
+from .files import atomic_write, read_json_object
 from .generate import run_generate
+from .hub import resolve_model
 from .media import probe
 from .metrics import protocol as P
 from .metrics.audioclip import EMBED_DIM, load_audioclip_audio
@@ -35,6 +39,7 @@ from .metrics.frechet import frechet_distance
 from .metrics.i3d import NUM_CLASSES, load_i3d
 from .metrics.kernel import polynomial_mmd
 from .metrics.weights import audioclip_weights, i3d_weights
+from .models.flav import ARCHITECTURE_KEYS, CONFIG_NAME, CheckpointFileError, FLAVConfig
 from .progress import progress_bar
 from .requests import (
     EVAL_AUDIO_METRICS,
@@ -46,6 +51,7 @@ from .requests import (
     GenerateRequest,
     check_drift_request,
     check_eval_request,
+    check_output_folder,
     drift_output_paths,
     is_stats_file,
     parse_metrics,
@@ -60,7 +66,9 @@ __all__ = [
     "EvalError",
     "EvalRequest",
     "FeatureNets",
+    "ModelClass",
     "load_feature_nets",
+    "model_classes",
     "parse_metrics",
     "resolve_feature_weights",
     "run_drift",
@@ -68,6 +76,10 @@ __all__ = [
 ]
 
 PROTOCOL = "mmdiffusion"
+
+# Class c of a class-conditional checkpoint is generated from seeds gen_seed + c·stride + j: no
+# two clips of an evaluation share their noise, and a larger --num-samples extends every class.
+CLASS_SEED_STRIDE = 1_000_000
 
 
 def needs_video(metrics: set[str] | tuple[str, ...]) -> bool:
@@ -148,6 +160,42 @@ def load_feature_nets(
 
 
 # ----------------------------------------------------------------------------------------
+# Output paths
+# ----------------------------------------------------------------------------------------
+
+
+def check_output_file(path: Path, param: str, given: Path) -> None:
+    """Refuse, before any work, a file whose folder cannot be made or written in (a file in the
+    way, no permission): found only when the results are written, it would waste the whole run.
+    `given` is the value of `param` as the user wrote it."""
+    existing = Path(path).absolute().parent
+    while not existing.exists() and existing != existing.parent:  # below a file, exists() is False
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "a file" if existing.is_file() else "not a folder"
+        raise EvalError(
+            f"{{{param}}} {given} cannot be written: {existing} is {what}: choose another {{{param}}}",
+            params=(param,),
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(
+            f"{{{param}}} {given} cannot be written: no permission to write in {existing}: choose "
+            f"another {{{param}}}",
+            params=(param,),
+        )
+
+
+def _write_failed(err: OSError, path: Path, param: str) -> Exception:
+    """A failed write as one line naming the file. A full disk stays an OSError, now naming the
+    file rather than its temporary name, which the command line reports as it does for every
+    command."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(err.errno, err.strerror, str(path))
+    reason = err.strerror or str(err) or type(err).__name__
+    return EvalError(f"cannot write {path} ({reason}): choose another {{{param}}}", params=(param,))
+
+
+# ----------------------------------------------------------------------------------------
 # Sets of clips
 # ----------------------------------------------------------------------------------------
 
@@ -167,8 +215,7 @@ def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) 
     files = P.list_video_files(root)
     if not files:
         raise EvalError(
-            f"{{{what}}} {root}: no videos found (looked for "
-            f"{', '.join('*.' + e for e in sorted(P.VIDEO_EXTENSIONS))})",
+            f"{{{what}}} {root}: no videos found ({_looked_for()})",
             params=(what,),
         )
     clips: list[P.Clip] = []
@@ -200,6 +247,10 @@ def collect_clips(root: Path, *, clip_stride: int, need_audio: bool, what: str) 
             f"{{{what}}} {root}: no 16-frame clip in its {len(files)} video(s) ({kinds})", params=(what,)
         )
     return ClipSet(clips, files, {k: v for k, v in skipped.items() if v})
+
+
+def _looked_for() -> str:
+    return "looked for " + ", ".join("*." + e for e in P.VIDEO_EXTENSIONS)
 
 
 def select_batches(
@@ -259,9 +310,12 @@ def features_of(
 def save_stats(path: Path, video: torch.Tensor, audio: torch.Tensor, meta: dict) -> None:
     """Features of the real set as .npz: video (N, 400) and audio (N, 1024), each (N, 0) when
     its metrics were not asked, and the settings they were computed with."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"video": video.numpy(), "audio": audio.numpy(), "meta": np.array(json.dumps(meta))}
-    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # savez adds .npz otherwise
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # savez adds .npz otherwise
+    except OSError as err:
+        raise _write_failed(err, path, "save_real_stats") from None
 
 
 def _stats_fault(path: Path, problem: str) -> FileFormatError:
@@ -341,17 +395,47 @@ def real_stats(path: Path, metrics: set[str], antialias: bool) -> tuple[torch.Te
     return video, audio, meta
 
 
+def first_clips(
+    video: torch.Tensor, audio: torch.Tensor, num: int, *, allow_fewer: bool, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features of the first `num` clips of saved statistics (a file holds one feature row
+    per clip, in the order its clips were picked), so that --num-clips means for a file what it
+    means for a folder; a file of fewer clips is refused unless allowed."""
+    saved = int(video.shape[0])
+    if saved < num and not allow_fewer:
+        raise EvalError(
+            f"real set {path} holds the features of {saved} clips but {{num_clips}} is {num}: lower "
+            f"{{num_clips}}, pass {{allow_fewer}}, or save statistics of {num} clips with "
+            "{save_real_stats}",
+            params=("num_clips", "allow_fewer", "save_real_stats"),
+        )
+    return video[:num], audio[:num]
+
+
 # ----------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------
 
 
-def run_eval(req: EvalRequest, console=None) -> dict:
-    """FVD / KVD / FAD of a fake set against a real set (folder or saved statistics)."""
+def run_eval(req: EvalRequest, console=None, *, label: str | None = None) -> dict:
+    """FVD / KVD / FAD of a fake set against a real set (folder or saved statistics).
+
+    With `req.model`, the fake set is generated first; from a class-conditional checkpoint,
+    sample i is of class i mod the number of classes, or every sample is of class `label`."""
     check_eval_request(req)
+    if label is not None and req.model is None:
+        raise EvalError(
+            "{label} only applies with {model} (generating the fake set)", params=("label", "model")
+        )
+    if req.save_real_stats is not None:
+        check_output_file(Path(req.save_real_stats), "save_real_stats", req.save_real_stats)
+    if req.fake_out is not None:
+        check_output_folder(req.fake_out, "fake_out")
     console = console or Console(stderr=True)
     metrics = set(parse_metrics(req.metrics))
     real_is_stats = is_stats_file(req.real)
+    # A class that the checkpoint lacks fails before the real set is listed or a weight fetched.
+    classes = model_classes(req.model, label, offline=req.offline) if req.model is not None else None
     # The weight files come first: a missing one fails before anything is generated or decoded.
     weights = resolve_feature_weights(
         metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights, offline=req.offline
@@ -369,7 +453,16 @@ def run_eval(req: EvalRequest, console=None) -> dict:
     real_set = None
     if real_is_stats:
         real_v, real_a, meta = real_stats(req.real, metrics, req.letterbox_antialias)
-        result["real"] = {"stats": str(req.real), "clips": int(real_v.shape[0]), "seed": meta.get("seed")}
+        saved = int(real_v.shape[0])
+        real_v, real_a = first_clips(
+            real_v, real_a, req.num_clips, allow_fewer=req.allow_fewer, path=req.real
+        )
+        result["real"] = {
+            "stats": str(req.real),
+            "clips_available": saved,
+            "clips": int(real_v.shape[0]),
+            "seed": meta.get("seed"),
+        }
     else:
         real_set = collect_clips(req.real, clip_stride=req.clip_stride, need_audio=need_audio, what="real")
         real_batches, real_num = select_batches(
@@ -378,7 +471,7 @@ def run_eval(req: EvalRequest, console=None) -> dict:
 
     if launched_by_torchrun():  # feature extraction is sharded over the group
         init_distributed(rank_device(req.device), backend="gloo")  # small messages; GPUs may be shared
-    with _fake_folder(req, console) as (fake_dir, generated):
+    with _fake_folder(req, console, classes) as (fake_dir, generated):
         fake_set = collect_clips(fake_dir, clip_stride=req.clip_stride, need_audio=need_audio, what="fake")
         fake_batches, fake_num = select_batches(
             len(fake_set.clips),
@@ -489,13 +582,15 @@ def _world() -> tuple[int, int]:
 
 
 @contextmanager
-def _fake_folder(req: EvalRequest, console) -> Iterator[tuple[Path, dict | None]]:
+def _fake_folder(
+    req: EvalRequest, console, classes: list[ModelClass] | None = None
+) -> Iterator[tuple[Path, dict | None]]:
     """The fake set's folder: --fake, or the clips generated from --model, in --fake-out or in a
     temporary folder that is removed afterwards, whatever happens."""
     if req.model is None:
         yield req.fake, None
         return
-    fake_dir, generated = _generate_fake_set(req, console)
+    fake_dir, generated = _generate_fake_set(req, console, classes)
     try:
         yield fake_dir, generated
     finally:
@@ -503,33 +598,127 @@ def _fake_folder(req: EvalRequest, console) -> Iterator[tuple[Path, dict | None]
             shutil.rmtree(fake_dir, ignore_errors=True)
 
 
-def _generate_fake_set(req: EvalRequest, console) -> tuple[Path, dict]:
+def _generate_fake_set(req: EvalRequest, console, classes: list[ModelClass] | None) -> tuple[Path, dict]:
+    """Generate the fake set into one folder (unconditional checkpoint) or one subfolder per
+    class: for class c, what `rflav generate --class C --frames 16 --seed S --num-samples N -o
+    FOLDER/C/` makes, with S = gen_seed + c·CLASS_SEED_STRIDE."""
     count = req.num_samples or req.num_clips
     world, _ = _world()
     if req.fake_out is None and world > 1:
         raise EvalError(
             "with several processes, give {fake_out} (a folder all of them can write)", params=("fake_out",)
         )
+    shares = class_shares(classes, count) if classes else None
+    if shares is not None and max(n for _, n in shares) > CLASS_SEED_STRIDE:
+        raise EvalError(
+            f"{{num_samples}} {count} gives a class more than {CLASS_SEED_STRIDE} samples, which its "
+            "seeds cannot keep apart from the next class's: lower {num_samples}",
+            params=("num_samples",),
+        )
     folder = req.fake_out or Path(tempfile.mkdtemp(prefix="rflav-eval-fake-"))
-    # generate's own sharding: under torchrun each rank makes its share of the seeds, and a rerun
-    # into the same --fake-out makes only the clips that are not complete yet.
-    run_generate(
-        GenerateRequest(
-            model=req.model,
-            frames=P.CLIP_FRAMES,
-            num_samples=count,
-            batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
-            seed=req.gen_seed,
-            output=str(folder) + "/",
-            device=req.device,
-            quiet=req.quiet,
-            offline=req.offline,
-        ),
-        console,
-    )
+
+    def generate(label: str | None, num: int, seed: int, output: Path) -> None:
+        # generate's own sharding: under torchrun each rank makes its share of the seeds, and a
+        # rerun into the same --fake-out makes only the clips that are not complete yet.
+        run_generate(
+            GenerateRequest(
+                model=req.model,
+                label=label,
+                frames=P.CLIP_FRAMES,
+                num_samples=num,
+                batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,
+                seed=seed,
+                output=str(output) + "/",
+                device=req.device,
+                quiet=req.quiet,
+                offline=req.offline,
+            ),
+            console,
+        )
+
+    generated: dict = {"model": req.model, "samples": count}
+    if shares is None:
+        generate(None, count, req.gen_seed, folder)
+        generated["seeds"] = [req.gen_seed, req.gen_seed + count - 1]
+    else:
+        # One run per class: a batch of generate has one class. Each run loads the model again,
+        # which costs little next to the clips.
+        generated["classes"] = []
+        for cls, num in shares:
+            seed = req.gen_seed + cls.index * CLASS_SEED_STRIDE
+            generate(cls.label, num, seed, folder / cls.folder)
+            generated["classes"].append(
+                {"class": cls.name, "folder": cls.folder, "samples": num, "seeds": [seed, seed + num - 1]}
+            )
     if world > 1:
         dist.barrier()
-    return folder, {"model": req.model, "samples": count, "seeds": [req.gen_seed, req.gen_seed + count - 1]}
+    return folder, generated
+
+
+# ----------------------------------------------------------------------------------------
+# Classes of a class-conditional checkpoint
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    """One class of a checkpoint: its index, its name, the --class value that asks generate for
+    it, and the subfolder its clips go to."""
+
+    index: int
+    name: str
+    label: str
+    folder: str
+
+
+def model_classes(model: str, label: str | None = None, *, offline: bool = False) -> list[ModelClass] | None:
+    """The classes to generate from checkpoint `model`: every class, or only `label` (a name or
+    an index, as for generate); None for an unconditional checkpoint. Reads its config and
+    rflav.json only, not the weights."""
+    resolved = resolve_model(model, offline=offline or None, need_vocoder=False)
+    config_path = resolved.folder / CONFIG_NAME
+    config = read_json_object(config_path, "FLAV config", error=CheckpointFileError)
+    count = FLAVConfig.from_dict(config, source=config_path, required=ARCHITECTURE_KEYS).num_classes
+    if count <= 0:
+        if label is not None:
+            raise EvalError(
+                f"{{label}} {label}: this checkpoint is unconditional: drop {{label}}", params=("label",)
+            )
+        return None
+    names = list(resolved.class_names or [])
+    name_of = [names[i] if i < len(names) else str(i) for i in range(count)]
+
+    def index_of(text: str) -> int | None:
+        # The order of Pipeline.class_index: an index in range first, then a name.
+        if text.isdigit() and int(text) < count:
+            return int(text)
+        return names.index(text) if text in names else None
+
+    def one(index: int) -> ModelClass:
+        name = name_of[index]
+        # The name, unless generate would read it as another class's index.
+        given = name if index_of(name) == index else str(index)
+        safe = re.fullmatch(r"[^/\\\x00]+", name) is not None and not name.startswith(".")
+        return ModelClass(index, name, given, name if safe else f"class-{index}")
+
+    if label is None:
+        return [one(i) for i in range(count)]
+    index = index_of(label)
+    if index is None:
+        raise EvalError(
+            f"unknown class {label!r}: valid classes for {{label}} are {', '.join(name_of)}",
+            params=("label",),
+        )
+    return [one(index)]
+
+
+def class_shares(classes: list[ModelClass], count: int) -> list[tuple[ModelClass, int]]:
+    """How many of `count` samples each class gets: sample i is of class i mod len(classes), so
+    the set follows the classes evenly whatever the number of processes; classes left without a
+    sample (fewer samples than classes) are dropped."""
+    k = len(classes)
+    shares = [(cls, count // k + (1 if c < count % k else 0)) for c, cls in enumerate(classes)]
+    return [(cls, n) for cls, n in shares if n > 0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -544,13 +733,14 @@ def run_drift(req: DriftRequest, console=None) -> dict:
     console = console or Console(stderr=True)
     metrics = set(parse_metrics(req.metrics))
     csv_path, png_path = drift_output_paths(req.output)
+    check_output_file(csv_path, "output", req.output)  # the PNG goes beside it
     weights = resolve_feature_weights(
         metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights, offline=req.offline
     )
 
     files = P.list_video_files(req.fake)
     if not files:
-        raise EvalError(f"{{fake}} {req.fake}: no videos found", params=("fake",))
+        raise EvalError(f"{{fake}} {req.fake}: no videos found ({_looked_for()})", params=("fake",))
     per_file = []
     no_audio = []
     for f in files:
@@ -577,6 +767,9 @@ def run_drift(req: DriftRequest, console=None) -> dict:
 
     if is_stats_file(req.real):
         real_v, real_a, _ = real_stats(req.real, metrics, req.letterbox_antialias)
+        real_v, real_a = first_clips(
+            real_v, real_a, req.num_clips, allow_fewer=req.allow_fewer, path=req.real
+        )
         nets = load_feature_nets(metrics, weights=weights, device=req.device)
     else:
         real_set = collect_clips(req.real, clip_stride=1, need_audio=needs_audio(metrics), what="real")
@@ -621,15 +814,17 @@ def run_drift(req: DriftRequest, console=None) -> dict:
             row["audio_feature_drift"] = float(torch.linalg.vector_norm(a.mean(0) - first_a))
         rows.append(row)
 
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(csv_path, write_csv)
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(csv_path, write_csv)
+    except OSError as err:
+        raise _write_failed(err, csv_path, "output") from None
     plot_drift(rows, png_path)
     return {
         "protocol": PROTOCOL,
@@ -672,6 +867,8 @@ def plot_drift(rows: list[dict], path: Path) -> Path:
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")  # format by extension
+    except OSError as err:
+        raise _write_failed(err, path, "output") from None
     finally:
         plt.close(fig)
     return path

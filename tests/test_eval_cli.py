@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from conftest import FIXTURES
 from typer.testing import CliRunner
 
+from rflav_cli import evaluate
 from rflav_cli.cli import app
 from rflav_cli.hub import read_side_file, write_side_file
 from rflav_cli.media import find_ffmpeg
@@ -380,11 +382,9 @@ def test_eval_model_generates_and_needs_only_the_asked_networks(
 
 
 def test_clips_generated_into_a_temporary_folder_are_removed(monkeypatch, tmp_path):
-    from rflav_cli import evaluate
-
     made = tmp_path / "rflav-eval-fake-1"
 
-    def generate(req, console):
+    def generate(req, console, classes):
         made.mkdir()
         (made / "model-seed0.mp4").write_bytes(b"clip")
         return made, {"samples": 1}
@@ -412,6 +412,7 @@ def test_clips_generated_into_a_temporary_folder_are_removed(monkeypatch, tmp_pa
         (["eval", "--num-clips", "1"], "--num-clips"),
         (["eval", "--clip-stride", "0"], "--clip-stride"),
         (["eval", "--num-samples", "4"], "--num-samples only applies with --model"),
+        (["eval", "--class", "a"], "--class only applies with --model"),
         (["eval", "--model", "dance"], "give either --fake"),
         (["eval", "--num", "3", "--num-clips", "4"], "--num is the old name of --num-clips"),
         (["eval", "--save-real-stats", "real.txt"], "must end in .npz"),
@@ -525,3 +526,280 @@ def test_two_process_eval_gives_the_single_process_numbers(weights, tmp_path):
     )  # gloo logs to stdout
     for key in ("fvd", "kvd", "fad"):
         assert sharded[key] == single[key], key
+
+
+# ---------------------------------------------------------------------------------------- --model --class
+
+
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    """A tiny checkpoint trained on class folders a and b, with a local VAE: nothing is downloaded."""
+    root = tmp_path_factory.mktemp("classes")
+    model = tiny.build_tiny_model(root / "model", num_classes=2, class_names=["a", "b"])
+    vae = tiny.build_tiny_vae(root / "vae")
+    write_side_file(model, {**read_side_file(model), "autoencoder": str(vae)})
+    return model
+
+
+def eval_model(model, sets, i3d_file, fake_out, *extra):
+    return run(
+        "eval",
+        "--model",
+        str(model),
+        "--fake-out",
+        str(fake_out),
+        "--real",
+        str(sets / "real"),
+        "--num-clips",
+        "2",
+        "--clip-stride",
+        "4",
+        "--metrics",
+        "fvd",
+        "--offline",
+        "--device",
+        "cpu",
+        "--json",
+        "--i3d-weights",
+        str(i3d_file),
+        *extra,
+    )
+
+
+def sidecars(folder):
+    """(subfolder, file, class, seed, status) of every generated clip under `folder`."""
+    found = []
+    for mp4 in sorted(folder.rglob("*.mp4")):
+        side = json.loads(mp4.with_suffix(".json").read_text())
+        found.append((mp4.parent.name, mp4.name, side["class"], side["seed"], side["status"]))
+    return found
+
+
+def test_eval_model_of_a_class_conditional_checkpoint(
+    class_model, sets, i3d_file, no_cached_weights, tmp_path
+):
+    generated = tmp_path / "generated"
+    # One class first: its clips are those the evaluation of every class makes for it.
+    one = eval_model(class_model, sets, i3d_file, generated, "--class", "b", "--num-samples", "2")
+    assert one.exit_code == 0, one.output
+    out = json.loads(one.stdout)
+    assert out["fake"]["generated"]["classes"] == [
+        {"class": "b", "folder": "b", "samples": 2, "seeds": [1_000_000, 1_000_001]}
+    ]
+    assert sidecars(generated) == [
+        ("b", "model-seed1000000.mp4", "b", 1_000_000, "complete"),
+        ("b", "model-seed1000001.mp4", "b", 1_000_001, "complete"),
+    ]
+    made_b = {p.name: p.stat().st_mtime_ns for p in (generated / "b").glob("*.mp4")}
+
+    # Every class (the default): sample i is of class i mod 2, so 4 samples are 2 a and 2 b; the
+    # b clips above are complete and kept, only the a clips are made.
+    every = eval_model(class_model, sets, i3d_file, generated, "--num-samples", "4")
+    assert every.exit_code == 0, every.output
+    out = json.loads(every.stdout)
+    assert out["fake"]["generated"]["classes"] == [
+        {"class": "a", "folder": "a", "samples": 2, "seeds": [0, 1]},
+        {"class": "b", "folder": "b", "samples": 2, "seeds": [1_000_000, 1_000_001]},
+    ]
+    assert sidecars(generated) == [
+        ("a", "model-seed0.mp4", "a", 0, "complete"),
+        ("a", "model-seed1.mp4", "a", 1, "complete"),
+        ("b", "model-seed1000000.mp4", "b", 1_000_000, "complete"),
+        ("b", "model-seed1000001.mp4", "b", 1_000_001, "complete"),
+    ]
+    assert {p.name: p.stat().st_mtime_ns for p in (generated / "b").glob("*.mp4")} == made_b
+    assert out["fake"]["videos"] == 4 and out["fake"]["clips"] == 4 and math.isfinite(out["fvd"])
+    for name in ("a", "b"):  # each class folder is a generate folder of its own
+        rows = [json.loads(line) for line in (generated / name / "manifest.jsonl").read_text().splitlines()]
+        assert [r["status"] for r in rows] == ["complete", "complete"]
+
+    # An odd count: the first classes get one more.
+    shares = [(cls.name, n) for cls, n in evaluate.class_shares(evaluate.model_classes(str(class_model)), 5)]
+    assert shares == [("a", 3), ("b", 2)]
+
+
+def test_eval_model_class_is_checked_before_any_work(
+    class_model, sets, i3d_file, no_cached_weights, tmp_path
+):
+    unknown = eval_model(class_model, sets, i3d_file, tmp_path / "g", "--class", "c")
+    assert unknown.exit_code == 2
+    assert unknown.stderr.strip() == "rflav: error: unknown class 'c': valid classes for --class are a, b"
+    assert not (tmp_path / "g").exists()
+    # By index, as generate takes it.
+    assert [c.name for c in evaluate.model_classes(str(class_model), "1")] == ["b"]
+    plain = tiny.build_tiny_model(tmp_path / "plain")
+    refused = eval_model(plain, sets, i3d_file, tmp_path / "g", "--class", "a")
+    assert refused.exit_code == 2
+    assert "--class a: this checkpoint is unconditional: drop --class" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------- --real stats.npz
+
+
+def test_saved_statistics_follow_num_clips(sets, i3d_file, full, tmp_path):
+    two_clips = full[1]
+    args = [
+        "eval",
+        "--clip-stride",
+        "4",
+        "--device",
+        "cpu",
+        "--metrics",
+        "fvd",
+        "--i3d-weights",
+        str(i3d_file),
+    ]
+    args += ["--fake", str(sets / "fake")]  # 2 clips
+    # Too few: refused as a folder of too few clips is, unless --allow-fewer.
+    fewer = run(*args, "--real", str(two_clips), "--num-clips", "3")
+    assert fewer.exit_code == 2, fewer.output
+    line = fewer.stderr.strip()
+    assert "\n" not in line and str(two_clips) in line
+    assert "holds the features of 2 clips but --num-clips is 3" in line and "--allow-fewer" in line
+    allowed = run(*args, "--real", str(two_clips), "--num-clips", "3", "--allow-fewer", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout)["real"] == {
+        "stats": str(two_clips),
+        "clips_available": 2,
+        "clips": 2,
+        "seed": 0,
+    }
+
+    # More: the first --num-clips clips, the same numbers as a file that holds only those.
+    (tmp_path / "real4").mkdir()
+    make_video(tmp_path / "real4" / "a.mp4", "testsrc", 440, 2.0)
+    make_video(tmp_path / "real4" / "b.mp4", "rgbtestsrc", 660, 2.0)
+    four_clips = tmp_path / "four.npz"
+    real4 = ["--real", str(tmp_path / "real4"), "--num-clips", "4", "--allow-fewer"]
+    saved = run(*args, *real4, "--save-real-stats", str(four_clips))
+    assert saved.exit_code == 0, saved.output
+    with np.load(four_clips) as data:
+        video, audio, meta = data["video"], data["audio"], data["meta"]
+    assert video.shape == (4, 400)
+    first_two = tmp_path / "first-two.npz"
+    np.savez(first_two, video=video[:2], audio=audio[:2], meta=meta)
+    cut = json.loads(run(*args, "--real", str(four_clips), "--num-clips", "2", "--json").stdout)
+    expected = json.loads(run(*args, "--real", str(first_two), "--num-clips", "2", "--json").stdout)
+    assert cut["real"]["clips_available"] == 4 and cut["real"]["clips"] == 2
+    assert cut["fvd"] == expected["fvd"]
+    every = run(*args, "--real", str(four_clips), "--num-clips", "4", "--allow-fewer", "--json")
+    every = json.loads(every.stdout)
+    assert every["real"]["clips"] == 4 and every["fvd"] != cut["fvd"]
+
+
+# ---------------------------------------------------------------------------------------- video kinds
+
+
+def test_training_video_kinds_are_evaluated(sets, i3d_file, tmp_path):
+    # The same streams in .mkv and .mov as in .mp4: the same clips, so the same FVD.
+    args = ["eval", "--clip-stride", "4", "--device", "cpu", "--json", "--metrics", "fvd"]
+    args += ["--i3d-weights", str(i3d_file), "--allow-fewer"]
+    for kind, names in (("mp4", ("a.mp4", "b.mp4")), ("other", ("a.mkv", "b.mov"))):
+        (tmp_path / kind).mkdir()
+        for source, name in zip((sets / "real" / "a.mp4", sets / "fake" / "a.mp4"), names):
+            cmd = [find_ffmpeg(), "-v", "error", "-i", str(source), "-c", "copy", str(tmp_path / kind / name)]
+            subprocess.run(cmd, check=True)
+    results = {}
+    for kind in ("mp4", "other"):
+        result = run(*args, "--num-clips", "4", "--real", str(tmp_path / kind), "--fake", str(sets / "fake"))
+        assert result.exit_code == 0, result.output
+        results[kind] = json.loads(result.stdout)
+    assert results["other"]["real"]["videos"] == 2 and results["other"]["real"]["clips"] == 4
+    assert results["other"]["fvd"] == results["mp4"]["fvd"]
+    # A folder of those kinds alone is no longer "no videos found".
+    (tmp_path / "mkv-only").mkdir()
+    (tmp_path / "other" / "a.mkv").rename(tmp_path / "mkv-only" / "a.mkv")
+    alone = run(*args, "--num-clips", "2", "--real", str(tmp_path / "mkv-only"), "--fake", str(sets / "fake"))
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.stdout)["real"]["clips"] == 2
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def test_unwritable_outputs_fail_before_any_work(sets, class_model, no_cached_weights, tmp_path):
+    # No weights anywhere and downloads off: a check that came after the weights' would say so.
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    cases = [
+        (
+            ["eval", "--real", str(sets / "real"), "--fake", str(sets / "fake")],
+            ["--save-real-stats", str(blocker / "x.npz")],
+            f"--save-real-stats {blocker / 'x.npz'} cannot be written: {blocker} is a file",
+        ),
+        (
+            ["eval", "--real", str(sets / "real"), "--model", str(class_model)],
+            ["--fake-out", str(blocker / "clips")],
+            f"--fake-out {blocker / 'clips'} cannot be made: {blocker} is a file",
+        ),
+        (
+            ["drift", "--real", str(sets / "real"), "--fake", str(sets / "fake")],
+            ["-o", str(blocker / "d")],
+            f"--output {blocker / 'd'} cannot be written: {blocker} is a file",
+        ),
+    ]
+    for command, output, message in cases:
+        result = run(*command, *output, "--offline", "--device", "cpu", "--num-clips", "2")
+        assert result.exit_code == 2, result.output
+        line = result.stderr.strip()
+        assert "\n" not in line and message in line and "Traceback" not in result.output, line
+        # The same command with a usable output goes on, to the missing weights.
+        ok = run(*command, *output[:-1], str(tmp_path / "out" / "x.npz"), "--offline", "--device", "cpu")
+        assert ok.exit_code == 2 and "i3d_pretrained_400.pt" in ok.stderr, ok.stderr
+
+
+def test_failed_writes_are_one_line(sets, i3d_file, full, monkeypatch, tmp_path):
+    def fail_with(code):
+        def atomic_write(target, write, suffix=".tmp"):
+            temporary = target.parent / f".{target.name}.tmp"
+            raise OSError(code, os.strerror(code), str(temporary))
+
+        return atomic_write
+
+    # An I/O error saving the real statistics: what failed and where.
+    monkeypatch.setattr(evaluate, "atomic_write", fail_with(errno.EIO))
+    stats = tmp_path / "real.npz"
+    result = run(
+        *COMMON,
+        "--metrics",
+        "fvd",
+        "--i3d-weights",
+        str(i3d_file),
+        "--real",
+        str(sets / "real"),
+        "--fake",
+        str(sets / "fake"),
+        "--save-real-stats",
+        str(stats),
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"rflav: error: cannot write {stats} ({os.strerror(errno.EIO)}): choose another --save-real-stats"
+    )
+    # A full disk writing the drift CSV: reported as for every command (exit 1), naming the CSV.
+    monkeypatch.setattr(evaluate, "atomic_write", fail_with(errno.ENOSPC))
+    (tmp_path / "long").mkdir()
+    for i, pattern in enumerate(("testsrc", "smptebars")):
+        make_video(tmp_path / "long" / f"{i}.mp4", pattern, 300 + 100 * i, 1.7)
+    result = run(
+        "drift",
+        "--fake",
+        str(tmp_path / "long"),
+        "--real",
+        str(full[1]),
+        "--num-clips",
+        "2",
+        "--metrics",
+        "fvd",
+        "--device",
+        "cpu",
+        "--i3d-weights",
+        str(i3d_file),
+        "-o",
+        str(tmp_path / "d"),
+        "-q",
+    )
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "no space left" in line and str(tmp_path / "d.csv") in line, line
+    assert not (tmp_path / "d.csv").exists()

@@ -17,6 +17,7 @@ import torchvision.transforms as T
 from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
+from rflav_cli.data import VIDEO_EXTENSIONS
 from rflav_cli.media import MediaError, find_ffmpeg
 from rflav_cli.metrics import protocol as P
 from rflav_cli.metrics.frechet import frechet_distance
@@ -70,11 +71,14 @@ def test_resampling_to_10_fps(tmp_path):
 
 
 def test_video_file_listing(tmp_path):
-    for rel in ("b.mp4", "a.MP4", "c.txt", "noext", "sub/x.gif", "sub/y.avi", "a0/z.mp4", "d.mkv"):
+    # The evaluator's kinds and those of training data, in one order: names sorted, folders in place.
+    names = ("b.mp4", "a.MP4", "c.txt", "noext", "sub/x.gif", "sub/y.avi", "a0/z.mp4", "d.mkv", "e.webm")
+    for rel in (*names, "sub/w.MOV", "f.mp3"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     got = [p.relative_to(tmp_path).as_posix() for p in P.list_video_files(tmp_path)]
-    assert got == ["a.MP4", "a0/z.mp4", "b.mp4", "sub/x.gif", "sub/y.avi"]
+    assert got == ["a.MP4", "a0/z.mp4", "b.mp4", "d.mkv", "e.webm", "sub/w.MOV", "sub/x.gif", "sub/y.avi"]
+    assert {"." + e for e in P.VIDEO_EXTENSIONS} == set(VIDEO_EXTENSIONS) | {".gif"}
 
 
 def test_loader_batches():

@@ -4,8 +4,10 @@ This module is the media side of the protocol; the feature networks are passed i
 callables. It reproduces the evaluator's numerically significant behaviour:
 
 * Clips: every 16-frame window at 10 fps of every video file (sorted, recursive), the
-  windows of a file in order. The evaluator shuffles them without a seed; here the order is
-  either the enumeration order or a shuffle by ``random.Random(seed)``. Clips are consumed
+  windows of a file in order; the files are the evaluator's kinds (avi, gif, mp4) and those of
+  training data (:data:`rflav_cli.data.VIDEO_EXTENSIONS`), all listed by the same rules. The
+  evaluator shuffles the clips without a seed; here the order is either the enumeration order
+  or a shuffle by ``random.Random(seed)``. Clips are consumed
   in batches of 8, epoch after epoch (a short set repeats), and features are truncated to
   ``num``. Batches matter: the audio network normalises with the statistics of its batch.
 * Video: decoded RGB frames, letterboxed to 64×64 (bicubic, black bars) with or without
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import VIDEO_EXTENSIONS as TRAINING_VIDEO_EXTENSIONS
 from ..errors import UsageError
 from ..media import MediaError, ffmpeg_command, find_ffmpeg, probe
 from ..requests import EvalError
@@ -46,6 +49,7 @@ __all__ = [
     "AUDIO_SAMPLES",
     "BATCH_SIZE",
     "CLIP_FRAMES",
+    "EVALUATOR_EXTENSIONS",
     "EVAL_FPS",
     "FAD_SCALE",
     "I3D_SIZE",
@@ -75,7 +79,11 @@ AUDIO_RATE = 44_100  # moviepy decode rate
 AUDIO_SAMPLES = 70_560  # int(44100 · 1.6)
 BATCH_SIZE = 8  # loader batch size, also the audio network's BatchNorm group
 FAD_SCALE = 1e4  # FAD is reported as Fréchet distance × 10,000
-VIDEO_EXTENSIONS = ("avi", "gif", "mp4")
+EVALUATOR_EXTENSIONS = ("avi", "gif", "mp4")  # the kinds MM-Diffusion's evaluator lists
+# Plus every kind a model can be trained on, so that its own training videos can be the real set.
+VIDEO_EXTENSIONS = tuple(
+    sorted(set(EVALUATOR_EXTENSIONS) | {e.lstrip(".").lower() for e in TRAINING_VIDEO_EXTENSIONS})
+)
 
 # moviepy 1.0.3 constants: reader buffer, to_soundarray chunk, relaunch distance.
 _READER_BUFFER = 200_000
@@ -90,8 +98,9 @@ _INT16_SCALE = 32768.0
 def list_video_files(root: str | Path) -> list[Path]:
     """Video files under ``root`` in the evaluator's order: names sorted, folders recursed in place.
 
-    A file counts when its name has a dot and its extension (any case) is avi, gif or mp4.
-    A single file is returned as a one-element list.
+    A file counts when its name has a dot and its extension (any case) is one of
+    :data:`VIDEO_EXTENSIONS`: the evaluator's avi, gif and mp4, and the kinds of training data
+    (mkv, mov, webm). A single file is returned as a one-element list.
     """
     root = Path(root)
     if root.is_file():
