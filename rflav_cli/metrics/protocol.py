@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..data import VIDEO_EXTENSIONS as TRAINING_VIDEO_EXTENSIONS
 from ..errors import UsageError
-from ..media import MediaError, ffmpeg_command, find_ffmpeg, probe
+from ..media import MediaError, ffmpeg_command, find_ffmpeg, probe, run_tool
 from ..requests import EvalError
 from .frechet import frechet_distance
 from .kernel import polynomial_mmd
@@ -146,7 +146,7 @@ def _video_pts(path: Path) -> np.ndarray:
         "framemd5",
         "-",
     )
-    res = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    res = run_tool(cmd)
     if res.returncode != 0:
         raise MediaError(
             f"cannot read the video timestamps of {path}: "
@@ -322,7 +322,7 @@ def _passthrough_option() -> tuple[str, str]:
         "null",
         "-",
     )
-    ok = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
+    ok = run_tool(cmd).returncode == 0
     return ("-fps_mode", "passthrough") if ok else ("-vsync", "passthrough")
 
 
@@ -351,7 +351,10 @@ def _decode_rgb(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
     )
     last = max(wanted)
     frame_bytes = w * h * 3
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Own session, as in media.run_tool: a Ctrl-C reaches only this process.
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     assert proc.stdout is not None and proc.stderr is not None
     try:
         index = 0
@@ -404,11 +407,7 @@ def moviepy_duration(path: str | Path) -> float:
     It follows the ffmpeg in use: for an R-FLAV MP4, ffmpeg 4.2.2 (the evaluator's) and 5.1
     print 24.08 where ffmpeg 9 prints 24.01. Samples at or past it read as silence.
     """
-    res = subprocess.run(
-        [find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)],
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-    )
+    res = run_tool([find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)])
     text = res.stderr.decode("utf-8", "replace")
     line = next((ln for ln in text.splitlines() if "Duration: " in ln), "")
     found = re.search(r"(\d\d):(\d\d):(\d\d\.\d\d)", line)
@@ -449,7 +448,11 @@ class _PcmPipe:
             "-",
         ]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # as in media.run_tool
         )
 
     def read(self, n: int) -> np.ndarray:
