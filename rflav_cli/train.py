@@ -14,6 +14,7 @@ accumulate in a nondeterministic order, so there the two agree up to rounding.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -444,7 +445,7 @@ class AudioScale:
     origin: str  # how the log line names the source, e.g. "given by --audio-scale"
 
     def describe(self) -> str:
-        return f"audio_scale {self.value:.6f} ({self.origin})"
+        return f"audio_scale {self.value:.6g} ({self.origin})"
 
 
 @dataclass
@@ -870,6 +871,7 @@ def _train_loop(
             if stopped:
                 break
             result = _train_step(run, engine)
+            _check_finite(run, result)
             meter.add(result.loss)
             clips_per_s, steps_per_s = meter.rates()
             progress.update(task, completed=run.step, loss=result.loss, clips=clips_per_s, steps=steps_per_s)
@@ -877,12 +879,35 @@ def _train_loop(
                 with open(run.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(meter.take_record(run.step, result)) + "\n")
             if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
+                _check_finite(run)
                 last_written, run.saved_step = _save(run, ranks=d), run.step
             if d.main and cfg.sample_every and run.step % cfg.sample_every == 0 and last_written is not None:
                 _sample(last_written, cfg, console, stop)
     if stopped and run.saved_step != run.step:
+        _check_finite(run)
         last_written, run.saved_step = _save(run, ranks=d), run.step
     return last_written, stopped
+
+
+def _check_finite(run: _TrainState, result: _StepResult | None = None) -> None:
+    """Stop a run that diverged before it logs or saves anything of it: after each step, a loss
+    or gradient norm that is not finite (then the step has left the weights non-finite too);
+    before each save, the weights themselves. Both are the same on every rank (reduced losses,
+    synchronised weights), so every rank stops here together."""
+    if result is not None:
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            return
+        what = f"loss {result.loss:g}, gradient norm {result.grad_norm:g}"
+    elif all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        return
+    else:
+        what = "weights not finite"
+    last = "" if run.saved_step is None else f"; checkpoint-{run.saved_step:08d} is from before"
+    raise TrainError(
+        f"training diverged at step {run.step} ({what}){last}: lower {{lr}} (now {run.cfg.lr:g}) and "
+        "start again with another {output}",
+        params=("lr", "output"),
+    )
 
 
 def _stop_agreed(stop: threading.Event | None, engine: _Engine) -> bool:

@@ -250,18 +250,18 @@ def test_audio_scale_is_estimated_only_when_nothing_gives_it(data, assets, tmp_p
         last, log = _train_logged(cfg)
         scale, origin = expected[name]
         assert estimated == [], name  # no pass over the data's audio
-        assert f"audio_scale {scale:.6f} ({origin})" in log, log
+        assert f"audio_scale {scale:.6g} ({origin})" in log, log
         assert json.loads((last / "rflav.json").read_text())["audio_scale"] == scale
         assert json.loads((last / "training_state" / "state.json").read_text())["audio_scale"] == scale
 
     last, log = _train_logged(config(data, assets, tmp_path / "new", **one_step))
     assert len(estimated) == 1
     assert json.loads((last / "rflav.json").read_text())["audio_scale"] == estimated[0]
-    assert f"audio_scale {estimated[0]:.6f} (unit std of the training mel)" in log, log
+    assert f"audio_scale {estimated[0]:.6g} (unit std of the training mel)" in log, log
 
     _, log = _train_logged(config(data, assets, tmp_path / "new", max_steps=2, save_every=1))
     assert len(estimated) == 1  # a resumed run keeps its scale
-    assert f"audio_scale {estimated[0]:.6f} (of the resumed run)" in log, log
+    assert f"audio_scale {estimated[0]:.6g} (of the resumed run)" in log, log
 
 
 def test_resume_is_bit_identical(data, assets, tmp_path):

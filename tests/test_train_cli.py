@@ -4,6 +4,7 @@ other settings, leftovers of killed runs, the options and their help, and flags 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import tiny
 import torch
 import typer
+from safetensors.torch import load_file
 from test_train import MODEL, _video
 from typer.testing import CliRunner
 
@@ -639,3 +641,18 @@ def test_damaged_training_weights_are_one_line(two_step_run, data, tmp_path, nam
     assert str(damaged.resolve()) in _error(result) and "delete it to resume from the one before" in _error(
         result
     )
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_weights(data, assets, tmp_path):
+    run = tmp_path / "run"
+    args = _args(data, assets, run, "--max-steps", "6", "--save-every", "1")
+    result = _invoke([*args, "--lr", "1e308"])  # the last --lr counts
+    assert result.exit_code == 2, result.output
+    error = _error(result)
+    assert error.startswith("rflav: error: training diverged at step ") and "lower --lr (now 1e+308)" in error
+    for checkpoint in run.glob("checkpoint-*"):  # what was saved is finite
+        tensors = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in tensors.values()), checkpoint.name
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
+        record = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+        assert all(math.isfinite(v) for v in record.values())
