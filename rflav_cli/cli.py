@@ -153,13 +153,18 @@ def generate(
         help="Mel scale the checkpoint was trained with [default: from its rflav.json; presets know theirs].",
     ),
     seconds: Optional[float] = typer.Option(
-        None, "--seconds", "-s", help="Length in seconds [default: 10, or the --audio/--video length]."
+        None,
+        "--seconds",
+        "-s",
+        help="Length in seconds, up to a week [default: 10, or the --audio/--video length, also the most].",
     ),
     frames: Optional[int] = typer.Option(
         None, "--frames", "-n", help="Length in frames (10 per second), instead of --seconds."
     ),
     forever: bool = typer.Option(
-        False, "--forever", help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0)."
+        False,
+        "--forever",
+        help="Generate until Ctrl-C or SIGTERM, then finalise the file (exit 0). Not with --audio/--video.",
     ),
     num_samples: int = typer.Option(
         1,
@@ -564,7 +569,10 @@ def train(
         help="Videos without sound: skip them, or train on them with silence [default: skip].",
     ),
     seed: Optional[int] = typer.Option(
-        None, "--seed", min=0, help="Seed of the initial weights, the data order and the noise [default: 0]."
+        None,
+        "--seed",
+        min=0,
+        help="Seed of the initial weights, the data order and the noise, 0 to 2**32-1 [default: 0].",
     ),
     device: Optional[str] = typer.Option(
         None, "--device", help="auto, cuda, cuda:N, mps or cpu [default: auto]."

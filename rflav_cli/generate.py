@@ -24,10 +24,11 @@ from rich.text import Text
 from . import __version__
 from .config import FPS, SAMPLE_RATE
 from .errors import UsageError
-from .files import write_json
+from .files import atomic_write, write_json
 from .hub import PRESETS
 from .media import (
     STDOUT,
+    MediaError,
     OutputClosed,
     VideoWriter,
     WavWriter,
@@ -45,6 +46,7 @@ from .requests import (
     generate_frame_count,
     generate_model_and_label,
     generate_output_paths,
+    guidance_scale_used,
     output_is_folder,
 )
 from .runtime import (
@@ -66,6 +68,7 @@ from .samples import (
     MISSING,
     Sample,
     batches_of,
+    refuse_if_running,
     sample_state,
     write_manifest,
     write_running_sidecar,
@@ -217,15 +220,42 @@ class _Outputs:
             writer.write(frame.audio[i])
 
     def close(self) -> None:
+        """Finish every file; when one cannot be finished, none is kept (a failed batch leaves
+        no file, whole or partial) and its writer's error is raised."""
+        closed: list[VideoWriter | WavWriter] = []
         for writer in [*self.videos, *self.wavs]:
             try:
                 writer.close()
+                closed.append(writer)
             except OutputClosed:  # the player left before the end: nothing more to deliver
                 self.reader_left = True
+            except BaseException as err:
+                self.abort()  # the writers not closed yet
+                for done in closed:
+                    if done.path is not None:
+                        done.path.unlink(missing_ok=True)
+                raise _dropped(err, writer.partial_path) from err
 
     def abort(self) -> None:
         for writer in [*self.videos, *self.wavs]:
             writer.abort()
+
+
+def _dropped(err: BaseException, partial: Path | None) -> BaseException:
+    """`err` of a writer that failed to finish, once its temporary file is removed: without the
+    note that the file was kept."""
+    if partial is None:
+        return err
+    partial.unlink(missing_ok=True)
+    if not isinstance(err, MediaError):
+        return err
+    text = str(err)
+    for note, instead in (
+        (f" (partial output kept as {partial})", ""),
+        (f"; output kept as {partial} (use --overwrite to replace)", " (--overwrite replaces it)"),
+    ):
+        text = text.replace(note, instead)
+    return MediaError(text)
 
 
 def run_generate(req: GenerateRequest, console: Console | None = None, *, alone: bool = False) -> list[dict]:
@@ -244,11 +274,18 @@ def run_generate(req: GenerateRequest, console: Console | None = None, *, alone:
     given_audio = read_audio(req.audio_input) if req.audio_input is not None else None
     given_frames = None
     if given_audio is not None:
+        if not given_audio.size:
+            raise UsageError(
+                f"{{audio_input}} {req.audio_input} holds no audio (its audio stream has no samples): "
+                "give a file with sound",
+                params=("audio_input",),
+            )
         given_frames = max(1, round(len(given_audio) / SAMPLE_RATE * FPS))
     elif req.video_input is not None:
         duration = probe(req.video_input).duration
         given_frames = max(1, round(duration * FPS)) if duration else None
-    num_frames = generate_frame_count(req, given_frames)
+    given_param = "audio_input" if req.audio_input is not None else "video_input"
+    num_frames = generate_frame_count(req, given_frames, given_param)
     seeds = [req.seed + i for i in range(req.num_samples)]
     paths = generate_output_paths(req, model_name, seeds)
     run = _Run(
@@ -319,6 +356,11 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
             griffin_lim=req.griffin_lim,
         )
     _check_label(pipe, label, req)
+    if req.vae is not None and pipe.vae is None:  # a Hub checkpoint says so once downloaded
+        raise UsageError(
+            f"{{vae}} {req.vae}: {model_name} works in pixel space and uses no VAE: drop {{vae}}",
+            params=("vae",),
+        )
 
     source = pipe.source
     weights_id = {"revision": source.revision} if source and source.revision else {}
@@ -334,7 +376,7 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
         "frames_requested": num_frames,
         "audio_input": str(req.audio_input) if req.audio_input else None,
         "video_input": str(req.video_input) if req.video_input else None,
-        "guidance_scale": req.guidance_scale,
+        "guidance_scale": guidance_scale_used(req),
     }
 
     def identity(sample: Sample) -> dict:
@@ -344,6 +386,9 @@ def _run_samples(run: _Run, ranks: Dist) -> list[dict]:
     states = {s.index: MISSING for s in samples}
     if num_frames is not None and not req.overwrite and not _is_stdout(paths[0]):
         states = {s.index: sample_state(s, identity(s)) for s in samples}
+    elif not _is_stdout(paths[0]):
+        for sample in samples:  # not even --overwrite takes the files of a live run
+            refuse_if_running(sample)
     todo = [s for s in samples if states[s.index] != COMPLETE]
     if ranks.world > 1:
         dist.barrier()  # every rank has seen the files as they were before anyone writes
@@ -441,17 +486,22 @@ def _make_batch(
     live = num_frames is None or num_frames > LIVE_FILE_AFTER_FRAMES
     # Files of a sample this command started and did not finish are its own to replace.
     overwrite = req.overwrite or any(states[s.index] == INCOMPLETE for s in batch)
-    if not to_stdout:
-        for sample in batch:
-            sample.path.parent.mkdir(parents=True, exist_ok=True)
-            for target in (sample.path, sample.path.with_suffix(".wav")):
-                remove_partials(target)  # of a killed run that made this sample before
-            write_running_sidecar(sample, identity(sample), __version__)
-    outputs = _Outputs(paths, req.wav, overwrite, pipe.image_size, live)
+    sidecars_before: dict[Path, bytes | None] = {}
     began = time.perf_counter()
     written = 0
     failed = interrupted = False
+    outputs: _Outputs | None = None
     try:
+        if not to_stdout:
+            for sample in batch:
+                # Another run of the command may have started this sample since this one looked.
+                refuse_if_running(sample)
+                sample.path.parent.mkdir(parents=True, exist_ok=True)
+                for target in (sample.path, sample.path.with_suffix(".wav")):
+                    remove_partials(target)  # of a killed run that made this sample before
+                sidecars_before[sample.sidecar] = _contents(sample.sidecar)
+                write_running_sidecar(sample, identity(sample), __version__)
+        outputs = _Outputs(paths, req.wav, overwrite, pipe.image_size, live)
         for frame in generation:
             outputs.write(frame)
             written += 1
@@ -464,7 +514,8 @@ def _make_batch(
                 outputs.write(frame)
                 written += 1
     except OutputClosed:  # -o - and the player quit: the run ends there, normally
-        outputs.reader_left = True
+        if outputs is not None:
+            outputs.reader_left = True
     except KeyboardInterrupt:  # a second Ctrl-C: keep what is written, at once
         interrupted = True
     except Exception as err:
@@ -475,15 +526,18 @@ def _make_batch(
             raise UsageError(compile_failure_message(err)) from err
         raise
     finally:
-        kept = written and not failed and not outputs.reader_left
-        if kept:
-            outputs.close()
-        else:
-            outputs.abort()
-        if not kept and not to_stdout:
-            for sample in batch:
-                if not sample.path.exists():  # else its "running" sidecar says to make it again
-                    sample.sidecar.unlink(missing_ok=True)
+        kept = bool(written) and not failed and outputs is not None and not outputs.reader_left
+        try:
+            if kept and outputs is not None:
+                outputs.close()
+            elif outputs is not None:
+                outputs.abort()
+        except BaseException:
+            kept = False
+            raise
+        finally:
+            if not kept and not to_stdout:
+                _put_back(batch, sidecars_before)  # only those this batch replaced
     progress.update(task, completed=written)
     wall = time.perf_counter() - began
     if not written:
@@ -510,6 +564,26 @@ def _make_batch(
             write_json(sample.sidecar, summary)
         summaries.append(summary)
     return summaries
+
+
+def _contents(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _put_back(batch: list[Sample], sidecars_before: dict[Path, bytes | None]) -> None:
+    """After a batch that made nothing: each sidecar as it was before (so an older MP4 that is
+    still there keeps its own), or none; never this run's "running" one."""
+    for sample in batch:
+        if sample.sidecar not in sidecars_before:
+            continue  # not reached: another run's, or as it was
+        before = sidecars_before[sample.sidecar]
+        if before is not None and sample.path.exists():
+            atomic_write(sample.sidecar, lambda tmp, data=before: Path(tmp).write_bytes(data))
+        else:
+            sample.sidecar.unlink(missing_ok=True)
 
 
 def _check_label(pipe: Pipeline, label: str | None, req: GenerateRequest) -> None:

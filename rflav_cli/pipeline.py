@@ -21,6 +21,7 @@ from .config import FPS, LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLE_RATE, SAMPLE
 from .errors import FileFormatError, RflavError, UsageError
 from .flow import Guide, rolling_sample
 from .hub import (
+    PRESETS,
     SIDE_FILE,
     VAE_REPO_ID,
     VOCODER_FILES,
@@ -34,7 +35,14 @@ from .hub import (
 from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
-from .requests import GenerateRequest, generate_frame_count
+from .requests import (
+    AUDIO_GUIDANCE_DEFAULT,
+    VIDEO_GUIDANCE_DEFAULT,
+    GenerateRequest,
+    check_frames,
+    check_seed,
+    generate_frame_count,
+)
 from .runtime import (
     CudaGraphReplay,
     WorkerThread,
@@ -86,17 +94,35 @@ def latents_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 class HostCopy:
     """A tensor on its way to host memory. On CUDA the copy is asynchronous, so sampling of
-    the next frames is queued before anyone waits for this one (`numpy()` waits)."""
+    the next frames is queued before anyone waits for this one (`numpy()` waits).
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    `finite` (a one-element bool tensor on the tensor's device) travels along with it: whether
+    the values it was made from were finite, which a conversion such as uint8 no longer shows."""
+
+    def __init__(self, tensor: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         self.event = None
+        self._finite = finite
         if tensor.device.type == "cuda":
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.host.copy_(tensor, non_blocking=True)  # queued on the tensor's device's current stream
+            if finite is not None:
+                self._finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+                self._finite.copy_(finite, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(tensor.device))
         else:
             self.host = tensor.detach().to("cpu")
+            if finite is not None:
+                self._finite = finite.to("cpu")
+
+    @property
+    def finite(self) -> bool:
+        """Whether the source values were all finite (True when not told); waits as `numpy()` does."""
+        if self._finite is None:
+            return True
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self._finite)
 
     @property
     def shape(self) -> torch.Size:
@@ -147,7 +173,9 @@ class Generation:
         given_audio: np.ndarray | None = None,
         output_stream: "torch.cuda.Stream | None" = None,
         on_first_frame: Callable[[], None] | None = None,
+        source: str = "the checkpoint",
     ) -> None:
+        self._source = source  # named when the model makes NaN
         self._frames = frames
         self._on_first_frame = on_first_frame
         self._output_stream = output_stream
@@ -245,10 +273,22 @@ class Generation:
         self._audio_samples -= n
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
+    def _not_finite(self, what: str, index: int) -> PipelineError:
+        return PipelineError(
+            f"the model produced NaN or infinite {what} at frame {index}: the weights of {self._source} "
+            "are probably not finite (a training run that diverged saves NaN): use another checkpoint"
+        )
+
     def _collect(self) -> None:
         while self._pending and self._audio_samples >= SAMPLES_PER_FRAME:
             index, video = self._pending.popleft()
             chunk = self._take_audio(SAMPLES_PER_FRAME)
+            # Checked here, where frames reach the host: a NaN in the sound makes the encoder fail
+            # later with no word on why, and one in the picture turns into black pixels.
+            if not np.isfinite(chunk).all():
+                raise self._not_finite("sound", index)
+            if isinstance(video, HostCopy) and not video.finite:
+                raise self._not_finite("video", index)
             if self._given_audio is not None:
                 start = index * SAMPLES_PER_FRAME
                 given = self._given_audio[start : start + SAMPLES_PER_FRAME]
@@ -428,6 +468,17 @@ class Pipeline:
             raise UsageError(
                 "give either {dtype} or {torch_dtype}, not both", params=("dtype", "torch_dtype")
             )
+        preset = PRESETS.get(model)
+        if revision is not None and (
+            preset.packaged_folder is not None if preset else Path(model).expanduser().is_dir()
+        ):
+            what = (
+                f"the {model} preset ships with rflav" if preset else f"{{model}} {model} is a local folder"
+            )
+            raise UsageError(
+                f"{{revision}} applies to Hub repos, and {what}: drop {{revision}}",
+                params=("revision", "model"),
+            )
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -519,11 +570,13 @@ class Pipeline:
         The bounded form of :meth:`generate`, whose stream it collects."""
         if seed is not None and seeds is not None:
             raise UsageError("give either {seed} or {seeds}, not both", params=("seed", "seeds"))
-        seeds = [0 if seed is None else seed] if seeds is None else list(seeds)
+        seeds = [0 if seed is None else check_seed(seed)] if seeds is None else list(seeds)
         if not seeds:
             raise UsageError("{seeds} must hold at least one seed", params=("seeds",))
-        given_frames = None if audio is None else max(1, round(len(audio) / SAMPLE_RATE * FPS))
-        num_frames = generate_frame_count(GenerateRequest(seconds=seconds, frames=frames), given_frames)
+        given_frames = None if audio is None else self._audio_frames(audio)
+        num_frames = generate_frame_count(
+            GenerateRequest(seconds=seconds, frames=frames), given_frames, given_param="audio"
+        )
         stream = self.generate(
             num_frames=num_frames,
             seeds=seeds,
@@ -541,6 +594,17 @@ class Pipeline:
         )
 
     # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _audio_frames(audio: np.ndarray) -> int:
+        """The frames a given waveform lasts (at least one), refused when it holds no samples."""
+        if len(audio) == 0:
+            raise UsageError("{audio} holds no samples: give a waveform with sound", params=("audio",))
+        return max(1, round(len(audio) / SAMPLE_RATE * FPS))
+
+    @property
+    def _source_name(self) -> str:
+        return f"checkpoint {self.source.source}" if self.source is not None else "the checkpoint"
+
     @property
     def window(self) -> int:
         return self.model.window
@@ -580,13 +644,14 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> HostCopy:
         """Video latents (B, C, h, w) → uint8 frames (B, H, W, 3), on their way to the host."""
         if self.vae is None:
-            return HostCopy(latents_to_uint8(latents))
+            return HostCopy(latents_to_uint8(latents), finite=torch.isfinite(latents).all())
         vae_dtype = next(self.vae.parameters()).dtype
-        out = [
-            latents_to_uint8(self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE))
-            for chunk in latents.split(self.decode_batch)
-        ]
-        return HostCopy(torch.cat(out) if len(out) > 1 else out[0])
+        out, finite = [], []
+        for chunk in latents.split(self.decode_batch):
+            images = self.vae.decode(chunk.to(self.device, vae_dtype) / LATENT_SCALE)
+            finite.append(torch.isfinite(images).all())
+            out.append(latents_to_uint8(images))
+        return HostCopy(torch.cat(out) if len(out) > 1 else out[0], finite=torch.stack(finite).all())
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
@@ -694,13 +759,13 @@ class Pipeline:
         """
         if steps < 1:
             raise PipelineError(f"{{steps}} must be at least 1, got {steps}", params=("steps",))
-        if num_frames is not None and num_frames < 1:
-            raise PipelineError(
-                f"{{num_frames}} must be at least 1 (or None: unbounded), got {num_frames}",
-                params=("num_frames",),
-            )
+        if num_frames is not None:
+            check_frames(num_frames, "num_frames")
+        seeds = [check_seed(s, "seeds") for s in seeds]
         if audio is not None and video is not None:
             raise PipelineError("give either {audio} or {video}, not both", params=("audio", "video"))
+        if audio is not None:
+            self._audio_frames(audio)
         index = self.class_index(label)
         batch = len(seeds)
         cfg = self.model.config
@@ -722,7 +787,7 @@ class Pipeline:
             guide = Guide(
                 "audio",
                 (f.unsqueeze(0).expand(batch, *f.shape) for f in given),
-                scale=1.0 if guidance_scale is None else guidance_scale,
+                scale=AUDIO_GUIDANCE_DEFAULT if guidance_scale is None else guidance_scale,
                 generator=generators[0],
             )
         elif video is not None:
@@ -731,7 +796,7 @@ class Pipeline:
             guide = Guide(
                 "video",
                 (z.unsqueeze(0).expand(batch, *z.shape).to(self.device) for z in latents),
-                scale=2.0 if guidance_scale is None else guidance_scale,
+                scale=VIDEO_GUIDANCE_DEFAULT if guidance_scale is None else guidance_scale,
                 generator=generators[0],
             )
 
@@ -759,6 +824,7 @@ class Pipeline:
             output_stream=torch.cuda.Stream(self.device) if self._overlaps else None,
             # A held background compilation starts once the first frame is out (see _compile_blocks).
             on_first_frame=self.model.start_compiling if self.model.blocks_compiled else None,
+            source=self._source_name,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -19,8 +20,8 @@ from typing import Any
 from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE, flav_config_problem
 from .errors import FileFormatError, RflavError, UsageError
 from .files import stdout_unusable
-from .hub import PRESETS, is_repo_id  # huggingface_hub, not torch
-from .samples import read_sidecar
+from .hub import PRESETS, is_repo_id, read_side_file  # huggingface_hub, not torch
+from .samples import Sample, read_sidecar, refuse_if_running
 
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
 STDOUT = "-"  # --output - : the MP4 goes to standard output (media.STDOUT)
@@ -34,7 +35,14 @@ STDOUT = "-"  # --output - : the MP4 goes to standard output (media.STDOUT)
 GENERATE_DEFAULT_PRESET = "dance"
 GENERATE_DEFAULT_SECONDS = 10.0
 GENERATE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-_MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+# One file holds at most a week: a length past that is a typo (or an overflow), and an endless
+# stream is --forever's.
+GENERATE_MAX_SECONDS = 7 * 24 * 3600
+GENERATE_MAX_FRAMES = GENERATE_MAX_SECONDS * FPS
+# The guidance of --audio / --video when --guidance-scale is not given (pipeline.Pipeline.generate).
+AUDIO_GUIDANCE_DEFAULT = 1.0
+VIDEO_GUIDANCE_DEFAULT = 2.0
 
 
 @dataclass
@@ -89,6 +97,41 @@ def _finite(value: float, at_least: float, strictly: bool) -> bool:
     return math.isfinite(value) and (value > at_least if strictly else value >= at_least)
 
 
+def is_whole_number(value: object) -> bool:
+    """An int (numpy's included), not a bool nor a float such as 2.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_seed(seed: object, param: str = "seed", limit: int = MAX_SEED) -> int:
+    """A seed as torch's generators take it: a whole number from 0 to `limit`."""
+    if not is_whole_number(seed) or not 0 <= seed <= limit:  # type: ignore[operator]
+        raise UsageError(
+            f"{{{param}}} must be from 0 to {limit} (a whole number), got {seed!r}", params=(param,)
+        )
+    return int(seed)  # type: ignore[call-overload]
+
+
+def check_frames(frames: object, param: str = "frames") -> int:
+    """A number of frames to generate: a whole number from 1 to GENERATE_MAX_FRAMES."""
+    if not is_whole_number(frames) or not 1 <= frames <= GENERATE_MAX_FRAMES:  # type: ignore[operator]
+        raise UsageError(
+            f"{{{param}}} must be a whole number from 1 to {GENERATE_MAX_FRAMES} (a week), got {frames!r}",
+            params=(param,),
+        )
+    return int(frames)  # type: ignore[call-overload]
+
+
+def guidance_scale_used(req: GenerateRequest) -> float | None:
+    """The guidance a request gets: its own, the default of its --audio/--video, or None without either."""
+    if req.guidance_scale is not None:
+        return req.guidance_scale
+    if req.audio_input is not None:
+        return AUDIO_GUIDANCE_DEFAULT
+    if req.video_input is not None:
+        return VIDEO_GUIDANCE_DEFAULT
+    return None
+
+
 def check_generate_request(req: GenerateRequest) -> None:
     """Every check of a generate request that needs neither torch nor the model: bad values
     fail here with one line (UsageError) before anything heavy is imported."""
@@ -100,9 +143,7 @@ def check_generate_request(req: GenerateRequest) -> None:
         )
     if req.batch_size < 1:
         raise UsageError(f"{{batch_size}} must be at least 1, got {req.batch_size}", params=("batch_size",))
-    limit = _MAX_SEED - (req.num_samples - 1)  # sample i uses seed + i
-    if not 0 <= req.seed <= limit:
-        raise UsageError(f"{{seed}} must be from 0 to {limit}, got {req.seed}", params=("seed",))
+    check_seed(req.seed, limit=MAX_SEED - (req.num_samples - 1))  # sample i uses seed + i
     if req.audio_scale is not None and not _finite(req.audio_scale, 0, strictly=True):
         raise UsageError(
             f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",)
@@ -126,16 +167,29 @@ def check_generate_request(req: GenerateRequest) -> None:
         )
     if req.forever and req.num_samples > 1:
         raise UsageError("{forever} writes one stream: drop {num_samples}", params=("forever", "num_samples"))
+    given = "audio_input" if req.audio_input is not None else "video_input" if req.video_input else None
+    if req.forever and given is not None:
+        # The input sets the length: an endless stream would go on without it.
+        raise UsageError(
+            f"{{forever}} cannot be combined with {{{given}}}, whose length sets the output's: drop "
+            "{forever} (or give {seconds} for a part of the input)",
+            params=("forever", given, "seconds"),
+        )
+    if req.output is not None and not str(req.output).strip():
+        raise UsageError(
+            "{output} is empty: give a file name (NAME.mp4), a folder (NAME/) or - for standard output",
+            params=("output",),
+        )
     _check_stdout_output(req)
     generate_frame_count(req, None)
     check_device(req.device)
     check_dtype(req.dtype, req.device)
-    _check_model(req)
+    model_name, _ = generate_model_and_label(req)
+    _check_model(req, model_name)
     for param, path in (("audio_input", req.audio_input), ("video_input", req.video_input)):
         if path is not None and not Path(path).is_file():
             what = "a folder, not a media file" if Path(path).is_dir() else "no such file"
             raise UsageError(f"{{{param}}} {path}: {what}", params=(param,))
-    model_name, _ = generate_model_and_label(req)
     generate_output_paths(req, model_name, [req.seed + i for i in range(req.num_samples)])
 
 
@@ -159,28 +213,39 @@ def _check_stdout_output(req: GenerateRequest) -> None:
         raise UsageError(f"{{output}} -: {problem}", params=("output",))
 
 
-def _check_model(req: GenerateRequest) -> None:
-
-    if req.model is None or req.model in PRESETS:
-        return
-    path = Path(req.model).expanduser()
-    if path.is_dir():
+def _check_model(req: GenerateRequest, model_name: str) -> None:
+    """The checkpoint named (a preset, a folder, a repo id) and what it cannot take: --revision
+    off the Hub, --vae for a model that works in pixel space."""
+    preset = PRESETS.get(model_name)
+    if preset is not None and preset.packaged_folder is None:
+        return  # a Hub checkpoint: its rflav.json is read once downloaded (Pipeline.from_pretrained)
+    folder = preset.packaged_folder if preset is not None else Path(model_name).expanduser()
+    if folder is not None and folder.is_dir():
+        what = (
+            f"the {model_name} preset ships with rflav"
+            if preset is not None
+            else f"{{model}} {model_name} is a local folder"
+        )
         if req.revision is not None:
             raise UsageError(
-                f"{{revision}} applies to Hub repos, and {{model}} {req.model} is a local folder: "
-                "drop {revision}",
+                f"{{revision}} applies to Hub repos, and {what}: drop {{revision}}",
                 params=("revision", "model"),
             )
+        if req.vae is not None and read_side_file(folder).get("pixel_space"):
+            raise UsageError(
+                f"{{vae}} {req.vae}: {model_name} works in pixel space and uses no VAE: drop {{vae}}",
+                params=("vae",),
+            )
         return
-    if path.exists():
+    if folder is not None and folder.exists():
         raise UsageError(
-            f"{{model}} {req.model} is a file: pass the checkpoint's folder (config.json, "
+            f"{{model}} {model_name} is a file: pass the checkpoint's folder (config.json, "
             "model.safetensors, vocoder/)",
             params=("model",),
         )
-    if not is_repo_id(req.model):
+    if not is_repo_id(model_name):
         raise UsageError(
-            f"{{model}} {req.model}: not a preset ({', '.join(PRESETS)}), a local folder "
+            f"{{model}} {model_name}: not a preset ({', '.join(PRESETS)}), a local folder "
             "or a Hub repo id (org/name)",
             params=("model",),
         )
@@ -206,8 +271,11 @@ def generate_model_and_label(req: GenerateRequest) -> tuple[str, str | None]:
     return req.model, req.label
 
 
-def generate_frame_count(req: GenerateRequest, given_frames: int | None) -> int | None:
-    """Frames to generate (None: until stopped); `given_frames` is the --audio/--video length."""
+def generate_frame_count(
+    req: GenerateRequest, given_frames: int | None, given_param: str | None = None
+) -> int | None:
+    """Frames to generate (None: until stopped); `given_frames` is the length of the input that
+    `given_param` (--audio/--video) gave, which a length asked for must not exceed."""
     chosen = [name for name, value in (("seconds", req.seconds), ("frames", req.frames)) if value is not None]
     if req.forever and chosen:
         raise UsageError(
@@ -218,16 +286,31 @@ def generate_frame_count(req: GenerateRequest, given_frames: int | None) -> int 
     if req.forever:
         return None
     if req.seconds is not None:
-        if not _finite(req.seconds, 0, strictly=True):
-            raise UsageError(f"{{seconds}} must be a positive number, got {req.seconds}", params=("seconds",))
-        return max(1, round(req.seconds * FPS))
-    if req.frames is not None:
-        if req.frames < 1:
-            raise UsageError(f"{{frames}} must be at least 1, got {req.frames}", params=("frames",))
-        return req.frames
-    if given_frames is not None:
-        return given_frames
-    return round(GENERATE_DEFAULT_SECONDS * FPS)
+        seconds = req.seconds
+        number = isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)
+        if not (number and _finite(seconds, 0, strictly=True) and seconds <= GENERATE_MAX_SECONDS):
+            raise UsageError(
+                f"{{seconds}} must be a positive number of at most {GENERATE_MAX_SECONDS} (a week), "
+                f"got {seconds!r}",
+                params=("seconds",),
+            )
+        frames = max(1, round(seconds * FPS))
+    elif req.frames is not None:
+        frames = check_frames(req.frames)
+    else:
+        return given_frames if given_frames is not None else round(GENERATE_DEFAULT_SECONDS * FPS)
+    if given_frames is not None and frames > given_frames:
+        # Past its end the output would hold generated sound (or pictures) in place of the input's.
+        asked, param = chosen[0], given_param or "audio_input"
+        name = getattr(req, param, None)
+        raise UsageError(
+            f"{{{asked}}} {getattr(req, asked)} asks for {frames} frames, and {{{param}}}"
+            f"{f' {name}' if name is not None else ''} lasts {given_frames} frames "
+            f"({given_frames / FPS:g} s): ask for at most that, or leave {{{asked}}} out to follow the "
+            "whole input",
+            params=(asked, param),
+        )
+    return frames
 
 
 def output_is_folder(req: GenerateRequest) -> bool:
@@ -274,10 +357,18 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
     # A sample with an rflav sidecar may be this command's, to skip or finish: decided once the
     # model is loaded (samples.sample_state). An endless stream is never resumed.
     resumable = not req.forever and raw != STDOUT
-    for path in paths:
-        targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".wav")] if req.wav else [])
-        if resumable and read_sidecar(path.with_suffix(".json")) is not None:
-            targets = []
+    for seed, path in zip(seeds, paths):
+        written = [path, path.with_suffix(".json")] + ([path.with_suffix(".wav")] if req.wav else [])
+        for target in written:
+            if target.is_dir():  # --overwrite replaces files, never a folder
+                raise UsageError(
+                    f"{target} is a folder, and this run writes a file of that name: rename or remove the "
+                    "folder, or choose another {output}",
+                    params=("output",),
+                )
+        side = read_sidecar(path.with_suffix(".json"))
+        refuse_if_running(Sample(seed - seeds[0], seed, path), side)
+        targets = [] if resumable and side is not None else written
         for target in targets:
             if target.exists() and not req.overwrite:
                 raise UsageError(
@@ -335,7 +426,7 @@ def check_serve_request(req: ServeRequest) -> None:
     if not req.models:
         raise UsageError("give at least one {model}", params=("model",))
     for model in req.models:
-        _check_model(GenerateRequest(model=model))
+        _check_model(GenerateRequest(model=model), model)
     if req.audio_scale is not None and not _finite(req.audio_scale, 0, strictly=True):
         raise UsageError(
             f"{{audio_scale}} must be a positive number, got {req.audio_scale}", params=("audio_scale",)
@@ -363,6 +454,9 @@ def check_serve_request(req: ServeRequest) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+# Training derives every step's seed as (seed * 1_000_003 + step) * 4099 + rank (train.step_seed),
+# which torch takes up to 2**64 - 1: below 2**32 that leaves room for 2e14 steps.
+TRAIN_MAX_SEED = 2**32 - 1
 TRAIN_DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"  # hub.VAE_REPO_ID (hub imports huggingface_hub)
 TRAIN_WEIGHTINGS = ("logit_normal", "uniform")
 MISSING_AUDIO_CHOICES = ("skip", "silence")
@@ -498,8 +592,10 @@ def check_train_config(cfg: TrainConfig) -> None:
         "log_every",
     ):
         _positive(cfg, name)
-    for name in ("keep", "sample_every", "num_workers", "seed", "weight_decay"):
+    for name in ("keep", "sample_every", "num_workers", "weight_decay"):
         _positive(cfg, name, minimum=0)
+    if cfg.seed is not None:
+        check_seed(cfg.seed, limit=TRAIN_MAX_SEED)
     for name in ("lr", "audio_scale", "grad_clip"):
         _positive(cfg, name, minimum=0, strictly=True)
     if cfg.ema_decay is not None and not (0 <= cfg.ema_decay < 1):

@@ -511,6 +511,8 @@ class _App:
             return served, seed, None, 1.0
         if label is None:
             raise UsageError(f"model {served.name} needs a class: one of {', '.join(classes)}")
+        if label.isdigit() and int(label) < len(classes):  # an index, as generate's --class takes
+            label = classes[int(label)]
         if label not in classes:
             raise UsageError(f"unknown class {label!r} for {served.name}: use one of {', '.join(classes)}")
         try:

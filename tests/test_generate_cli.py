@@ -451,6 +451,138 @@ def test_a_failing_endless_stream_keeps_what_it_made(ckpt, tmp_path, monkeypatch
     assert probe.returncode == 0 and int(probe.stdout) >= 1
 
 
+def _nan_checkpoint(folder: Path) -> Path:
+    """The packaged ball model with every weight NaN, as a diverged training run saves it."""
+    from safetensors.torch import load_file, save_file
+
+    from rflav_cli.hub import PRESETS
+
+    shutil.copytree(PRESETS["ball"].packaged_folder, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, folder / "model.safetensors")
+    return folder
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line_and_leaves_no_file(tmp_path):
+    model = _nan_checkpoint(tmp_path / "nan")
+    for name, frames in (("x.mp4", "3"), ("long.mp4", "1000")):  # a long one is playable while it grows
+        out = tmp_path / "out" / name
+        line = one_error_line(
+            run_cli("generate", "--model", str(model), "--frames", frames, "--wav", "-o", str(out), *FAST)
+        )
+        assert "the model produced NaN or infinite sound at frame 0" in line, line
+        assert f"the weights of checkpoint {model} are probably not finite" in line
+        assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_an_encoder_failing_at_the_end_leaves_no_file_of_the_batch(tmp_path, monkeypatch):
+    """ffmpeg dies as the second sample of a batch is finalised: the first sample, published a
+    moment before, goes too, and no temporary file or "running" sidecar is left."""
+    from rflav_cli.media import VideoWriter
+
+    close = VideoWriter.close
+
+    def dying_close(self):
+        if self.path is not None and "seed1" in self.path.name:
+            self._proc.kill()
+        return close(self)
+
+    monkeypatch.setattr(VideoWriter, "close", dying_close)
+    out = tmp_path / "out"
+    args = ("--class", "ball", "--frames", "3", "--num-samples", "2", "--batch-size", "2", "--wav")
+    line = one_error_line(run_cli("generate", *args, "-o", f"{out}/", *FAST))
+    assert f"while writing {out / 'ball-seed1.mp4'}" in line and "kept" not in line, line
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_failed_rerun_puts_the_sidecar_back(tmp_path, monkeypatch):
+    """A sample that a rerun fails to remake keeps the file and sidecar it had, so that a later
+    rerun makes it again: never this run's "running" sidecar."""
+    from rflav_cli.pipeline import Generation
+
+    out = tmp_path / "clip.mp4"
+    args = ("generate", "--class", "ball", "--frames", "4", "-o", str(out), *FAST)
+    assert run_cli(*args).exit_code == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    side.update(status="interrupted", interrupted=True, frames=2)  # as a stopped run leaves it
+    out.with_suffix(".json").write_text(json.dumps(side))
+    before = out.with_suffix(".json").read_bytes(), out.read_bytes()
+
+    def failing(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Generation, "_produce_one", failing)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(*args)
+    assert (out.with_suffix(".json").read_bytes(), out.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.mp4"]
+    monkeypatch.undo()
+    assert run_cli(*args).exit_code == 0
+    assert json.loads(out.with_suffix(".json").read_text())["status"] == "complete"
+
+
+def test_vae_for_a_hub_checkpoint_in_pixel_space_is_refused_once_it_is_known(tmp_path):
+    from rflav_cli.hub import PRESETS
+
+    cache = tmp_path / "hub"
+    tiny.install_in_hf_cache(PRESETS["ball"].packaged_folder, cache, "someone/ball")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out" / "x.mp4"
+    args = ("generate", "--model", "someone/ball", "--frames", "2", "-o", str(out), *FAST)
+    line = one_error_line(run_cli(*args, "--vae", "someone/vae", env=env))
+    assert "--vae someone/vae: someone/ball works in pixel space and uses no VAE: drop --vae" in line
+    assert not out.parent.exists()
+    assert run_cli(*args, env=env).exit_code == 0 and video_frames(out) == 2
+
+
+# ---------------------------------------------------------------------------------------- --audio, --video
+
+
+def _tone(path: Path, seconds: float) -> Path:
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", str(path)],
+        check=True,
+    )
+    return path
+
+
+def test_the_input_sets_the_length_and_its_guidance_is_recorded(tmp_path):
+    tone = _tone(tmp_path / "tone.wav", 0.5)
+    out = tmp_path / "a2v.mp4"
+    args = ("generate", "--class", "ball", "--audio", str(tone), "-o", str(out), *FAST)
+    line = one_error_line(run_cli(*args, "--seconds", "0.8"))
+    assert f"--seconds 0.8 asks for 8 frames, and --audio {tone} lasts 5 frames (0.5 s)" in line, line
+    line = one_error_line(run_cli(*args, "--frames", "6"))
+    assert "--frames 6 asks for 6 frames" in line and "leave --frames out" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tone.wav"]
+
+    assert run_cli(*args, "--frames", "3").exit_code == 0  # a part of the input
+    assert video_frames(out) == 3
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["guidance_scale"] == 1.0 and side["frames_requested"] == 3  # the default, as applied
+
+    # A sidecar of an older version says null for the default: the same settings, not made again.
+    side["guidance_scale"] = None
+    out.with_suffix(".json").write_text(json.dumps(side))
+    made = out.stat().st_mtime_ns
+    assert run_cli(*args, "--frames", "3").exit_code == 0 and out.stat().st_mtime_ns == made
+
+
+def test_an_audio_file_without_samples_is_refused(tmp_path):
+    import wave
+
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+    line = one_error_line(
+        run_cli("generate", "--class", "ball", "--audio", str(empty), "-o", str(tmp_path / "o"))
+    )
+    assert f"--audio {empty} holds no audio" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.wav"]
+
+
 # ---------------------------------------------------------------------------------------- --output
 
 
@@ -494,6 +626,16 @@ BEFORE_TORCH = [
     (["--seed", "-1"], "--seed must be from 0 to"),
     (["--guidance-scale", "2"], "--guidance-scale only applies with --audio or --video"),
     (["--audio", "nowhere.wav"], "--audio nowhere.wav: no such file"),
+    (["--seconds", "1e308"], "--seconds must be a positive number of at most 604800 (a week), got 1e+308"),
+    (["--seconds", "inf"], "--seconds must be a positive number of at most 604800"),
+    (["--seconds", "nan"], "--seconds must be a positive number of at most 604800"),
+    (["--frames", "99999999999"], "--frames must be a whole number from 1 to 6048000"),
+    (["--seed", str(2**64)], "--seed must be from 0 to 9223372036854775807"),
+    (["-o", ""], "--output is empty: give a file name"),
+    (["--class", "ball", "--vae", "x"], "--vae x: ball works in pixel space and uses no VAE: drop --vae"),
+    (["--class", "ball", "--revision", "main"], "--revision applies to Hub repos, and the ball preset ships"),
+    (["--forever", "--audio", "song.mp3"], "--forever cannot be combined with --audio"),
+    (["--forever", "--video", "moves.mp4"], "--forever cannot be combined with --video"),
 ]
 
 CHECK_BEFORE_TORCH = """
@@ -517,6 +659,41 @@ def test_bad_values_are_reported_before_torch_is_imported(tmp_path):
         code, stderr, torch_imported = json.loads(out.stdout)
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
         assert not torch_imported, args
+
+
+@pytest.mark.parametrize("name", ["ball-seed0.mp4", "ball-seed0.json", "ball-seed0.wav"])
+def test_an_output_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, name):
+    (tmp_path / name).mkdir()
+    args = ["--class", "ball", "--frames", "3", "--wav", "--overwrite"]  # --overwrite replaces files only
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    code, stderr, torch_imported = json.loads(out.stdout)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{name} is a folder, and this run writes a file of that name" in stderr
+    assert not torch_imported
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_seeds_are_whole_numbers_that_torch_takes_as_given():
+    from rflav_cli.errors import UsageError
+    from rflav_cli.requests import TRAIN_MAX_SEED, TrainConfig, check_generate_request, check_train_config
+
+    for seed in (-1, 2**63, 1.5):
+        with pytest.raises(UsageError, match="seed must be from 0 to 9223372036854775807"):
+            check_generate_request(GenerateRequest(model="ball", seed=seed))
+    # Training multiplies its seed into each step's (train.step_seed), which torch takes below 2**64.
+    assert TRAIN_MAX_SEED == 2**32 - 1
+    for seed in (-1, 2**32, 99999999999999999999999):
+        with pytest.raises(UsageError, match="seed must be from 0 to 4294967295"):
+            check_train_config(TrainConfig(data="nowhere", seed=seed))
+    from rflav_cli.train import step_seed
+
+    torch.Generator().manual_seed(step_seed(TRAIN_MAX_SEED, 10**12, 1023))
 
 
 def test_every_generate_option_has_help():

@@ -11,7 +11,8 @@ import tiny
 import torch
 
 from rflav_cli.errors import RflavError, UsageError
-from rflav_cli.pipeline import Pipeline, PipelineOutput
+from rflav_cli.pipeline import Pipeline, PipelineError, PipelineOutput
+from rflav_cli.requests import GenerateRequest, generate_frame_count
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,80 @@ def test_call_batches_seeds_and_counts_frames(pipe):
     [
         ({"seconds": 1, "frames": 10}, "give either seconds or frames"),
         ({"seconds": -1}, "seconds must be a positive number"),
-        ({"frames": 0}, "frames must be at least 1"),
+        ({"seconds": 1e308}, "seconds must be a positive number of at most 604800"),
+        ({"seconds": float("inf")}, "seconds must be a positive number of at most 604800"),
+        ({"seconds": float("nan")}, "seconds must be a positive number"),
+        ({"frames": 0}, "frames must be a whole number from 1 to 6048000"),
+        ({"frames": 2.5}, "frames must be a whole number from 1"),
         ({"frames": 1, "seed": 1, "seeds": [1]}, "give either seed or seeds"),
         ({"frames": 1, "seeds": []}, "seeds must hold at least one seed"),
+        ({"frames": 1, "seed": -1}, r"seed must be from 0 to 9223372036854775807 \(a whole number\), got -1"),
+        ({"frames": 1, "seed": 2**64}, "seed must be from 0 to 9223372036854775807"),
+        ({"frames": 1, "seed": 1.5}, "seed must be from 0 to 9223372036854775807"),
+        ({"frames": 1, "seeds": [3, 2**63]}, "seeds must be from 0 to 9223372036854775807"),
+        ({"audio": np.zeros(0, np.float32)}, "audio holds no samples"),
+        (
+            {"audio": np.zeros(3 * 1600, np.float32), "frames": 4},
+            "frames 4 asks for 4 frames, and audio lasts 3 frames",
+        ),
     ],
 )
 def test_call_rejects_bad_requests(pipe, kwargs, needle):
     with pytest.raises(UsageError, match=needle):
         pipe(**kwargs)
+
+
+def test_a_length_is_at_most_a_week():
+    assert generate_frame_count(GenerateRequest(seconds=7 * 24 * 3600), None) == 6048000
+    assert generate_frame_count(GenerateRequest(frames=6048000), None) == 6048000
+    for req in (GenerateRequest(seconds=7 * 24 * 3600 + 1), GenerateRequest(frames=6048001)):
+        with pytest.raises(UsageError, match="at most 604800 .a week.|from 1 to 6048000 .a week."):
+            generate_frame_count(req, None)
+
+
+def test_stream_rejects_seeds_and_lengths_torch_would_misread(pipe):
+    # torch takes -1 as 2**64 - 1 and rounds nothing: each would silently be another request.
+    for kwargs, needle in (
+        ({"num_frames": 2.5}, "num_frames must be a whole number"),
+        ({"num_frames": 2, "seeds": [-1]}, "seeds must be from 0"),
+        ({"num_frames": 2, "seeds": [0.5]}, "seeds must be from 0"),
+        ({"num_frames": 2, "audio": np.zeros(0, np.float32)}, "audio holds no samples"),
+    ):
+        with pytest.raises(UsageError, match=needle):
+            pipe.generate(**kwargs)
+    assert len(list(pipe.generate(num_frames=2, seeds=[np.int64(3)]))) == 2  # numpy's integers are fine
+
+
+def test_audio_sets_the_length_and_a_shorter_one_is_allowed(pipe):
+    wave = np.zeros(3 * 1600, np.float32)
+    assert pipe(audio=wave, seed=0).frames.shape[1] == 3
+    assert pipe(audio=wave, frames=2, seed=0).frames.shape[1] == 2
+
+
+def test_a_checkpoint_with_nan_weights_is_named_as_the_cause(ckpt):
+    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
+    with torch.no_grad():
+        for p in pipe.model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(PipelineError, match=r"NaN or infinite sound at frame 0: the weights of checkpoint "):
+        pipe(frames=2)
+
+    # A VAE that decodes NaN: the sound is fine, the picture is not (uint8 alone would hide it).
+    pipe = Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), device="cpu", dtype="fp32")
+    with torch.no_grad():
+        for p in pipe.vae.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(PipelineError, match="NaN or infinite video at frame 0"):
+        pipe(frames=2)
+
+
+def test_a_revision_is_refused_where_it_cannot_apply(ckpt):
+    with pytest.raises(
+        UsageError, match="revision applies to Hub repos, and the ball preset ships with rflav"
+    ):
+        Pipeline.from_pretrained("ball", revision="main")
+    with pytest.raises(UsageError, match="is a local folder: drop revision"):
+        Pipeline.from_pretrained(str(ckpt["model"]), vae=str(ckpt["vae"]), revision="main")
 
 
 def test_torch_dtype_bfloat16_gives_a_bf16_model(ckpt):

@@ -18,7 +18,16 @@ import pytest
 
 from rflav_cli.errors import UsageError
 from rflav_cli.media import read_audio, read_video_frames
-from rflav_cli.samples import COMPLETE, INCOMPLETE, MISSING, Sample, sample_state, write_manifest
+from rflav_cli.requests import GenerateRequest, generate_output_paths
+from rflav_cli.samples import (
+    COMPLETE,
+    INCOMPLETE,
+    MISSING,
+    Sample,
+    sample_state,
+    write_manifest,
+    writer_identity,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffmpeg to read outputs")
 
@@ -158,6 +167,68 @@ def test_sample_states(tmp_path):
 
     rows = write_manifest(tmp_path, [sample, Sample(1, 4, tmp_path / "t.mp4")]).read_text().splitlines()
     assert [json.loads(r)["status"] for r in rows] == ["missing", "missing"]
+
+
+def test_a_sample_a_live_process_makes_is_not_taken_over(tmp_path):
+    identity = {"model": "m", "seed": 0, "frames_requested": 20, "steps": 2}
+    sample = Sample(0, 0, tmp_path / "m-seed0.mp4")
+    me = writer_identity()  # this test's process: alive
+    assert me["pid"] == os.getpid() and me["host"] == socket.gethostname()
+    _sidecar(sample, identity, status="running", **me)
+    with pytest.raises(UsageError, match=f"m-seed0.mp4 is being made right now by process {os.getpid()} on"):
+        sample_state(sample, identity)
+    for overwrite in (False, True):  # --overwrite neither: the live run would fail at its end
+        req = GenerateRequest(output=str(tmp_path) + "/", overwrite=overwrite)
+        with pytest.raises(UsageError, match="being made right now"):
+            generate_output_paths(req, "m", [0])
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for leftover in (
+        {**me, "pid": gone.pid},  # a killed run: its process is gone
+        {**me, "pid_started": (me["pid_started"] or 0) + 1},  # its pid, reused by another process
+        {**me, "host": me["host"] + "-elsewhere"},  # another machine's, not to be seen from here
+        {},  # written before sidecars named their process
+    ):
+        _sidecar(sample, identity, status="running", **leftover)
+        assert sample_state(sample, identity) == INCOMPLETE, leftover
+    _sidecar(sample, identity, status="interrupted", interrupted=True, frames=3, **me)
+    assert sample_state(sample, identity) == INCOMPLETE  # only a "running" sidecar is a live run's
+
+
+def test_a_second_run_of_the_same_command_refuses_the_sample_the_first_is_making(tmp_path):
+    args = (*COMMAND, "--seconds", "20")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rflav_cli", *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sidecar = tmp_path / "ball-seed0.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            if sidecar.exists() and '"running"' in sidecar.read_text():
+                break
+            time.sleep(0.05)
+        side = json.loads(sidecar.read_text())
+        assert side["status"] == "running" and side["pid"] == first.pid
+        second = _rflav(*args, cwd=tmp_path)
+        assert first.poll() is None, "the first run ended before the second looked"
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"rflav: error: ball-seed0.mp4 is being made right now by process {first.pid} on this machine: "
+            "wait for that run to end (or stop it), or choose another --output"
+        ]
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
+    side = json.loads(sidecar.read_text())
+    assert side["status"] == "complete" and side["frames"] == 200 and "pid" not in side
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ball-seed0.json", "ball-seed0.mp4"]
 
 
 @pytest.mark.parametrize("how", [("--forever", "-o", "x.mp4"), ("--frames", "5", "-o", "-")])

@@ -208,6 +208,14 @@ def test_class_and_guidance_of_a_class_conditional_model(server):
     finally:
         sock.close()
     server.wait_idle(timeout=5)
+    sock = server.open_stream("model=classes&class=1&seed=4")  # an index, as generate's --class
+    try:
+        assert server.status()["generations"][0]["class"] == "guitar"
+    finally:
+        sock.close()
+    server.wait_idle(timeout=5)
+    code, body, _ = server.get("/stream.mp4?model=classes&class=2")
+    assert code == 400 and "unknown class '2' for classes: use one of drums, guitar" in body
     for query, message in [
         ("model=classes", "model classes needs a class: one of drums, guitar"),
         ("model=classes&class=piano", "unknown class 'piano' for classes"),
