@@ -27,6 +27,11 @@ PEAK_LEVEL = 0.95  # waveforms are peak-normalised to this before the mel
 LOG_MEL_MIN = 1e-5  # log(max(mel, 1e-5)); also the low end of the normalisation
 LOG_MEL_MAX = 200.0  # high end of the [0, 1] normalisation of log-mel
 
+# --- sampling ----------------------------------------------------------------------------
+# The guidance of --audio / --video when --guidance-scale is not given (Pipeline.generate).
+AUDIO_GUIDANCE_DEFAULT = 1.0
+VIDEO_GUIDANCE_DEFAULT = 2.0
+
 # --- latents -----------------------------------------------------------------------------
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by the reference pipeline
 LATENT_CHANNELS = 4

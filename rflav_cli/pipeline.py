@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
-from .config import FPS, LATENT_SCALE, MEL_FRAMES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, VAE_DOWNSCALE
+from .config import (
+    AUDIO_GUIDANCE_DEFAULT,
+    FPS,
+    LATENT_SCALE,
+    MEL_FRAMES_PER_FRAME,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    VAE_DOWNSCALE,
+    VIDEO_GUIDANCE_DEFAULT,
+)
 from .errors import FileFormatError, RflavError, UsageError
 from .flow import Guide, rolling_sample
 from .hub import (
@@ -36,8 +45,6 @@ from .models.autoencoder import AutoencoderKL
 from .models.flav import FLAV
 from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import (
-    AUDIO_GUIDANCE_DEFAULT,
-    VIDEO_GUIDANCE_DEFAULT,
     GenerateRequest,
     check_frames,
     check_seed,

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import FLAV_SIZES, FPS, RELEASED_FLAV_CONFIG, VAE_DOWNSCALE, flav_config_problem
+from .config import (
+    AUDIO_GUIDANCE_DEFAULT,
+    FLAV_SIZES,
+    FPS,
+    RELEASED_FLAV_CONFIG,
+    VAE_DOWNSCALE,
+    VIDEO_GUIDANCE_DEFAULT,
+    flav_config_problem,
+)
 from .errors import FileFormatError, RflavError, UsageError
 from .files import stdout_unusable
 from .hub import PRESETS, is_repo_id, read_side_file  # huggingface_hub, not torch
@@ -40,9 +48,6 @@ MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 # stream is --forever's.
 GENERATE_MAX_SECONDS = 7 * 24 * 3600
 GENERATE_MAX_FRAMES = GENERATE_MAX_SECONDS * FPS
-# The guidance of --audio / --video when --guidance-scale is not given (pipeline.Pipeline.generate).
-AUDIO_GUIDANCE_DEFAULT = 1.0
-VIDEO_GUIDANCE_DEFAULT = 2.0
 
 
 @dataclass
