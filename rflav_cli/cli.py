@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import __version__, hub
 from .config import FLAV_SIZES
-from .errors import RflavError, UsageError
+from .errors import RflavError
 from .requests import (
     DriftRequest,
     EvalRequest,
@@ -815,6 +815,14 @@ def evaluate(
             "[default: every class, sample i of class i mod the number of classes]."
         ),
     ),
+    vae: Optional[str] = typer.Option(
+        None,
+        "--vae",
+        help=(
+            "With --model: the SD-VAE (Hub repo id or local folder) [default: the checkpoint's, else "
+            "stabilityai/sd-vae-ft-ema]."
+        ),
+    ),
     num_samples: Optional[int] = typer.Option(
         None,
         "--num-samples",
@@ -861,16 +869,14 @@ def evaluate(
             device=device,
             offline=offline,
             model=model,
+            label=label,
+            vae=vae,
             num_samples=num_samples,
             batch_size=batch_size,
             fake_out=fake_out,
             quiet=quiet or as_json,
         )
         check_eval_request(request)  # bad values fail here, before torch is imported
-        if label is not None and model is None:
-            raise UsageError(
-                "{label} only applies with {model} (generating the fake set)", params=("label", "model")
-            )
         return request
 
     request = _run(build)
@@ -878,7 +884,7 @@ def evaluate(
     def go() -> dict:
         from .evaluate import run_eval
 
-        return run_eval(request, Console(stderr=True), label=label)
+        return run_eval(request, Console(stderr=True))
 
     result = _run(go)
     if _rank() != 0:

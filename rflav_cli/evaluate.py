@@ -417,16 +417,12 @@ def first_clips(
 # ----------------------------------------------------------------------------------------
 
 
-def run_eval(req: EvalRequest, console=None, *, label: str | None = None) -> dict:
+def run_eval(req: EvalRequest, console=None) -> dict:
     """FVD / KVD / FAD of a fake set against a real set (folder or saved statistics).
 
     With `req.model`, the fake set is generated first; from a class-conditional checkpoint,
-    sample i is of class i mod the number of classes, or every sample is of class `label`."""
+    sample i is of class i mod the number of classes, or every sample is of class `req.label`."""
     check_eval_request(req)
-    if label is not None and req.model is None:
-        raise EvalError(
-            "{label} only applies with {model} (generating the fake set)", params=("label", "model")
-        )
     if req.save_real_stats is not None:
         check_output_file(Path(req.save_real_stats), "save_real_stats", req.save_real_stats)
     if req.fake_out is not None:
@@ -435,7 +431,7 @@ def run_eval(req: EvalRequest, console=None, *, label: str | None = None) -> dic
     metrics = set(parse_metrics(req.metrics))
     real_is_stats = is_stats_file(req.real)
     # A class that the checkpoint lacks fails before the real set is listed or a weight fetched.
-    classes = model_classes(req.model, label, offline=req.offline) if req.model is not None else None
+    classes = model_classes(req.model, req.label, offline=req.offline) if req.model is not None else None
     # The weight files come first: a missing one fails before anything is generated or decoded.
     weights = resolve_feature_weights(
         metrics, i3d_path=req.i3d_weights, audioclip_path=req.audioclip_weights, offline=req.offline
@@ -624,6 +620,7 @@ def _generate_fake_set(req: EvalRequest, console, classes: list[ModelClass] | No
             GenerateRequest(
                 model=req.model,
                 label=label,
+                vae=req.vae,
                 frames=P.CLIP_FRAMES,
                 num_samples=num,
                 batch_size=req.batch_size or EVAL_DEFAULT_BATCH_SIZE,

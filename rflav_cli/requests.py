@@ -1004,6 +1004,8 @@ class EvalRequest:
     offline: bool = False
     # Generate the fake set first from this checkpoint (instead of fake):
     model: str | None = None
+    label: str | None = None  # one class of a class-conditional model (None: every class)
+    vae: str | None = None  # the SD-VAE of a latent model whose rflav.json names none
     num_samples: int | None = None  # None: num_clips
     batch_size: int | None = None  # None: EVAL_DEFAULT_BATCH_SIZE
     gen_seed: int = 0
@@ -1091,7 +1093,7 @@ def check_eval_request(req: EvalRequest) -> None:
         )
         raise UsageError(f"{{fake}} {req.fake}: {what}", params=("fake",))
     if req.model is None:
-        for param in ("num_samples", "batch_size", "fake_out"):
+        for param in ("num_samples", "batch_size", "fake_out", "label", "vae"):
             if getattr(req, param) is not None:
                 raise UsageError(
                     f"{{{param}}} only applies with {{model}} (generating the fake set)",

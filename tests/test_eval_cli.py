@@ -413,6 +413,7 @@ def test_clips_generated_into_a_temporary_folder_are_removed(monkeypatch, tmp_pa
         (["eval", "--clip-stride", "0"], "--clip-stride"),
         (["eval", "--num-samples", "4"], "--num-samples only applies with --model"),
         (["eval", "--class", "a"], "--class only applies with --model"),
+        (["eval", "--vae", "vae/"], "--vae only applies with --model"),
         (["eval", "--model", "dance"], "give either --fake"),
         (["eval", "--num", "3", "--num-clips", "4"], "--num is the old name of --num-clips"),
         (["eval", "--save-real-stats", "real.txt"], "must end in .npz"),
@@ -631,6 +632,17 @@ def test_eval_model_class_is_checked_before_any_work(
     refused = eval_model(plain, sets, i3d_file, tmp_path / "g", "--class", "a")
     assert refused.exit_code == 2
     assert "--class a: this checkpoint is unconditional: drop --class" in refused.stderr
+
+
+def test_eval_model_takes_a_vae_for_a_checkpoint_naming_none(sets, i3d_file, no_cached_weights, tmp_path):
+    latent = tiny.build_tiny_model(tmp_path / "latent")  # its rflav.json names no autoencoder
+    missing = eval_model(latent, sets, i3d_file, tmp_path / "g")
+    assert missing.exit_code == 2 and "--vae PATH" in missing.stderr  # offline: the default VAE is not here
+    vae = tiny.build_tiny_vae(tmp_path / "vae")
+    given = eval_model(latent, sets, i3d_file, tmp_path / "g", "--num-samples", "2", "--vae", str(vae))
+    assert given.exit_code == 0, given.stderr
+    sides = [json.loads(p.read_text()) for p in sorted((tmp_path / "g").glob("*.json"))]
+    assert [side["vae"] for side in sides] == [str(vae)] * 2
 
 
 # ---------------------------------------------------------------------------------------- --real stats.npz
