@@ -28,7 +28,6 @@ from .files import atomic_write, write_json
 from .hub import PRESETS
 from .media import (
     STDOUT,
-    MediaError,
     OutputClosed,
     VideoWriter,
     WavWriter,
@@ -225,37 +224,20 @@ class _Outputs:
         closed: list[VideoWriter | WavWriter] = []
         for writer in [*self.videos, *self.wavs]:
             try:
-                writer.close()
+                writer.close(keep_partial=False)  # a batch that fails leaves no file
                 closed.append(writer)
             except OutputClosed:  # the player left before the end: nothing more to deliver
                 self.reader_left = True
-            except BaseException as err:
+            except BaseException:
                 self.abort()  # the writers not closed yet
                 for done in closed:
                     if done.path is not None:
                         done.path.unlink(missing_ok=True)
-                raise _dropped(err, writer.partial_path) from err
+                raise
 
     def abort(self) -> None:
         for writer in [*self.videos, *self.wavs]:
             writer.abort()
-
-
-def _dropped(err: BaseException, partial: Path | None) -> BaseException:
-    """`err` of a writer that failed to finish, once its temporary file is removed: without the
-    note that the file was kept."""
-    if partial is None:
-        return err
-    partial.unlink(missing_ok=True)
-    if not isinstance(err, MediaError):
-        return err
-    text = str(err)
-    for note, instead in (
-        (f" (partial output kept as {partial})", ""),
-        (f"; output kept as {partial} (use --overwrite to replace)", " (--overwrite replaces it)"),
-    ):
-        text = text.replace(note, instead)
-    return MediaError(text)
 
 
 def run_generate(req: GenerateRequest, console: Console | None = None, *, alone: bool = False) -> list[dict]:

@@ -476,25 +476,30 @@ def remove_partials(dest: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move the finished temporary file to its final name, never clobbering unless asked."""
+def _publish(tmp: Path, dest: Path, overwrite: bool, keep: bool = True) -> None:
+    """Move the finished temporary file to its final name, never clobbering unless asked. When
+    the name was taken meanwhile, the file is kept under its temporary name, or with `keep`
+    False removed."""
     if overwrite:
         os.replace(tmp, dest)
         return
     try:
         os.link(tmp, dest)  # atomic "create only if absent"
     except FileExistsError:
-        raise MediaError(
-            f"{dest} appeared while writing; output kept as {tmp} (use --overwrite to replace)"
-        ) from None
+        raise _taken(tmp, dest, keep) from None
     except OSError:  # filesystem without hard links
         if dest.exists():
-            raise MediaError(
-                f"{dest} appeared while writing; output kept as {tmp} (use --overwrite to replace)"
-            ) from None
+            raise _taken(tmp, dest, keep) from None
         os.replace(tmp, dest)
     else:
         tmp.unlink()
+
+
+def _taken(tmp: Path, dest: Path, keep: bool) -> MediaError:
+    if keep:
+        return MediaError(f"{dest} appeared while writing; output kept as {tmp} (use --overwrite to replace)")
+    tmp.unlink(missing_ok=True)
+    return MediaError(f"{dest} appeared while writing (--overwrite replaces it)")
 
 
 _END = object()
@@ -849,9 +854,11 @@ class VideoWriter(_Output):
         self._linked = False
 
     # -- finishing ------------------------------------------------------------------------
-    def close(self) -> Path | None:
+    def close(self, keep_partial: bool = True) -> Path | None:
         """Finish the output; a file moves to its final name, which is returned (None for a
-        stream). A stream whose reader went away raises :class:`OutputClosed`."""
+        stream). A stream whose reader went away raises :class:`OutputClosed`. A file that
+        cannot be finished is kept under its temporary name (the error says which), or with
+        `keep_partial` False removed."""
         if self._state == "closed":
             return self.path
         if self._state != "open":
@@ -872,15 +879,17 @@ class VideoWriter(_Output):
             if self._target != "file":
                 self._cleanup(remove_partial=True)
                 raise err
-            self._cleanup(remove_partial=False)
+            self._cleanup(remove_partial=not keep_partial)
             self._unlink_final_name()
+            if not keep_partial:
+                raise err
             raise MediaError(f"{err} (partial output kept as {self.partial_path})")
         self._cleanup(remove_partial=False)
         if self._target == "file":
             if self._final_name_is_ours():
                 self.partial_path.unlink()
             else:
-                _publish(self.partial_path, self.path, self.overwrite)
+                _publish(self.partial_path, self.path, self.overwrite, keep_partial)
         self._state = "closed"
         return self.path
 
@@ -967,11 +976,12 @@ class WavWriter(_Output):
         pcm = np.round(np.clip(a.astype(np.float64), -1.0, 1.0) * 32767.0).astype("<i2")
         self._wav.writeframes(pcm.tobytes())
 
-    def close(self) -> Path:
+    def close(self, keep_partial: bool = True) -> Path:
+        """Finish the file under its final name (see VideoWriter.close for `keep_partial`)."""
         if not self._closed:
             self._wav.close()
             self._closed = True
-            _publish(self.partial_path, self.path, self.overwrite)
+            _publish(self.partial_path, self.path, self.overwrite, keep_partial)
         return self.path
 
     def abort(self) -> None:

@@ -482,10 +482,10 @@ def test_an_encoder_failing_at_the_end_leaves_no_file_of_the_batch(tmp_path, mon
 
     close = VideoWriter.close
 
-    def dying_close(self):
+    def dying_close(self, **kwargs):
         if self.path is not None and "seed1" in self.path.name:
             self._proc.kill()
-        return close(self)
+        return close(self, **kwargs)
 
     monkeypatch.setattr(VideoWriter, "close", dying_close)
     out = tmp_path / "out"

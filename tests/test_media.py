@@ -811,3 +811,15 @@ def test_readers_run_in_their_own_session_and_a_killed_one_is_no_verdict_on_the_
     monkeypatch.setattr(media, "count_frames", killed)
     with pytest.raises(DecoderKilled):
         data.probe_video(clip)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_file_that_cannot_be_finished_is_kept_only_when_asked(tmp_path, keep):
+    w = VideoWriter(tmp_path / "x.mp4")
+    w.write(pattern_frames(0, 2), burst_audio(0, 2))
+    w._proc.kill()  # ffmpeg dies before the file is finished
+    w._proc.wait()
+    with pytest.raises(MediaError) as err:
+        w.close(keep_partial=keep)
+    assert ("partial output kept as" in str(err.value)) == keep
+    assert len(partial_files(tmp_path)) == int(keep) and not (tmp_path / "x.mp4").exists()
