@@ -32,6 +32,16 @@ LOG_MEL_MAX = 200.0  # high end of the [0, 1] normalisation of log-mel
 AUDIO_GUIDANCE_DEFAULT = 1.0
 VIDEO_GUIDANCE_DEFAULT = 2.0
 
+
+def default_guidance_scale(audio_input: object, video_input: object) -> float | None:
+    """The guidance applied to a given --audio or --video when none is asked; None without either."""
+    if audio_input is not None:
+        return AUDIO_GUIDANCE_DEFAULT
+    if video_input is not None:
+        return VIDEO_GUIDANCE_DEFAULT
+    return None
+
+
 # --- latents -----------------------------------------------------------------------------
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by the reference pipeline
 LATENT_CHANNELS = 4

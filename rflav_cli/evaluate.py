@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import json
-import os
 import random
 import re
 import shutil
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .errors import FileFormatError
-from .files import atomic_write, read_json_object
+from .files import atomic_write, read_json_object, unwritable_reason
 from .generate import run_generate
 from .hub import resolve_model
 from .media import probe
@@ -52,6 +51,7 @@ from .requests import (
     check_drift_request,
     check_eval_request,
     check_output_folder,
+    class_index,
     drift_output_paths,
     is_stats_file,
     parse_metrics,
@@ -168,20 +168,10 @@ def check_output_file(path: Path, param: str, given: Path) -> None:
     """Refuse, before any work, a file whose folder cannot be made or written in (a file in the
     way, no permission): found only when the results are written, it would waste the whole run.
     `given` is the value of `param` as the user wrote it."""
-    existing = Path(path).absolute().parent
-    while not existing.exists() and existing != existing.parent:  # below a file, exists() is False
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "a file" if existing.is_file() else "not a folder"
+    reason = unwritable_reason(Path(path).parent)
+    if reason:
         raise EvalError(
-            f"{{{param}}} {given} cannot be written: {existing} is {what}: choose another {{{param}}}",
-            params=(param,),
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EvalError(
-            f"{{{param}}} {given} cannot be written: no permission to write in {existing}: choose "
-            f"another {{{param}}}",
-            params=(param,),
+            f"{{{param}}} {given} cannot be written: {reason}: choose another {{{param}}}", params=(param,)
         )
 
 
@@ -685,22 +675,16 @@ def model_classes(model: str, label: str | None = None, *, offline: bool = False
     names = list(resolved.class_names or [])
     name_of = [names[i] if i < len(names) else str(i) for i in range(count)]
 
-    def index_of(text: str) -> int | None:
-        # The order of Pipeline.class_index: an index in range first, then a name.
-        if text.isdigit() and int(text) < count:
-            return int(text)
-        return names.index(text) if text in names else None
-
     def one(index: int) -> ModelClass:
         name = name_of[index]
         # The name, unless generate would read it as another class's index.
-        given = name if index_of(name) == index else str(index)
+        given = name if class_index(name, names, count) == index else str(index)
         safe = re.fullmatch(r"[^/\\\x00]+", name) is not None and not name.startswith(".")
         return ModelClass(index, name, given, name if safe else f"class-{index}")
 
     if label is None:
         return [one(i) for i in range(count)]
-    index = index_of(label)
+    index = class_index(label, names, count)
     if index is None:
         raise EvalError(
             f"unknown class {label!r}: valid classes for {{label}} are {', '.join(name_of)}",

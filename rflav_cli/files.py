@@ -45,6 +45,19 @@ def stdout_unusable() -> str | None:
     return None
 
 
+def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be made in `folder` (made first if missing): the nearest existing path on
+    the way to it is not a folder, or cannot be written in; None when they can."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:  # below a file, exists() is False
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is {'a file' if existing.is_file() else 'not a folder'}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the system allows."""
     try:  # Linux ≥ 4.7 reports it; no window in which another thread sees another umask

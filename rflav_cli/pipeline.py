@@ -30,7 +30,6 @@ from .config import (
 from .errors import FileFormatError, RflavError, UsageError
 from .flow import Guide, rolling_sample
 from .hub import (
-    PRESETS,
     SIDE_FILE,
     VAE_REPO_ID,
     VOCODER_FILES,
@@ -47,7 +46,9 @@ from .models.vocoder import GriffinLim, HiFiGAN, StreamingVocoder
 from .requests import (
     GenerateRequest,
     check_frames,
+    check_revision,
     check_seed,
+    class_index,
     generate_frame_count,
 )
 from .runtime import (
@@ -475,17 +476,7 @@ class Pipeline:
             raise UsageError(
                 "give either {dtype} or {torch_dtype}, not both", params=("dtype", "torch_dtype")
             )
-        preset = PRESETS.get(model)
-        if revision is not None and (
-            preset.packaged_folder is not None if preset else Path(model).expanduser().is_dir()
-        ):
-            what = (
-                f"the {model} preset ships with rflav" if preset else f"{{model}} {model} is a local folder"
-            )
-            raise UsageError(
-                f"{{revision}} applies to Hub repos, and {what}: drop {{revision}}",
-                params=("revision", "model"),
-            )
+        check_revision(model, revision)
         resolved = resolve_model(model, revision=revision, offline=offline, need_vocoder=False)
         side = read_side_file(resolved.folder)
         scale = audio_scale if audio_scale is not None else resolved.audio_scale
@@ -635,13 +626,10 @@ class Pipeline:
                 + ", ".join(self.class_names or [str(i) for i in range(self.model.num_classes)]),
                 params=("label",),
             )
-        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
-            index = int(name)
-            if 0 <= index < self.model.num_classes:
-                return index
         names = self.class_names or []
-        if name in names:
-            return names.index(name)
+        index = class_index(name, names, self.model.num_classes)
+        if index is not None:
+            return index
         valid = ", ".join(names or [str(i) for i in range(self.model.num_classes)])
         raise PipelineError(
             f"unknown class {name!r}: valid classes for {{label}} are {valid}", params=("label",)

@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
-    AUDIO_GUIDANCE_DEFAULT,
     FLAV_SIZES,
     FPS,
     RELEASED_FLAV_CONFIG,
     VAE_DOWNSCALE,
-    VIDEO_GUIDANCE_DEFAULT,
+    default_guidance_scale,
     flav_config_problem,
 )
 from .errors import FileFormatError, RflavError, UsageError
-from .files import stdout_unusable
+from .files import stdout_unusable, unwritable_reason
 from .hub import PRESETS, is_repo_id, read_side_file  # huggingface_hub, not torch
 from .samples import Sample, read_sidecar, refuse_if_running
 
@@ -130,11 +129,7 @@ def guidance_scale_used(req: GenerateRequest) -> float | None:
     """The guidance a request gets: its own, the default of its --audio/--video, or None without either."""
     if req.guidance_scale is not None:
         return req.guidance_scale
-    if req.audio_input is not None:
-        return AUDIO_GUIDANCE_DEFAULT
-    if req.video_input is not None:
-        return VIDEO_GUIDANCE_DEFAULT
-    return None
+    return default_guidance_scale(req.audio_input, req.video_input)
 
 
 def check_generate_request(req: GenerateRequest) -> None:
@@ -218,24 +213,36 @@ def _check_stdout_output(req: GenerateRequest) -> None:
         raise UsageError(f"{{output}} -: {problem}", params=("output",))
 
 
+def class_index(label: str | int, names: Sequence[str], count: int) -> int | None:
+    """Which of a model's `count` classes (named `names`, maybe not at all) `label` means, as
+    --class reads it: an index in range first, then a name; None for neither."""
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
+        if 0 <= int(label) < count:
+            return int(label)
+    return list(names).index(label) if label in names else None
+
+
+def check_revision(model: str, revision: str | None) -> None:
+    """A revision names a commit of a Hub repo: refused for a packaged preset or a local folder."""
+    if revision is None:
+        return
+    preset = PRESETS.get(model)
+    if preset.packaged_folder is not None if preset else Path(model).expanduser().is_dir():
+        what = f"the {model} preset ships with rflav" if preset else f"{{model}} {model} is a local folder"
+        raise UsageError(
+            f"{{revision}} applies to Hub repos, and {what}: drop {{revision}}", params=("revision", "model")
+        )
+
+
 def _check_model(req: GenerateRequest, model_name: str) -> None:
     """The checkpoint named (a preset, a folder, a repo id) and what it cannot take: --revision
     off the Hub, --vae for a model that works in pixel space."""
+    check_revision(model_name, req.revision)
     preset = PRESETS.get(model_name)
     if preset is not None and preset.packaged_folder is None:
         return  # a Hub checkpoint: its rflav.json is read once downloaded (Pipeline.from_pretrained)
     folder = preset.packaged_folder if preset is not None else Path(model_name).expanduser()
     if folder is not None and folder.is_dir():
-        what = (
-            f"the {model_name} preset ships with rflav"
-            if preset is not None
-            else f"{{model}} {model_name} is a local folder"
-        )
-        if req.revision is not None:
-            raise UsageError(
-                f"{{revision}} applies to Hub repos, and {what}: drop {{revision}}",
-                params=("revision", "model"),
-            )
         if req.vae is not None and read_side_file(folder).get("pixel_space"):
             raise UsageError(
                 f"{{vae}} {req.vae}: {model_name} works in pixel space and uses no VAE: drop {{vae}}",
@@ -380,12 +387,10 @@ def generate_output_paths(req: GenerateRequest, model_name: str, seeds: list[int
                     f"{target} already exists: choose another {{output}} or pass {{overwrite}}",
                     params=("output", "overwrite"),
                 )
-        folder = path.parent
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise UsageError(f"cannot write to {folder}: choose a writable {{output}}", params=("output",))
+        if unwritable_reason(path.parent):
+            raise UsageError(
+                f"cannot write to {path.parent}: choose a writable {{output}}", params=("output",)
+            )
     return paths
 
 
@@ -572,15 +577,10 @@ def check_output_folder(path: str | os.PathLike[str], param: str) -> None:
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{{{param}}} {path} is a file: give a folder", params=(param,))
-    parent = folder
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(
-            f"{{{param}}} {path} cannot be made: {parent} is a file, not a folder", params=(param,)
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{{{param}}} {path}: no permission to write in {parent}", params=(param,))
+    reason = unwritable_reason(folder)
+    if reason:
+        made = "" if folder.exists() else " cannot be made"
+        raise UsageError(f"{{{param}}} {path}{made}: {reason}", params=(param,))
 
 
 def check_train_config(cfg: TrainConfig) -> None:

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AUDIO_GUIDANCE_DEFAULT, FPS, VIDEO_GUIDANCE_DEFAULT
+from .config import FPS, default_guidance_scale
 from .errors import FileFormatError, UsageError
 from .files import atomic_write, read_json_object, write_json
 
@@ -167,10 +167,7 @@ def _recorded(side: dict, key: str) -> object:
     default as null: the scale applied was the default of the input they name."""
     value = side.get(key)
     if key == "guidance_scale" and value is None:
-        if side.get("audio_input") is not None:
-            return AUDIO_GUIDANCE_DEFAULT
-        if side.get("video_input") is not None:
-            return VIDEO_GUIDANCE_DEFAULT
+        return default_guidance_scale(side.get("audio_input"), side.get("video_input"))
     return value
 
 

@@ -46,7 +46,7 @@ from .errors import RflavError, UsageError
 from .hub import PRESETS
 from .media import PIPE, OutputClosed, VideoWriter
 from .pipeline import Pipeline
-from .requests import ServeRequest, check_serve_request, is_loopback_host
+from .requests import ServeRequest, check_serve_request, class_index, is_loopback_host
 from .runtime import (
     WorkerThread,
     auto_compile,
@@ -511,10 +511,10 @@ class _App:
             return served, seed, None, 1.0
         if label is None:
             raise UsageError(f"model {served.name} needs a class: one of {', '.join(classes)}")
-        if label.isdigit() and int(label) < len(classes):  # an index, as generate's --class takes
-            label = classes[int(label)]
-        if label not in classes:
+        index = class_index(label, classes, len(classes))  # a name or an index, as generate's --class
+        if index is None:
             raise UsageError(f"unknown class {label!r} for {served.name}: use one of {', '.join(classes)}")
+        label = classes[index]
         try:
             cfg_scale = float(cfg_text) if cfg_text else 1.0
         except ValueError:
