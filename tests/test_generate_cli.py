@@ -647,16 +647,21 @@ print(json.dumps([result.exit_code, result.stderr, "torch" in sys.modules]))
 """
 
 
+def _generate_in_fresh_process(args: list[str], cwd: Path) -> tuple[int, str, bool]:
+    """`rflav generate ARGS`: exit code, stderr, and whether torch was imported."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return tuple(json.loads(out.stdout))
+
+
 def test_bad_values_are_reported_before_torch_is_imported(tmp_path):
     for args, message in BEFORE_TORCH:
-        out = subprocess.run(
-            [sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        code, stderr, torch_imported = json.loads(out.stdout)
+        code, stderr, torch_imported = _generate_in_fresh_process(args, tmp_path)
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
         assert not torch_imported, args
 
@@ -665,14 +670,7 @@ def test_bad_values_are_reported_before_torch_is_imported(tmp_path):
 def test_an_output_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, name):
     (tmp_path / name).mkdir()
     args = ["--class", "ball", "--frames", "3", "--wav", "--overwrite"]  # --overwrite replaces files only
-    out = subprocess.run(
-        [sys.executable, "-c", CHECK_BEFORE_TORCH, json.dumps(args)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    code, stderr, torch_imported = json.loads(out.stdout)
+    code, stderr, torch_imported = _generate_in_fresh_process(args, tmp_path)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert f"{name} is a folder, and this run writes a file of that name" in stderr
     assert not torch_imported

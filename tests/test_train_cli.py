@@ -546,24 +546,7 @@ def test_library_defaults_match_the_hub():
 def test_init_checkpoint_sets_window_size_and_audio_scale_when_no_flag_is_typed(two_step_run, data, tmp_path):
     source = two_step_run / "latest"
     run = tmp_path / "run"
-    result = _invoke(
-        [
-            "train",
-            str(data),
-            "-o",
-            str(run),
-            "--init",
-            str(source),
-            "--vocoder",
-            "none",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "1",
-            "--device",
-            "cpu",
-        ]
-    )
+    result = _invoke(_init_args(data, source, run))
     assert result.exit_code == 0, result.output
     config = json.loads((run / "latest" / "config.json").read_text())
     side = json.loads((run / "latest" / "rflav.json").read_text())
